@@ -1,0 +1,33 @@
+"""The adapter detector on frozen CLIP tokens: data, cache, model and one training run.
+
+Knows nothing of Optuna; ``search/`` drives it through :func:`train` and its epoch callback.
+"""
+
+from model.config import (
+    BackboneConfig,
+    DataConfig,
+    ModelConfig,
+    Stage1Config,
+    TrainingConfig,
+    TrainRunConfig,
+    load_train_config,
+)
+from model.prepare import PreparedData, prepare
+from model.train import EpochRecord, TrainResult, train
+from model.typed_config import ConfigError
+
+__all__ = [
+    "BackboneConfig",
+    "ConfigError",
+    "DataConfig",
+    "EpochRecord",
+    "ModelConfig",
+    "PreparedData",
+    "Stage1Config",
+    "TrainResult",
+    "TrainRunConfig",
+    "TrainingConfig",
+    "load_train_config",
+    "prepare",
+    "train",
+]

@@ -1,0 +1,97 @@
+"""`prepare`: everything a study's trials share, made once and checked every time.
+
+Order matters: every manifest is validated before any backbone is built or any GPU time is
+spent; then the feature caches; then the frozen Stage 1 adapter. Each step reuses what is
+already on disk and valid, so calling ``prepare`` again is cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.backbone import FrozenBackbone
+from model.cache import FeatureCache, open_or_build_cache
+from model.config import TrainRunConfig
+from model.manifest import Manifest, load_manifest
+from model.runtime import resolve_device
+from model.stage1 import load_stage1_state, save_stage1, stage1_key, train_stage1
+from model.synthetic import generate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    config: TrainRunConfig
+    manifest: Manifest  # train + val
+    test_manifests: dict[str, Manifest]
+    backbone: FrozenBackbone
+    cache: FeatureCache  # of `manifest`
+    stage1_checkpoint: Path
+    stage1_state: dict[str, torch.Tensor]
+    test_caches: dict[str, FeatureCache] = field(default_factory=dict)
+
+
+def data_paths(config: TrainRunConfig, *, progress: bool = True) -> tuple[Path, dict[str, Path]]:
+    """The manifests of a config; for the synthetic demo, generated under the workdir if absent."""
+    data = config.data
+    if data.synthetic is not None:
+        dataset = generate(config.workdir / "data", data.synthetic, progress=progress)
+        return dataset.manifest, dict(dataset.test_manifests)
+    return data.manifest, dict(data.test_manifests)
+
+
+def load_manifests(config: TrainRunConfig, *, progress: bool = True) -> tuple[Manifest, dict[str, Manifest]]:
+    """Validate every manifest (train/val and test sets) up front; raises ManifestError."""
+    main_path, test_paths = data_paths(config, progress=progress)
+    attributes = config.data.attributes
+    main = load_manifest(main_path, attributes=attributes, image_root=config.data.image_root)
+    tests = {
+        name: load_manifest(path, attributes=attributes, required_splits=("test",), default_split="test", image_root=config.data.image_root)
+        for name, path in test_paths.items()
+    }
+    return main, tests
+
+
+def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: bool = True) -> PreparedData:
+    manifest, test_manifests = load_manifests(config, progress=progress)
+    device = resolve_device(config.training.device)
+    backbone = FrozenBackbone(config.backbone)
+    cache_root = config.workdir / "features"
+    workers = config.data.num_workers
+    cache = open_or_build_cache(manifest, backbone, cache_root, device=device, num_workers=workers, progress=progress)
+    test_caches = {}
+    if with_test_caches:
+        test_caches = {
+            name: open_or_build_cache(m, backbone, cache_root, device=device, num_workers=workers, progress=progress)
+            for name, m in test_manifests.items()
+        }
+    checkpoint, state = _stage1(config, manifest, cache, backbone.width, device)
+    return PreparedData(config, manifest, test_manifests, backbone, cache, checkpoint, state, test_caches)
+
+
+def _stage1(config: TrainRunConfig, manifest: Manifest, cache: FeatureCache, width: int, device: torch.device):
+    if config.stage1.checkpoint is not None:
+        return config.stage1.checkpoint, load_stage1_state(config.stage1.checkpoint, width)
+    key = stage1_key(cache.key, config.model, config.stage1)
+    path = config.workdir / "stage1" / f"stage1-{key[:16]}.pt"
+    if path.is_file():
+        try:
+            state = load_stage1_state(path, width)
+            log.info("stage 1 adapter reused: %s", path)
+            return path, state
+        except ValueError as err:
+            log.warning("stage 1 checkpoint rebuilt: %s", err)
+    frame = manifest.frame
+    train, val = (frame.index[frame["split"] == s].to_numpy() for s in ("train", "val"))
+    labels = frame["label"].to_numpy()
+    adapter, auc = train_stage1(
+        cache.cls[train], labels[train], cache.cls[val], labels[val], model=config.model, config=config.stage1, device=device
+    )
+    save_stage1(path, adapter, key=key, width=width, val_auc=auc)
+    log.info("stage 1 adapter trained: val AUC %.4f -> %s", auc, path)
+    return path, load_stage1_state(path, width)

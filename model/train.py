@@ -1,0 +1,221 @@
+"""One training run of the Stage 2 model. Knows nothing of Optuna.
+
+``train(config, callback=...)`` returns the run's history. After every epoch it hands an
+EpochRecord to the optional callback; a callback that returns a string stops the run with that
+reason. That is how ``search/`` observes and stops trials; the run's own stopping rule
+(``training.stop_if_degenerate_after``) works the same way with or without a search.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+import objectives
+from model.config import TrainRunConfig, train_config_to_yaml_dict
+from model.detector import AdapterDetector
+from model.optim import build_optimizer, lr_factor, set_lr
+from model.prepare import PreparedData, prepare
+from model.runtime import autocast, resolve_device, seed_everything
+from model.tokens import CachedTokens, OnlineTokens, TokenSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based
+    lr: float
+    train_loss: float
+    train_bce: float
+    train_fair: float
+    fair_share: float  # lambda_fair * fair / total loss over the epoch
+    val: dict[str, float]  # every metric of objectives.evaluate
+    gate_mean: float
+    gate_min: float
+    gate_max: float
+    degenerate: bool  # every validation prediction is one class
+    seconds: float
+
+    def flat(self) -> dict[str, float]:
+        row = {k: v for k, v in asdict(self).items() if k != "val"}
+        row.update({f"val_{k}": v for k, v in self.val.items()})
+        return row
+
+
+@dataclass
+class TrainResult:
+    status: Literal["completed", "stopped", "diverged"]
+    stop_reason: str | None
+    epochs: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int | None = None
+    output_dir: Path | None = None
+
+    @property
+    def best(self) -> EpochRecord | None:
+        return None if self.best_epoch is None else self.epochs[self.best_epoch - 1]
+
+    def summary(self) -> dict:
+        """The deterministic summary written to metrics.json (no timings: reruns must match)."""
+        best = self.best
+        return {
+            "status": self.status,
+            "stop_reason": self.stop_reason,
+            "epochs_run": len(self.epochs),
+            "best_epoch": self.best_epoch,
+            "val": None if best is None else best.val,
+            "gate": None if best is None else {"mean": best.gate_mean, "min": best.gate_min, "max": best.gate_max},
+            "fair_share": None if best is None else best.fair_share,
+            "degenerate_epochs": [r.epoch for r in self.epochs if r.degenerate],
+        }
+
+
+EpochCallback = Callable[[EpochRecord], "str | None"]
+
+
+def degenerate_stop_reason(epochs: list[EpochRecord], after: int | None) -> str | None:
+    """Stop a run still in its degenerate phase (every prediction one class) after `after` epochs."""
+    if after is not None and len(epochs) == after and all(r.degenerate for r in epochs):
+        return f"degenerate: every validation prediction was one class in each of the first {after} epochs"
+    return None
+
+
+def train(
+    config: TrainRunConfig,
+    *,
+    prepared: PreparedData | None = None,
+    callback: EpochCallback | None = None,
+    progress: bool = True,
+    write_outputs: bool = True,
+) -> TrainResult:
+    prepared = prepared or prepare(config, progress=progress, with_test_caches=False)
+    cfg = config.training
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    frame = prepared.manifest.frame
+    train_rows, val_rows = (np.flatnonzero(frame["split"].to_numpy() == s) for s in ("train", "val"))
+    labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
+    groups = torch.tensor(frame["group"].to_numpy(), dtype=torch.long)
+    train_source, val_source = (_token_source(prepared, rows, device) for rows in (train_rows, val_rows))
+
+    detector = AdapterDetector(
+        prepared.backbone.width, config.model, dropout=cfg.dropout, gate_init_bias=cfg.gate_init_bias,
+        prior_fake=float(labels[train_rows].mean()),
+    )
+    detector.stage1.load_state_dict(prepared.stage1_state)
+    detector.to(device)
+    log.info("parameters: %s", ", ".join(f"{k} {v:,}" for k, v in detector.parameter_counts().items()))
+    optimizer = build_optimizer(detector.trainable_groups(), cfg)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    y_train, g_train = labels[train_rows].to(device), groups[train_rows].to(device)
+    y_val, g_val = labels[val_rows].numpy(), groups[val_rows].numpy()
+    steps = -(-len(train_rows) // cfg.batch_size)
+
+    result = TrainResult(status="completed", stop_reason=None)
+    best_state, best_auc = None, -np.inf
+    bar = tqdm(range(1, cfg.num_epochs + 1), desc="epochs", unit="epoch", disable=not progress)
+    for epoch in bar:
+        start = time.perf_counter()
+        detector.train()
+        sums = torch.zeros(3, device=device)  # total, bce, lambda * fair; one host sync per epoch
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        for step, batch in enumerate(torch.randperm(len(train_rows), generator=shuffle).split(cfg.batch_size)):
+            set_lr(optimizer, lr_factor(epoch - 1 + step / steps, cfg))
+            tokens = train_source.batch(batch.numpy())
+            y, g = y_train[batch.to(device)], g_train[batch.to(device)]
+            with autocast(device):
+                logits = detector(tokens.cls, tokens.patches).logits.float()
+            target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+            bce = F.binary_cross_entropy_with_logits(logits, target)
+            fair = cfg.lambda_fair * objectives.fairness_loss(
+                torch.sigmoid(logits), y, g, blur=cfg.sinkhorn_blur, scaling=cfg.sinkhorn_scaling, min_group_size=cfg.fair_min_group_size
+            ) if cfg.lambda_fair > 0 else logits.sum() * 0
+            loss = bce + fair
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in detector.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            sums += torch.stack([loss.detach(), bce.detach(), fair.detach()]) * len(batch)
+            finite &= torch.isfinite(loss.detach())
+        if not bool(finite):
+            result.status, result.stop_reason = "diverged", f"non-finite loss (nan/inf) in epoch {epoch}"
+            log.warning("run stopped: %s", result.stop_reason)
+            break
+        total, bce_sum, fair_sum = (sums / len(train_rows)).tolist()
+        scores, gates = _predict(detector, val_source, cfg.batch_size * 4, device)
+        metrics = objectives.evaluate(y_val, scores, g_val, threshold=cfg.threshold)
+        predicted = scores >= cfg.threshold
+        record = EpochRecord(
+            epoch=epoch, lr=optimizer.param_groups[0]["lr"], train_loss=total, train_bce=bce_sum, train_fair=fair_sum,
+            fair_share=fair_sum / total if total > 0 else 0.0, val=metrics,
+            gate_mean=float(gates.mean()), gate_min=float(gates.min()), gate_max=float(gates.max()),
+            degenerate=bool(predicted.all() or not predicted.any()), seconds=time.perf_counter() - start,
+        )
+        result.epochs.append(record)
+        if metrics["auc"] > best_auc:
+            best_auc, result.best_epoch = metrics["auc"], epoch
+            best_state = copy.deepcopy(detector.state_dict())
+        bar.set_postfix(auc=f"{metrics['auc']:.3f}", f_meo=f"{metrics['f_meo']:.3f}", gate=f"{record.gate_mean:.2f}", degenerate=record.degenerate)
+        log.info(
+            "epoch %d/%d  loss %.4f (fair share %.1f%%)  val auc %.4f f_meo %.4f f_fpr %.4f  gate %.2f [%.2f, %.2f]%s  %.1fs",
+            epoch, cfg.num_epochs, total, 100 * record.fair_share, metrics["auc"], metrics["f_meo"], metrics["f_fpr"],
+            record.gate_mean, record.gate_min, record.gate_max, "  DEGENERATE" if record.degenerate else "", record.seconds,
+        )
+        reason = degenerate_stop_reason(result.epochs, cfg.stop_if_degenerate_after) or (callback(record) if callback else None)
+        if reason:
+            result.status, result.stop_reason = "stopped", reason
+            log.info("run stopped after epoch %d: %s", epoch, reason)
+            break
+    bar.close()
+    if write_outputs:
+        result.output_dir = _write_outputs(config, result, best_state)
+    return result
+
+
+def _token_source(prepared: PreparedData, rows: np.ndarray, device: torch.device) -> TokenSource:
+    if prepared.config.training.feature_mode == "online":
+        return OnlineTokens(prepared.backbone, list(prepared.manifest.frame["path"].iloc[rows]), device)
+    return CachedTokens(prepared.cache, rows, device)
+
+
+@torch.no_grad()
+def _predict(detector: AdapterDetector, source: TokenSource, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (sigmoid) and gate values for every row of a source, in row order."""
+    detector.eval()
+    scores, gates = [], []
+    for batch in np.array_split(np.arange(len(source)), max(1, -(-len(source) // batch_size))):
+        tokens = source.batch(batch)
+        with autocast(device):
+            out = detector(tokens.cls, tokens.patches)
+        scores.append(torch.sigmoid(out.logits.float()).cpu())
+        gates.append(out.gate.float().cpu())
+    return torch.cat(scores).numpy().astype(np.float64), torch.cat(gates).numpy()
+
+
+def predict_scores(detector: AdapterDetector, source: TokenSource, *, device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """Public scoring entry point (cross-dataset evaluation)."""
+    return _predict(detector, source, batch_size, device)[0]
+
+
+def _write_outputs(config: TrainRunConfig, result: TrainResult, best_state: dict | None) -> Path:
+    out = config.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([r.flat() for r in result.epochs]).to_csv(out / "curve.csv", index=False)
+    (out / "metrics.json").write_text(json.dumps(result.summary(), indent=2, sort_keys=True))
+    (out / "config.yaml").write_text(yaml.safe_dump(train_config_to_yaml_dict(config), sort_keys=False))
+    if best_state is not None:
+        torch.save({"state_dict": best_state, "epoch": result.best_epoch, "config": train_config_to_yaml_dict(config)}, out / "best.pt")
+    return out

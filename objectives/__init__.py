@@ -1,0 +1,32 @@
+"""Metrics and losses of the AUC/fairness trade-off: arrays and tensors in, numbers and losses out.
+
+Pure by design (see DESIGN.md, "Who may import whom"): depends on torch, numpy, scikit-learn and
+geomloss only, never on the rest of fairfront.
+
+- ``evaluate`` / ``evaluate_detailed``: AUC, ACC, EER, AP and the group-fairness gaps F_FPR,
+  F_OAE, F_DP, F_MEO of one scored set.
+- ``sinkhorn_divergence``: debiased Sinkhorn divergence between two 1-D sample sets.
+- ``fairness_loss``: the label-conditioned, group-vs-batch Sinkhorn fairness term of training.
+"""
+
+from objectives._evaluation import (
+    METRIC_DIRECTIONS,
+    METRIC_NAMES,
+    Evaluation,
+    GroupRates,
+    evaluate,
+    evaluate_detailed,
+)
+from objectives._fairness_loss import fairness_loss
+from objectives._sinkhorn import sinkhorn_divergence
+
+__all__ = [
+    "METRIC_DIRECTIONS",
+    "METRIC_NAMES",
+    "Evaluation",
+    "GroupRates",
+    "evaluate",
+    "evaluate_detailed",
+    "fairness_loss",
+    "sinkhorn_divergence",
+]

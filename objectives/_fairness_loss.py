@@ -1,0 +1,119 @@
+"""The label-conditioned fairness loss: how far each group's score distribution is from the batch's.
+
+For each label c (real, fake) and each group g with at least ``min_group_size`` samples of label c,
+the debiased Sinkhorn divergence between the scores of (c, g) and the scores of all label-c samples
+in the batch; the loss is the mean over those (label, group) pairs. Conditioning on the label is
+what F_FPR / F_MEO measure: real faces of every group should score alike, fakes likewise. Without
+it, a group with more fakes in the batch would be pushed towards looking real.
+
+All pairs go through geomloss in one batched call: pair p's cloud is padded to the longest with
+zero-weight copies of its own first point (a copy carries the same dual potential, so geomloss's
+finite "log 0" of -1e5 cannot let it leak in even at tiny blur), and padded values are detached so
+they receive no gradient. The pair bookkeeping runs on the CPU (labels and groups are tiny).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from objectives._sinkhorn import check_blur_scaling, sinkhorn_loss
+
+_DIAMETER = 1.0  # scores are probabilities: no two differ by more than 1
+
+
+def _as_1d(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() == 2 and tensor.shape[1] == 1:
+        tensor = tensor[:, 0]
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must have shape [n] or [n, 1], got {tuple(tensor.shape)}")
+    return tensor
+
+
+def _pairs(labels: torch.Tensor, groups: torch.Tensor, min_group_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(member indices of (c, g), indices of all label-c samples) for every qualifying pair."""
+    pairs = []
+    for c in (0, 1):
+        same_label = torch.nonzero(labels == c).flatten()
+        if same_label.numel() == 0:
+            continue
+        ids, counts = torch.unique(groups[same_label], return_counts=True)
+        for g, count in zip(ids.tolist(), counts.tolist()):
+            if count >= min_group_size:
+                pairs.append((same_label[groups[same_label] == g], same_label))
+    return pairs
+
+
+def _padded(index_sets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, L) indices padded with each row's first index, and (P, L) uniform weights (0 on pads)."""
+    length = max(int(s.numel()) for s in index_sets)
+    index = torch.stack([torch.cat([s, s[:1].expand(length - s.numel())]) for s in index_sets])
+    weight = torch.zeros(index.shape, dtype=torch.float32)
+    for row, s in enumerate(index_sets):
+        weight[row, : s.numel()] = 1.0 / s.numel()
+    return index, weight
+
+
+def _gather(scores: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """scores[index] as a (P, L, 1) cloud; pad entries detached so they get no gradient."""
+    values = scores[index]
+    return torch.where(weight > 0, values, values.detach())[..., None]
+
+
+def fairness_loss(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    *,
+    blur: float,
+    scaling: float = 0.9,
+    min_group_size: int = 2,
+) -> torch.Tensor:
+    """Mean debiased Sinkhorn divergence between each (label, group)'s scores and its label's scores.
+
+    Args:
+        scores: probabilities in [0, 1] (sigmoid outputs), shape [n] or [n, 1]; any float dtype
+            (computed in float32).
+        labels: 0/1 labels (1 = fake), shape [n]; integer, bool or float holding 0/1.
+        groups: integer group ids, shape [n].
+        blur: Sinkhorn blur (epsilon = blur**2); the search samples it on a log scale.
+        scaling: epsilon-scaling ratio in (0, 1); see ``sinkhorn_divergence``.
+        min_group_size: a (label, group) pair needs this many samples in the batch to take part;
+            smaller ones give too noisy a distribution to compare.
+
+    Returns:
+        A float32 scalar on ``scores``' device. If no pair qualifies, ``scores.sum() * 0``: zero but
+        still part of the graph, so ``backward()`` on a total loss keeps working.
+    """
+    check_blur_scaling(blur, scaling)
+    if isinstance(min_group_size, bool) or not isinstance(min_group_size, int) or min_group_size < 1:
+        raise ValueError(f"min_group_size must be an integer >= 1, got {min_group_size!r}")
+    scores = _as_1d(scores, "scores")
+    labels_cpu = _as_1d(labels, "labels").detach().cpu()
+    groups_cpu = _as_1d(groups, "groups").detach().cpu()
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    if groups_cpu.is_floating_point() or groups_cpu.is_complex() or groups_cpu.dtype == torch.bool:
+        raise ValueError(f"groups must be an integer tensor of group ids, got {groups_cpu.dtype}")
+    if not (labels_cpu.numel() == groups_cpu.numel() == scores.numel()):
+        raise ValueError(
+            f"length mismatch: scores={scores.numel()}, labels={labels_cpu.numel()}, groups={groups_cpu.numel()}"
+        )
+    if not torch.isin(labels_cpu, torch.tensor([0, 1], dtype=labels_cpu.dtype)).all():
+        raise ValueError("labels must contain only 0 (real) and 1 (fake)")
+
+    scores32 = scores.float()
+    pairs = _pairs(labels_cpu.long(), groups_cpu.long(), min_group_size)
+    if not pairs:
+        return scores32.sum() * 0
+
+    device = scores.device
+    x_index, x_weight = (t.to(device, non_blocking=True) for t in _padded([members for members, _ in pairs]))
+    y_index, y_weight = (t.to(device, non_blocking=True) for t in _padded([label_set for _, label_set in pairs]))
+    loss = sinkhorn_loss(blur=blur, scaling=scaling, p=2, diameter=_DIAMETER)
+    with torch.autocast(device_type=device.type, enabled=False):
+        per_pair = loss(
+            x_weight, _gather(scores32, x_index, x_weight), y_weight, _gather(scores32, y_index, y_weight)
+        )
+    return per_pair.mean()

@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""fairfront command line: prepare data, train one model, search, inspect and export.
+
+Each subcommand is a small function that parses nothing itself and calls one library function;
+``main(argv)`` returns an exit code so tests can call it in-process.
+
+    python run_study.py prepare  --study studies/demo.yaml
+    python run_study.py train    --config studies/demo_train.yaml
+    python run_study.py optimize --study studies/demo.yaml
+    python run_study.py show     --study studies/demo.yaml
+    python run_study.py export   --study studies/demo.yaml --pick knee --out best.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("fairfront")
+
+# Errors that mean "your input is wrong": printed as one clear line, exit code 2, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def _load_study(args: argparse.Namespace):
+    from search.config import load_study_config
+
+    return load_study_config(args.study, storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None))
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from model import load_train_config, prepare
+
+    config = load_train_config(args.config) if args.config else _load_study(args).base_run_config()
+    prepared = prepare(config, progress=not args.quiet)
+    counts = prepared.manifest.frame["split"].value_counts().to_dict()
+    print(f"manifest ok: {prepared.manifest.path} {counts}")
+    for name, cache in {"train/val": prepared.cache, **prepared.test_caches}.items():
+        print(f"feature cache ({name}): {cache.directory}  cls {tuple(cache.cls.shape)}  patches {tuple(cache.patches.shape)}")
+    print(f"stage 1 adapter: {prepared.stage1_checkpoint}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model import load_train_config, train
+
+    config = load_train_config(args.config)
+    if args.output_dir:
+        config = dataclasses.replace(config, output_dir=Path(args.output_dir).resolve())
+    result = train(config, progress=not args.quiet)
+    print(json.dumps(result.summary(), indent=2))
+    print(f"outputs: {result.output_dir}")
+    return 0 if result.status != "diverged" else 1
+
+
+def _print_front(study, config) -> None:
+    import pandas as pd
+
+    from search import front_table
+
+    table = front_table(study, params=list(config.search_space))
+    if table.empty:
+        print("Pareto front: no feasible complete trial yet")
+        return
+    with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4g}".format):
+        print(f"Pareto front of {config.name!r} ({len(table)} trials; objectives: "
+              + ", ".join(f"{m} {d}" for m, d in zip(config.metric_names, config.directions)) + ")")
+        print(table.to_string(index=False))
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from search import optimize
+    from search.study import FINISHED
+
+    config = _load_study(args)
+    if args.warm_start:
+        config = dataclasses.replace(config, warm_start=True)
+    study = optimize(config, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    infeasible = sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if t.user_attrs.get("degenerate"))
+    print(f"\nstudy {config.name!r} in {config.storage_url}: " + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
+          + f" ({infeasible} stopped as degenerate)")
+    _print_front(study, config)
+    print("\nnext:")
+    print(f"  optuna-dashboard {config.storage_url}")
+    print(f"  python run_study.py export --study {args.study} --pick knee --out best.yaml")
+    print("  python run_study.py train --config best.yaml")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from search import open_study
+
+    config = _load_study(args)
+    _print_front(open_study(config, create=False), config)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from search import export_trial, open_study, pick_trial
+
+    config = _load_study(args)
+    study = open_study(config, create=False)
+    trial = pick_trial(study, args.pick)
+    out = export_trial(study, config, trial, args.out, pick=args.pick)
+    print(f"trial {trial.number} ({', '.join(f'{m} {v:.4f}' for m, v in zip(config.metric_names, trial.values))}) -> {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    def study_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--study", type=Path, required=required, help="study YAML (studies/*.yaml)")
+        p.add_argument("--storage", help="override the study's storage URL (may be '${ENV_VAR}')")
+        p.add_argument("--study-name", help="override the study's name")
+
+    p = add("prepare", cmd_prepare, "validate manifests, build the feature caches, train or load the Stage 1 adapter")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--study", type=Path, help="study YAML")
+    group.add_argument("--config", type=Path, help="training-config YAML")
+
+    p = add("train", cmd_train, "one full training run of the Stage 2 model from a training-config YAML")
+    p.add_argument("--config", type=Path, required=True, help="training-config YAML (studies/demo_train.yaml, or an exported trial)")
+    p.add_argument("--output-dir", help="override the config's output_dir")
+
+    p = add("optimize", cmd_optimize, "run (or continue) the multi-objective study until its trial budget is met")
+    study_args(p)
+    p.add_argument("--n-trials", type=int, help="finished trials the study should reach (default: budget.n_trials)")
+    p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    p.add_argument("--warm-start", action="store_true", help="enqueue the reference report's Exp1-3 configurations first")
+
+    p = add("show", cmd_show, "print the study's feasible Pareto front as a table")
+    study_args(p)
+
+    from search.pareto import PICK_HELP
+
+    p = add("export", cmd_export, "write one trial as a training-config YAML that `train` accepts")
+    study_args(p)
+    p.add_argument("--pick", default="knee", help=PICK_HELP)
+    p.add_argument("--out", type=Path, required=True, help="YAML file to write")
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

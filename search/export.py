@@ -1,0 +1,53 @@
+"""Export a trial as the training-config YAML that `run_study.py train` accepts as is.
+
+The file holds the study's data/backbone/model/stage1 sections and the trial's full training
+section (sampled values, fixed values and seed); its metrics and provenance go in a comment
+block, so the file stays a plain training config. Re-training it reproduces the trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial
+
+import objectives
+from model.config import TrainingConfig, TrainRunConfig, train_config_to_yaml_dict
+from model.typed_config import from_dict
+from search.config import StudyConfig
+
+
+def trial_train_config(study_config: StudyConfig, trial: FrozenTrial) -> TrainRunConfig:
+    """The exact training config the trial ran, with outputs going to a fresh folder."""
+    training = from_dict(TrainingConfig, trial.user_attrs["training"], where="training")
+    base = study_config.base_run_config()
+    return dataclasses.replace(
+        base, training=training, output_dir=study_config.workdir / "retrain" / study_config.name / f"trial-{trial.number:05d}"
+    )
+
+
+def header(study: optuna.Study, study_config: StudyConfig, trial: FrozenTrial, pick: str) -> str:
+    lines = [
+        f"fairfront export: study {study.study_name!r}, trial {trial.number}, picked by --pick {pick!r}",
+        "objectives: " + ", ".join(f"{m} ({d}) {v:.4f}" for m, d, v in zip(study_config.metric_names, study_config.directions, trial.values)),
+        "validation metrics at best epoch "
+        f"{trial.user_attrs.get('best_epoch')}: " + ", ".join(f"{m} {trial.user_attrs.get(f'val_{m}', float('nan')):.4f}" for m in objectives.METRIC_NAMES),
+        f"gate range {trial.user_attrs.get('gate_min', float('nan')):.3f}-{trial.user_attrs.get('gate_max', float('nan')):.3f}, "
+        f"fair-term share {100 * trial.user_attrs.get('fair_share', float('nan')):.2f}%",
+        "sampled: " + ", ".join(f"{k}={v}" for k, v in trial.params.items()),
+        f"code version {trial.user_attrs.get('code_version', 'unknown')}",
+        "re-train: python run_study.py train --config <this file>",
+    ]
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def export_trial(study: optuna.Study, study_config: StudyConfig, trial: FrozenTrial, out: Path, *, pick: str) -> Path:
+    out = Path(out).resolve()
+    config = trial_train_config(study_config, trial)
+    body = yaml.safe_dump(train_config_to_yaml_dict(config, relative_to=out.parent), sort_keys=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(header(study, study_config, trial, pick) + body)
+    return out

@@ -1,0 +1,121 @@
+"""One Optuna trial = one full training run of the adapter model.
+
+The trial stores what it needs to be understood and reproduced as user attributes: its full
+training config, seed and code version; the best epoch's validation metrics; its per-epoch
+curve (metrics, gate statistics, fair-term share); and, if it was stopped, why.
+
+How a stopped trial is recorded teaches the sampler (Optuna 5 has no pruners for
+multi-objective studies, so the training run stops itself):
+
+* degenerate, ``record_degenerate_as: infeasible`` -> COMPLETE with the metrics at the stop and
+  a violated ``degenerate`` constraint (GP and NSGA-II learn to avoid the region; the Pareto
+  front leaves the trial out);
+* degenerate, ``record_degenerate_as: pruned`` -> PRUNED (only TPE learns from those);
+* non-finite loss -> FAIL, reason in ``fail_reason``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import subprocess
+from pathlib import Path
+
+import optuna
+
+from model import PreparedData, TrainResult, train
+from model.config import TrainRunConfig
+from model.typed_config import to_dict
+from search.artifacts import TrialLog, artifact_store, upload_trial_outputs
+from search.config import StudyConfig
+from search.samplers import DEGENERATE_ATTR
+from search.space import suggest
+
+log = logging.getLogger(__name__)
+
+
+class TrialDiverged(RuntimeError):
+    """The run's loss became NaN/inf; the trial ends FAIL with the reason stored."""
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The git commit of this checkout (with '+dirty' when it has local changes), or 'unknown'."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def trial_run_config(study: StudyConfig, params: dict, trial_number: int) -> TrainRunConfig:
+    base = study.base_run_config().with_training(**params)
+    return dataclasses.replace(base, output_dir=study.workdir / "trials" / study.name / f"trial-{trial_number:05d}")
+
+
+def curve_attr(result: TrainResult) -> list[dict]:
+    """The per-epoch curve, compact enough for a user attribute (JSON in the storage)."""
+    return [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.flat().items()} for r in result.epochs]
+
+
+def record_result(trial: optuna.Trial, result: TrainResult) -> None:
+    trial.set_user_attr("status", result.status)
+    trial.set_user_attr("epochs_run", len(result.epochs))
+    trial.set_user_attr("curve", curve_attr(result))
+    if result.stop_reason:
+        trial.set_user_attr("stop_reason", result.stop_reason)
+        trial.set_user_attr("stopped_epoch", len(result.epochs))
+    best = result.best
+    if best is not None:
+        trial.set_user_attr("best_epoch", best.epoch)
+        for metric, value in best.val.items():
+            trial.set_user_attr(f"val_{metric}", value)
+        trial.set_user_attr("gate_mean", best.gate_mean)
+        trial.set_user_attr("gate_min", min(r.gate_min for r in result.epochs))
+        trial.set_user_attr("gate_max", max(r.gate_max for r in result.epochs))
+        trial.set_user_attr("fair_share", best.fair_share)
+    if result.output_dir is not None:
+        trial.set_user_attr("output_dir", str(result.output_dir))
+
+
+class TrialObjective:
+    """The callable handed to ``study.optimize``: sample, train, record, return the objectives."""
+
+    def __init__(self, study_config: StudyConfig, prepared: PreparedData, *, epoch_callback=None) -> None:
+        self.config = study_config
+        self.prepared = prepared
+        self.epoch_callback = epoch_callback
+        self.store = artifact_store(study_config.artifact_dir)
+
+    def __call__(self, trial: optuna.Trial) -> list[float]:
+        try:
+            return self._run(trial)
+        except (optuna.TrialPruned, TrialDiverged):
+            raise
+        except Exception as err:  # recorded, then re-raised for study.optimize(catch=...) to log
+            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
+            raise
+
+    def _run(self, trial: optuna.Trial) -> list[float]:
+        defaults = dataclasses.asdict(self.config.training)
+        params = suggest(trial, self.config.search_space, defaults)
+        run_config = trial_run_config(self.config, params, trial.number)
+        trial.set_user_attr("training", to_dict(run_config.training))
+        trial.set_user_attr("seed", run_config.training.seed)
+        trial.set_user_attr("code_version", code_version())
+
+        with TrialLog(run_config.run_dir / "train.log"):
+            result = train(run_config, prepared=self.prepared, callback=self.epoch_callback, progress=False)
+        record_result(trial, result)
+        upload_trial_outputs(self.store, trial, run_config.run_dir)
+        if result.status == "diverged":
+            trial.set_user_attr("fail_reason", result.stop_reason)
+            raise TrialDiverged(result.stop_reason)
+        degenerate = result.status == "stopped" and result.stop_reason.startswith("degenerate")
+        trial.set_user_attr(DEGENERATE_ATTR, degenerate)
+        if degenerate and self.config.stopping.record_degenerate_as == "pruned":
+            raise optuna.TrialPruned(result.stop_reason)
+        return [result.best.val[metric] for metric in self.config.metric_names]

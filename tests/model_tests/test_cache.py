@@ -1,0 +1,119 @@
+"""The feature cache: reused when valid, rebuilt when its inputs change, never used when damaged."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from model.backbone import FrozenBackbone
+from model.cache import CacheError, open_cache, open_or_build_cache
+from model.config import BackboneConfig
+from model.manifest import load_manifest
+from model.synthetic import SyntheticConfig, generate
+
+ATTRIBUTES = {"gender": ["male", "female"], "race": ["asian", "white", "black", "others"]}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("data"), SyntheticConfig(seed=1, n_train=24, n_val=12, n_test=4), progress=False)
+
+
+@pytest.fixture
+def manifest(dataset):
+    return load_manifest(dataset.manifest, attributes=ATTRIBUTES)
+
+
+@pytest.fixture
+def backbone():
+    return FrozenBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", batch_size=8, cache_dtype="float32"))
+
+
+def build(manifest, backbone, root):
+    return open_or_build_cache(manifest, backbone, root, device=torch.device("cpu"), progress=False)
+
+
+def test_cache_holds_the_backbone_tokens_in_manifest_order(manifest, backbone, tmp_path):
+    cache = build(manifest, backbone, tmp_path)
+    assert cache.cls.shape == (36, 128) and cache.patches.shape == (36, 64, 128)
+    assert isinstance(cache.patches, np.memmap)  # memory-mapped, not loaded
+    from model.images import ImageDataset
+
+    images = ImageDataset(list(manifest.frame["path"])[5:7], backbone.preprocess).batch([0, 1])
+    expected = backbone(images)
+    np.testing.assert_allclose(cache.patches[5:7], expected.patches.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache.cls[5:7], expected.cls.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_valid_cache_is_reused_not_rebuilt(manifest, backbone, tmp_path, caplog):
+    first = build(manifest, backbone, tmp_path)
+    stamp = (first.directory / "patches.npy").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="model.cache"):
+        second = build(manifest, backbone, tmp_path)
+    assert second.directory == first.directory
+    assert (second.directory / "patches.npy").stat().st_mtime_ns == stamp
+    assert "reused" in caplog.text
+
+
+def test_changed_manifest_gets_its_own_cache(manifest, backbone, tmp_path, dataset):
+    first = build(manifest, backbone, tmp_path)
+    edited = tmp_path / "edited.csv"
+    frame = manifest.frame
+    lines = dataset.manifest.read_text().splitlines()
+    edited.write_text("\n".join(lines[:-1]) + "\n")  # drop the last row
+    smaller = load_manifest(edited, attributes=ATTRIBUTES, image_root=dataset.manifest.parent)
+    second = build(smaller, backbone, tmp_path)
+    assert second.key != first.key
+    assert len(second) == len(frame) - 1
+
+
+def test_replaced_image_changes_the_key(manifest, backbone, tmp_path):
+    first = build(manifest, backbone, tmp_path)
+    path = manifest.frame["path"].iloc[0]
+    os.utime(path, ns=(1, 1))  # same name, "new" file
+    second = build(manifest, backbone, tmp_path)
+    assert second.key != first.key
+
+
+def test_other_layer_or_weights_change_the_key(manifest, backbone, tmp_path):
+    first = build(manifest, backbone, tmp_path)
+    other = FrozenBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", seed=1, cache_dtype="float32"))
+    assert build(manifest, other, tmp_path).key != first.key
+    other = FrozenBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", stage2_layer=1, cache_dtype="float32"))
+    assert build(manifest, other, tmp_path).key != first.key
+
+
+def test_truncated_cache_is_rejected_and_rebuilt(manifest, backbone, tmp_path, caplog):
+    cache = build(manifest, backbone, tmp_path)
+    original = np.array(cache.patches)
+    path = cache.directory / "patches.npy"
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.truncate(size // 2)
+    with pytest.raises(CacheError, match="truncated|shape|checksum"):
+        open_cache(cache.directory, cache.key)
+    with caplog.at_level(logging.WARNING, logger="model.cache"):
+        rebuilt = build(manifest, backbone, tmp_path)
+    assert "rebuilt" in caplog.text
+    assert path.stat().st_size == size
+    np.testing.assert_array_equal(rebuilt.patches, original)
+
+
+def test_corrupted_bytes_are_detected(manifest, backbone, tmp_path):
+    cache = build(manifest, backbone, tmp_path)
+    path = cache.directory / "cls.npy"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="checksum"):
+        open_cache(cache.directory, cache.key)
+
+
+def test_partial_build_without_meta_is_not_used(manifest, backbone, tmp_path):
+    cache = build(manifest, backbone, tmp_path)
+    (cache.directory / "meta.json").unlink()
+    with pytest.raises(CacheError, match="never finished"):
+        open_cache(cache.directory, cache.key)
+    assert len(build(manifest, backbone, tmp_path)) == len(manifest.frame)

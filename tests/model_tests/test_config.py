@@ -1,0 +1,89 @@
+"""The training-config YAML: the dataclasses are the schema; every bad input names its key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model.config import TrainRunConfig, load_train_config
+from model.typed_config import ConfigError
+
+VALID = {
+    "workdir": "work",
+    "data": {"synthetic": {"seed": 0}},
+    "backbone": {"name": "fairfront-tiny-vit", "weights": "random"},
+    "training": {"lr": 3e-4, "num_epochs": 4},
+}
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def with_change(section: str | None, key: str, value):
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    (data if section is None else data.setdefault(section, {}))[key] = value
+    return data
+
+
+def test_valid_config_loads_with_paths_relative_to_the_file(tmp_path):
+    config = load_train_config(write(tmp_path, VALID))
+    assert isinstance(config, TrainRunConfig)
+    assert config.workdir == (tmp_path / "work").resolve()
+    assert config.training.num_epochs == 4
+    assert config.training.lambda_fair == 0.15  # untouched keys keep the Exp3 defaults
+    assert config.run_dir == config.workdir / "train"
+
+
+def test_demo_training_config_loads():
+    config = load_train_config(Path(__file__).parents[2] / "studies" / "demo_train.yaml")
+    assert config.backbone.name == "fairfront-tiny-vit"
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    # PyYAML reads "1e-4" as a string; users write it anyway.
+    config = load_train_config(write(tmp_path, with_change("training", "sinkhorn_blur", "1e-4")))
+    assert config.training.sinkhorn_blur == 1e-4
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("training", "learning_rate", 0.1, r"training: unknown key\(s\) 'learning_rate'"),
+        (None, "trainig", {}, r"unknown key\(s\) 'trainig'"),
+        ("training", "lr", "fast", r"training.lr: expected a number, got 'fast'"),
+        ("training", "num_epochs", 2.5, r"training.num_epochs: expected an integer"),
+        ("training", "dropout", 1.5, r"training: dropout must be in \[0, 1\)"),
+        ("training", "optimizer", "lion", r"training.optimizer: 'lion' is not one of"),
+        ("training", "lr", -1.0, r"lr must be >= 0"),
+        ("backbone", "weights", "", r"backbone: weights: give a local checkpoint path"),
+        ("data", "manifest", "x.csv", r"data: give exactly one of 'manifest' or 'synthetic'"),
+    ],
+)
+def test_bad_values_name_the_file_and_key(tmp_path, section, key, value, message):
+    path = write(tmp_path, with_change(section, key, value))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_train_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_required_section(tmp_path):
+    data = dict(VALID)
+    del data["backbone"]
+    with pytest.raises(ConfigError, match="backbone: required key is missing"):
+        load_train_config(write(tmp_path, data))
+
+
+def test_unset_environment_variable_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("FAIRFRONT_TEST_WEIGHTS", raising=False)
+    with pytest.raises(ConfigError, match=r"backbone.weights: environment variable \$\{FAIRFRONT_TEST_WEIGHTS\} is not set"):
+        load_train_config(write(tmp_path, with_change("backbone", "weights", "${FAIRFRONT_TEST_WEIGHTS}")))
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("training: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_train_config(path)

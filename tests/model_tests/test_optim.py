@@ -1,0 +1,40 @@
+"""Learning-rate schedule and optimizer choices."""
+
+import math
+
+import pytest
+import torch
+
+from model.config import TrainingConfig
+from model.optim import build_optimizer, lr_factor
+
+
+def test_warmup_is_linear_then_cosine_restarts_follow_t0_and_tmult():
+    cfg = TrainingConfig(warmup_epochs=2, num_epochs=30, T_0=5, T_mult=2, min_lr=0.0, lr=1e-3)
+    assert lr_factor(1.0, cfg) == pytest.approx(0.5)
+    assert lr_factor(2.0, cfg) == pytest.approx(1.0)  # first cycle starts after warmup
+    assert lr_factor(2 + 2.5, cfg) == pytest.approx(0.5)  # half-way through a 5-epoch cycle
+    assert lr_factor(2 + 5, cfg) == pytest.approx(1.0)  # restart
+    assert lr_factor(2 + 5 + 5, cfg) == pytest.approx(0.5)  # half-way through the 10-epoch cycle
+    assert lr_factor(2 + 15, cfg) == pytest.approx(1.0)
+
+
+def test_plain_cosine_ends_at_min_lr():
+    cfg = TrainingConfig(warmup_epochs=0, num_epochs=10, scheduler="cosine", lr=1e-3, min_lr=1e-5)
+    assert lr_factor(0.0, cfg) == pytest.approx(1.0)
+    assert lr_factor(10.0, cfg) == pytest.approx(1e-2)
+    assert lr_factor(5.0, cfg) == pytest.approx(0.5 * (1 + 1e-2))
+
+
+@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD), ("radam", torch.optim.RAdam)])
+def test_optimizer_choice_and_differential_lr(name, cls):
+    adapter, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    cfg = TrainingConfig(optimizer=name, lr=1e-3, head_lr_mult=10.0, weight_decay=0.05)
+    opt = build_optimizer({"adapter": list(adapter.parameters()), "head": list(head.parameters())}, cfg)
+    assert isinstance(opt, cls)
+    lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert lrs == [pytest.approx(1e-3), pytest.approx(1e-2)]
+    # weight decay only on matrices, never on biases
+    for group in opt.param_groups:
+        assert group["weight_decay"] == (0.05 if all(p.ndim >= 2 for p in group["params"]) else 0.0)
+    assert not math.isnan(lrs[0])

@@ -1,0 +1,111 @@
+"""End to end through the real entry point on a reduced copy of the demo: prepare + train."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import objectives
+import run_study
+from model import load_train_config, prepare, train
+
+DEMO_TRAIN = Path(__file__).parents[2] / "studies" / "demo_train.yaml"
+
+
+def tiny_config(tmp_path: Path, **training) -> Path:
+    data = yaml.safe_load(DEMO_TRAIN.read_text())
+    data["workdir"] = str(tmp_path / "work")
+    data["output_dir"] = str(tmp_path / "out")
+    data["data"]["synthetic"] = {"seed": 0, "n_train": 160, "n_val": 80, "n_test": 16}
+    data["stage1"] = {"epochs": 2}
+    data["training"].update({"num_epochs": 3, "warmup_epochs": 1, "batch_size": 32} | training)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_prepare_then_train_twice_gives_identical_metrics(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    assert run_study.main(["-q", "prepare", "--config", str(config)]) == 0
+    assert "feature cache" in capsys.readouterr().out
+    runs = []
+    for name in ("first", "second"):
+        assert run_study.main(["-q", "train", "--config", str(config), "--output-dir", str(tmp_path / name)]) == 0
+        runs.append(tmp_path / name)
+    first, second = ((run / "metrics.json").read_text() for run in runs)
+    assert first == second
+    metrics = json.loads(first)
+    assert set(objectives.METRIC_NAMES) <= set(metrics["val"])
+    assert metrics["epochs_run"] == 3 and metrics["status"] == "completed"
+    assert {"mean", "min", "max"} == set(metrics["gate"])
+    for run in runs:
+        assert (run / "best.pt").is_file() and (run / "config.yaml").is_file()
+    curve = (runs[0] / "curve.csv").read_text().splitlines()
+    assert len(curve) == 4 and "val_f_meo" in curve[0] and "gate_mean" in curve[0] and "fair_share" in curve[0]
+    # the written config is itself a valid training config
+    assert load_train_config(runs[0] / "config.yaml").training.num_epochs == 3
+
+
+def test_best_epoch_is_the_best_validation_auc(tmp_path):
+    config = load_train_config(tiny_config(tmp_path, num_epochs=4))
+    result = train(config, progress=False)
+    aucs = [r.val["auc"] for r in result.epochs]
+    assert result.best_epoch == int(np.argmax(aucs)) + 1
+    assert result.summary()["val"]["auc"] == max(aucs)
+
+
+def test_online_mode_matches_the_cache_up_to_storage_precision(tmp_path):
+    config = load_train_config(tiny_config(tmp_path, num_epochs=2))
+    import dataclasses
+
+    config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, cache_dtype="float32"))
+    prepared = prepare(config, progress=False, with_test_caches=False)
+    cached = train(config, prepared=prepared, progress=False, write_outputs=False)
+    online_config = config.with_training(feature_mode="online")
+    prepared.config = online_config
+    online = train(online_config, prepared=prepared, progress=False, write_outputs=False)
+    for a, b in zip(cached.epochs, online.epochs):
+        for metric in ("auc", "f_meo", "f_fpr"):
+            assert a.val[metric] == pytest.approx(b.val[metric], abs=1e-4)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
+
+
+def test_zero_learning_rate_stays_degenerate_and_is_stopped(tmp_path):
+    # The head starts at the training prior (80% fake): with lr 0 every prediction stays "fake".
+    config = load_train_config(tiny_config(tmp_path, lr=0.0, num_epochs=6, stop_if_degenerate_after=2))
+    result = train(config, progress=False, write_outputs=False)
+    assert result.status == "stopped"
+    assert len(result.epochs) == 2
+    assert result.stop_reason.startswith("degenerate")
+    assert all(r.degenerate for r in result.epochs)
+
+
+def test_callback_can_stop_a_run(tmp_path):
+    config = load_train_config(tiny_config(tmp_path, num_epochs=5))
+    seen = []
+    result = train(config, progress=False, write_outputs=False, callback=lambda r: seen.append(r.epoch) or ("enough" if r.epoch == 2 else None))
+    assert seen == [1, 2] and result.status == "stopped" and result.stop_reason == "enough"
+
+
+def test_non_finite_loss_stops_the_run_with_a_reason(tmp_path, monkeypatch):
+    config = load_train_config(tiny_config(tmp_path))
+    import torch
+
+    monkeypatch.setattr(objectives, "fairness_loss", lambda scores, *a, **k: scores.sum() * torch.tensor(float("nan")))
+    result = train(config, progress=False, write_outputs=False)
+    assert result.status == "diverged"
+    assert "non-finite loss" in result.stop_reason
+    assert result.best_epoch is None
+
+
+def test_train_cli_refuses_a_bad_config_before_any_compute(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    data = yaml.safe_load(tiny_config(tmp_path).read_text())
+    data["training"]["lamda_fair"] = 0.1
+    path.write_text(yaml.safe_dump(data))
+    assert run_study.main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "lamda_fair" in err and str(path) in err
+    assert not (tmp_path / "work").exists()  # nothing generated, nothing written
