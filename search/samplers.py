@@ -6,6 +6,7 @@ the trial's system attributes where optuna-dashboard 0.21 reads it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Callable
 
@@ -68,4 +69,8 @@ def build_sampler(config: SamplerConfig) -> optuna.samplers.BaseSampler:
         factory = SAMPLERS[config.name]
     except KeyError:
         raise ValueError(f"sampler.name: unknown sampler {config.name!r}; valid: {', '.join(SAMPLERS)}") from None
-    return factory(config)
+    with warnings.catch_warnings():
+        # Optuna 5.0 deprecates constraints_func (removal in 7.0) for trial.set_constraint, but
+        # optuna-dashboard 0.21 shows only the list form that constraints_func writes.
+        warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
+        return factory(config)

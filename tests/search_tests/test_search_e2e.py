@@ -1,0 +1,164 @@
+"""A real multi-objective study on tiny synthetic data, through the real entry points."""
+
+import json
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+import objectives
+import run_study
+from search import load_study_config, open_study, pick_trial
+from search.pareto import PickError
+
+DEMO = Path(__file__).parents[2] / "studies" / "demo.yaml"
+
+
+def tiny_study_yaml(workdir: Path, path: Path, *, name="tiny", n_trials=6, **overrides) -> Path:
+    data = yaml.safe_load(DEMO.read_text())
+    data.update(name=name, workdir=str(workdir), warm_start=False)
+    data["data"]["synthetic"] = {"seed": 0, "n_train": 160, "n_val": 80, "n_test": 16}
+    data["stage1"] = {"epochs": 2}
+    data["training"].update(num_epochs=3, warmup_epochs=1)
+    data["sampler"] = {"name": "gp", "seed": 0, "n_startup_trials": 3}
+    data["budget"] = {"n_trials": n_trials}
+    data["stopping"] = {"degenerate_after_epochs": 2, "record_degenerate_as": "infeasible"}
+    for key, value in overrides.items():
+        data[key] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    path = tiny_study_yaml(root / "work", root / "study.yaml")
+    assert run_study.main(["-q", "optimize", "--study", str(path)]) == 0
+    config = load_study_config(path)
+    return path, config, open_study(config, create=False)
+
+
+def test_storage_holds_a_three_objective_study_with_names_and_curves(study_run):
+    _, config, study = study_run
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
+    assert study.metric_names == ["auc", "f_meo", "f_fpr"]
+    finished = study.get_trials(states=[TrialState.COMPLETE, TrialState.PRUNED])
+    assert len(finished) == 6
+    for trial in finished:
+        curve = trial.user_attrs["curve"]
+        assert len(curve) == trial.user_attrs["epochs_run"] >= 1
+        assert {"val_auc", "val_f_meo", "val_f_fpr", "gate_mean", "gate_min", "gate_max", "fair_share", "degenerate"} <= set(curve[0])
+        for metric in objectives.METRIC_NAMES:
+            assert f"val_{metric}" in trial.user_attrs
+        assert trial.user_attrs["training"]["lr"] == trial.params["lr"]
+        assert trial.user_attrs["seed"] == 0 and trial.user_attrs["code_version"]
+        assert set(trial.user_attrs["artifacts"]) >= {"best.pt", "curve.csv", "metrics.json", "config.yaml", "train.log"}
+        if trial.state == TrialState.COMPLETE:
+            assert list(trial.values) == [trial.user_attrs[f"val_{m}"] for m in config.metric_names]
+
+
+def test_show_prints_exactly_the_pareto_front(study_run, capsys):
+    path, _, study = study_run
+    assert run_study.main(["show", "--study", str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines()[2:] if line.strip()]
+    assert sorted(int(r) for r in rows) == sorted(t.number for t in study.best_trials)
+
+
+@pytest.mark.parametrize("pick", ["knee", "max-auc", "min-f_meo", "min-f_fpr", "max-ap", "auc >= 0.0", "f_meo<=1"])
+def test_every_pick_form_returns_a_pareto_trial(study_run, pick):
+    _, _, study = study_run
+    trial = pick_trial(study, pick)
+    assert trial.number in {t.number for t in study.best_trials}
+    front = study.best_trials
+    if pick == "max-auc":
+        assert trial.user_attrs["val_auc"] == max(t.user_attrs["val_auc"] for t in front)
+    if pick == "min-f_meo":
+        assert trial.user_attrs["val_f_meo"] == min(t.user_attrs["val_f_meo"] for t in front)
+    if pick.startswith("auc"):
+        assert trial.user_attrs["val_auc"] == max(t.user_attrs["val_auc"] for t in front)
+
+
+def test_trial_pick_and_bad_picks(study_run):
+    _, _, study = study_run
+    number = study.best_trials[0].number
+    assert pick_trial(study, f"trial:{number}").number == number
+    for bad, message in [("trial:x", "expected trial"), ("trial:999", "no trial 999"), ("max-auroc", "unknown metric"),
+                         ("auc >= 2", "no Pareto trial"), ("__import__('os')", "not understood"), ("auc ~ 1", "not understood")]:
+        with pytest.raises(PickError, match=re.escape(message) if "(" not in message else message):
+            pick_trial(study, bad)
+
+
+def test_export_then_train_reproduces_the_trial(study_run, tmp_path, capsys):
+    path, config, study = study_run
+    out = tmp_path / "best.yaml"
+    assert run_study.main(["export", "--study", str(path), "--pick", "knee", "--out", str(out)]) == 0
+    trial = pick_trial(study, "knee")
+    text = out.read_text()
+    assert text.startswith("# fairfront export: study 'tiny', trial")
+    assert f"trial {trial.number}" in text
+    assert run_study.main(["-q", "train", "--config", str(out), "--output-dir", str(tmp_path / "retrain")]) == 0
+    metrics = json.loads((tmp_path / "retrain" / "metrics.json").read_text())
+    assert [metrics["val"][m] for m in config.metric_names] == list(trial.values)
+    assert metrics["best_epoch"] == trial.user_attrs["best_epoch"]
+
+
+def test_continuing_adds_trials_and_keeps_the_old_ones(study_run, tmp_path):
+    path, config, study = study_run
+    before = {t.number: (t.state, t.values) for t in study.get_trials()}
+    assert run_study.main(["-q", "optimize", "--study", str(path), "--n-trials", "7"]) == 0
+    after = {t.number: (t.state, t.values) for t in open_study(config, create=False).get_trials()}
+    assert len(after) == len(before) + 1
+    assert all(after[n] == before[n] for n in before)
+    # the same budget again: nothing to do, nothing overwritten
+    assert run_study.main(["-q", "optimize", "--study", str(path), "--n-trials", "7"]) == 0
+    assert len(open_study(config, create=False).get_trials()) == len(after)
+
+
+@pytest.mark.parametrize("record_as, state", [("infeasible", TrialState.COMPLETE), ("pruned", TrialState.PRUNED)])
+def test_forced_degenerate_trials_are_stopped_recorded_and_never_exported(tmp_path, record_as, state):
+    # lr 0 (and lr not searched): the head stays at the training prior, every prediction "fake".
+    path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name=f"degenerate-{record_as}", n_trials=2,
+                           stopping={"degenerate_after_epochs": 2, "record_degenerate_as": record_as})
+    data = yaml.safe_load(path.read_text())
+    data["training"]["lr"] = 0.0
+    del data["search_space"]["lr"]
+    data["sampler"]["name"] = "tpe" if record_as == "pruned" else "gp"
+    path.write_text(yaml.safe_dump(data))
+    assert run_study.main(["-q", "optimize", "--study", str(path)]) == 0
+    study = open_study(load_study_config(path), create=False)
+    trials = study.get_trials()
+    assert len(trials) == 2 and all(t.state == state for t in trials)
+    for trial in trials:
+        assert trial.user_attrs["degenerate"] is True
+        assert trial.user_attrs["stopped_epoch"] == 2
+        assert trial.user_attrs["stop_reason"].startswith("degenerate")
+    assert study.best_trials == []
+    with pytest.raises(PickError, match="no feasible complete trial"):
+        pick_trial(study, "knee")
+    with pytest.raises(PickError, match="infeasible|PRUNED"):
+        pick_trial(study, f"trial:{trials[0].number}")
+
+
+def test_non_finite_loss_ends_the_trial_failed_and_the_study_goes_on(tmp_path, monkeypatch):
+    path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="nan", n_trials=1)
+    import torch
+
+    calls = {"n": 0}
+    real = objectives.fairness_loss
+
+    def sometimes_nan(scores, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 5:  # the first trial's first epoch
+            return scores.sum() * torch.tensor(float("nan"))
+        return real(scores, *args, **kwargs)
+
+    monkeypatch.setattr(objectives, "fairness_loss", sometimes_nan)
+    assert run_study.main(["-q", "optimize", "--study", str(path)]) == 0
+    study = open_study(load_study_config(path), create=False)
+    failed = study.get_trials(states=[TrialState.FAIL])
+    assert len(failed) == 1 and "non-finite loss" in failed[0].user_attrs["fail_reason"]
+    assert len(study.get_trials(states=[TrialState.COMPLETE])) == 1

@@ -1,0 +1,100 @@
+"""The study YAML: one test per bad input, each naming the key and the file."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model.typed_config import ConfigError
+from search.config import load_study_config
+
+DEMO = Path(__file__).parents[2] / "studies" / "demo.yaml"
+
+
+def demo_data() -> dict:
+    return yaml.safe_load(DEMO.read_text())
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_studies_load():
+    demo = load_study_config(DEMO)
+    assert demo.metric_names == ["auc", "f_meo", "f_fpr"]
+    assert demo.directions == ["maximize", "minimize", "minimize"]
+    assert demo.storage_url == f"sqlite:///{demo.workdir / 'study.db'}"
+    assert demo.sampler.name == "gp"
+    for name in ("lr", "weight_decay", "lambda_fair", "sinkhorn_blur"):
+        assert demo.search_space[name].log
+
+
+def test_real_study_loads_with_its_placeholders(monkeypatch, tmp_path):
+    monkeypatch.setenv("FAIRFRONT_STORAGE", "postgresql+psycopg://u:secret@db:5432/fairfront")
+    monkeypatch.setenv("FAIRFRONT_DATA", str(tmp_path))
+    monkeypatch.setenv("CLIP_WEIGHTS", str(tmp_path / "ViT-L-14.pt"))
+    config = load_study_config(DEMO.parent / "ffpp_clip_vitl14.yaml")
+    assert config.backbone.name == "ViT-L-14-quickgelu"
+    assert set(config.data.test_manifests) == {"celebdf", "dfd", "dfdc"}
+    assert config.training.num_epochs == 30
+
+
+def mutate(path_keys, value):
+    data = demo_data()
+    node = data
+    for key in path_keys[:-1]:
+        node = node[key]
+    if value is KeyError:
+        del node[path_keys[-1]]
+    else:
+        node[path_keys[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "keys, value, message",
+    [
+        (["sampler", "nmae"], "x", r"sampler: unknown key\(s\) 'nmae'"),
+        (["surch_space"], {}, r"unknown key\(s\) 'surch_space'"),
+        (["budget", "n_trials"], "many", r"budget.n_trials: expected an integer, got 'many'"),
+        (["search_space", "lr"], {"low": 1e-2, "high": 1e-4, "log": True}, r"search_space.lr: low \(0.01\) > high \(0.0001\)"),
+        (["search_space", "weight_decay"], {"low": 0.0, "high": 0.1, "log": True}, r"search_space.weight_decay: a log range must be > 0"),
+        (["search_space", "lambda_fair"], {"low": 0.01, "high": 1.0}, r"search_space.lambda_fair: must be sampled on a log scale"),
+        (["search_space", "learning_rate"], {"low": 1e-4, "high": 1e-3, "log": True}, r"search_space.learning_rate: not a searchable training key"),
+        (["search_space", "dropout"], {"low": 0.1}, r"search_space.dropout: a range needs both low and high"),
+        (["search_space", "optimizer"], {"choices": []}, r"search_space.optimizer: choices must not be empty"),
+        (["objectives"], [{"metric": "auroc"}], r"objectives\[0\]: metric 'auroc' is not one of"),
+        (["objectives"], [{"metric": "auc", "direction": "up"}], r"objectives\[0\].direction: 'up' is not one of"),
+        (["sampler", "name"], "cmaes", r"sampler.name: 'cmaes' is not one of"),
+        (["stopping", "degenerate_after_epochs"], 0, r"stopping: degenerate_after_epochs must be >= 1"),
+        (["name"], KeyError, r"name: required key is missing"),
+        (["storage"], "${FAIRFRONT_UNSET_STORAGE}", r"storage: environment variable \$\{FAIRFRONT_UNSET_STORAGE\} is not set"),
+    ],
+)
+def test_bad_study_yaml_names_the_key(tmp_path, monkeypatch, keys, value, message):
+    monkeypatch.delenv("FAIRFRONT_UNSET_STORAGE", raising=False)
+    path = write(tmp_path, mutate(keys, value))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_study_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_storage_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIRFRONT_TEST_STORAGE", "sqlite:////tmp/x.db")
+    config = load_study_config(write(tmp_path, mutate(["storage"], "${FAIRFRONT_TEST_STORAGE}")))
+    assert config.storage_url == "sqlite:////tmp/x.db"
+    override = load_study_config(DEMO, storage="${FAIRFRONT_TEST_STORAGE}", study_name="other")
+    assert override.storage_url == "sqlite:////tmp/x.db" and override.name == "other"
+
+
+def test_bad_study_is_refused_by_the_cli_before_any_work(tmp_path, capsys):
+    import run_study
+
+    data = mutate(["search_space", "lr"], {"low": 1e-2, "high": 1e-4, "log": True})
+    data["workdir"] = str(tmp_path / "work")
+    path = write(tmp_path, data)
+    assert run_study.main(["optimize", "--study", str(path)]) == 2
+    assert "search_space.lr" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
