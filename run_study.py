@@ -9,6 +9,9 @@ Each subcommand is a small function that parses nothing itself and calls one lib
     python run_study.py optimize --study studies/demo.yaml
     python run_study.py show     --study studies/demo.yaml
     python run_study.py export   --study studies/demo.yaml --pick knee --out best.yaml
+    python run_study.py dashboard --study studies/demo.yaml              # optuna-dashboard, localhost
+    python run_study.py evaluate --study studies/demo.yaml --trials pareto  # test-set metrics
+    python run_study.py report   --study studies/demo.yaml --out report/  # HTML + PNG + markdown
 """
 
 from __future__ import annotations
@@ -75,22 +78,33 @@ def _print_front(study, config) -> None:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from search import optimize
+    from search.storage import mask_url
     from search.study import FINISHED
 
     config = _load_study(args)
     if args.warm_start:
         config = dataclasses.replace(config, warm_start=True)
-    study = optimize(config, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
+    code = 0
+    if args.workers > 1 or args.devices:
+        from search.workers import run_workers
+
+        run = run_workers(config, workers=args.workers, devices=args.devices, n_trials=args.n_trials,
+                          timeout=args.timeout, progress=not args.quiet, verbose=args.verbose)
+        study, code = run.study, run.exit_code
+    else:
+        study = optimize(config, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     infeasible = sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if t.user_attrs.get("degenerate"))
-    print(f"\nstudy {config.name!r} in {config.storage_url}: " + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
+    print(f"\nstudy {config.name!r} in {mask_url(config.storage_url)}: " + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
           + f" ({infeasible} stopped as degenerate)")
     _print_front(study, config)
+    # the storage as the user gave it: "${VAR}" stays a reference, a literal password is masked
+    storage = args.storage if args.storage and "${" in args.storage else mask_url(config.storage_url)
     print("\nnext:")
-    print(f"  optuna-dashboard {config.storage_url}")
+    print(f'  optuna-dashboard "{storage}"')
     print(f"  python run_study.py export --study {args.study} --pick knee --out best.yaml")
     print("  python run_study.py train --config best.yaml")
-    return 0
+    return code
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -108,7 +122,50 @@ def cmd_export(args: argparse.Namespace) -> int:
     study = open_study(config, create=False)
     trial = pick_trial(study, args.pick)
     out = export_trial(study, config, trial, args.out, pick=args.pick)
+    from search.dashboard import upload_export
+
+    upload_export(study, config, trial, out)  # also listed in the trial's dashboard artifacts
     print(f"trial {trial.number} ({', '.join(f'{m} {v:.4f}' for m, v in zip(config.metric_names, trial.values))}) -> {out}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from search import dashboard
+
+    config = _load_study(args)
+    if args.screenshot:
+        png, _ = dashboard.screenshot_study(config, args.screenshot, page=args.page, annotate=not args.no_annotate)
+        print(f"screenshot of study {config.name!r}{args.page}: {png}")
+        return 0
+    return dashboard.serve(config, host=args.host, port=args.port, annotate=not args.no_annotate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from search import open_study
+    from search.evaluate import evaluate_study, results_frame, select_trials
+
+    config = _load_study(args)
+    study = open_study(config, create=False)
+    trials = select_trials(study, args.trials)
+    results = evaluate_study(config, study, trials, tune_threshold=not args.no_tune_threshold, batch_size=args.batch_size,
+                             progress=not args.quiet)
+    with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
+        print(f"test sets of study {config.name!r} ({len(results)} trials; stored in the study, see `report`):")
+        print(results_frame(results).to_string(index=False))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from search import open_study
+    from search.report import build_report
+
+    config = _load_study(args)
+    report = build_report(open_study(config, create=False), config, args.out)
+    print(f"report of study {config.name!r} ({len(report.pareto_numbers)} Pareto trials): {report.html}")
+    for path in [report.markdown, *report.images.values(), *report.tables.values()]:
+        print(f"  {path}")
     return 0
 
 
@@ -142,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, help="finished trials the study should reach (default: budget.n_trials)")
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     p.add_argument("--warm-start", action="store_true", help="enqueue the reference report's Exp1-3 configurations first")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this node sharing the study (default 1)")
+    p.add_argument("--devices", help="devices for the workers, round-robin: GPU indices (0,1,...), cuda:N or cpu "
+                                     "(default: every visible GPU, the CPU when none)")
 
     p = add("show", cmd_show, "print the study's feasible Pareto front as a table")
     study_args(p)
@@ -152,6 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     study_args(p)
     p.add_argument("--pick", default="knee", help=PICK_HELP)
     p.add_argument("--out", type=Path, required=True, help="YAML file to write")
+
+    p = add("dashboard", cmd_dashboard, "serve optuna-dashboard on the study's storage and artifacts (notes, plots, Pareto front)")
+    study_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; the dashboard has no login)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--no-annotate", action="store_true", help="do not back-fill missing trial notes and study plots first")
+    p.add_argument("--screenshot", type=Path, help="instead of serving: save a headless-Chromium screenshot of the study page to this PNG")
+    p.add_argument("--page", default="", help="with --screenshot: a sub-page of the study, e.g. '/trials?numbers=3'")
+
+    p = add("evaluate", cmd_evaluate, "score trials on the study's test sets (per dataset and mean) and store the results in the study")
+    study_args(p)
+    p.add_argument("--trials", default="pareto", help="pareto (default) | all | trial numbers, e.g. 3,7,12")
+    p.add_argument("--batch-size", type=int, default=256, help="scoring batch size")
+    p.add_argument("--no-tune-threshold", action="store_true", help="skip the validation-tuned threshold (balanced accuracy)")
+
+    p = add("report", cmd_report, "write the study report: HTML, markdown tables and PNG plots of the trade-off")
+    study_args(p)
+    p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default report/)")
 
     return parser
 
@@ -164,10 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from search.storage import install_log_redaction, redact
+
+    install_log_redaction()  # no storage password in any log line
     try:
         return args.func(args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(err)}", file=sys.stderr)
         return 2
 
 

@@ -16,6 +16,7 @@ training/dataset/datasets_train.py): id = gender_index * n_races + race_index wi
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import itertools
@@ -149,6 +150,12 @@ def _check_intersec_label(frame: pd.DataFrame, line: pd.Series, races: list[str]
 
 
 def _read(path: Path) -> tuple[pd.DataFrame, pd.Series, str]:
+    """The CSV as an all-text frame, the 1-based line of each row, and the sha256 of the bytes.
+
+    Parsed with the csv module rather than ``pd.read_csv``: pandas silently turns extra fields
+    into an index or drops them, and loses line numbers on blank lines and quoted newlines.
+    Everything stays text (no NA conversion): "NA", "" and "nan" are judged by the checks.
+    """
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -156,18 +163,30 @@ def _read(path: Path) -> tuple[pd.DataFrame, pd.Series, str]:
     except OSError as e:
         raise ManifestError(path, [f"cannot read file: {e}"]) from None
     try:
-        # Everything as text: "NA", "" and "nan" are judged below, not silently turned into NaN.
-        frame = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False,
-                            skip_blank_lines=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        reader = csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
+        header = [c.strip() for c in next(reader, [])]
+        rows, lines, ragged, end = [], [], [], reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if not row or all(not f.strip() for f in row):
+                continue  # blank line
+            if len(row) == len(header):
+                rows.append([f.strip() for f in row])
+                lines.append(start)
+            else:
+                ragged.append(start)
+    except (UnicodeDecodeError, csv.Error) as e:
         raise ManifestError(path, [f"cannot parse CSV: {e}"]) from None
-    # Exact 1-based line of each record, even with blank lines or quoted newlines in fields.
-    newlines = frame.apply(lambda c: c.str.count("\n")).sum(axis=1).astype(int) + 1
-    start = 2 + sum(str(c).count("\n") for c in frame.columns)
-    line = (start + newlines.cumsum() - newlines).astype(int)
-    blank = (frame == "").all(axis=1)
-    return frame[~blank].reset_index(drop=True), line[~blank].reset_index(drop=True), \
-        hashlib.sha256(raw).hexdigest()
+    if not header or header == [""]:
+        raise ManifestError(path, ["cannot parse CSV: the file is empty (no header line)"])
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:
+        raise ManifestError(path, [f"duplicate column name(s) in the header: {', '.join(dup)}"])
+    if ragged:
+        raise ManifestError(path, [f"wrong number of fields (the header has {len(header)}) at "
+                                   f"{_lines(ragged)}"])
+    frame = pd.DataFrame(rows, columns=header, dtype=str)
+    return frame, pd.Series(lines, dtype=int), hashlib.sha256(raw).hexdigest()
 
 
 def load_manifest(path: Path | str, *, attributes: Mapping[str, Sequence[str]],
@@ -194,7 +213,6 @@ def load_manifest(path: Path | str, *, attributes: Mapping[str, Sequence[str]],
 
     path = Path(path).absolute()
     frame, line, digest = _read(path)
-    frame = frame.apply(lambda c: c.str.strip())
     found = list(frame.columns)
     problems: list[str] = []
 

@@ -47,7 +47,7 @@ class CachedTokens:
 
     def batch(self, indices: np.ndarray) -> FrozenTokens:
         if self.preloaded:
-            index = torch.as_tensor(indices, device=self.device)
+            index = torch.as_tensor(indices).to(self.device, non_blocking=True)  # no stream sync on CUDA
             cls, patches = self.cls[index], self.patches[index]
         else:
             rows = self.rows[indices]

@@ -120,6 +120,9 @@ def train(
     optimizer = build_optimizer(detector.trainable_groups(), cfg)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     y_train, g_train = labels[train_rows].to(device), groups[train_rows].to(device)
+    # CPU copies for the fairness loss, which builds its (label, group) pairs on the CPU: reading
+    # them from the device would wait for the GPU at every step.
+    y_train_cpu, g_train_cpu = labels[train_rows], groups[train_rows]
     y_val, g_val = labels[val_rows].numpy(), groups[val_rows].numpy()
     steps = -(-len(train_rows) // cfg.batch_size)
 
@@ -134,13 +137,14 @@ def train(
         for step, batch in enumerate(torch.randperm(len(train_rows), generator=shuffle).split(cfg.batch_size)):
             set_lr(optimizer, lr_factor(epoch - 1 + step / steps, cfg))
             tokens = train_source.batch(batch.numpy())
-            y, g = y_train[batch.to(device)], g_train[batch.to(device)]
+            index = batch.to(device, non_blocking=True)  # no stream sync on CUDA
+            y, g = y_train[index], g_train[index]
             with autocast(device):
                 logits = detector(tokens.cls, tokens.patches).logits.float()
             target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
             bce = F.binary_cross_entropy_with_logits(logits, target)
             fair = cfg.lambda_fair * objectives.fairness_loss(
-                torch.sigmoid(logits), y, g, blur=cfg.sinkhorn_blur, scaling=cfg.sinkhorn_scaling, min_group_size=cfg.fair_min_group_size
+                torch.sigmoid(logits), y_train_cpu[batch], g_train_cpu[batch], blur=cfg.sinkhorn_blur, scaling=cfg.sinkhorn_scaling, min_group_size=cfg.fair_min_group_size
             ) if cfg.lambda_fair > 0 else logits.sum() * 0
             loss = bce + fair
             optimizer.zero_grad(set_to_none=True)

@@ -108,6 +108,40 @@ class BudgetConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Many workers on one storage: heartbeats, retry of a dead worker's trial, database retries."""
+
+    # A running trial writes a heartbeat this often (seconds); null turns dead-worker recovery off.
+    heartbeat_interval: int | None = 30
+    # A RUNNING trial whose last heartbeat is older than this is failed by the next worker that
+    # looks (seconds; default 4 x heartbeat_interval) ...
+    grace_period: int | None = None
+    # ... and re-queued with the same parameters, at most this many times.
+    max_retry: int = 2
+    connect_timeout: float = 10.0  # seconds to reach the database when a worker starts
+    retry_seconds: float = 120.0  # transient database errors are retried (with back-off) this long
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval is not None and self.heartbeat_interval < 1:
+            raise ValueError(f"heartbeat_interval must be >= 1 second or null, got {self.heartbeat_interval}")
+        if self.grace_period is not None:
+            if self.heartbeat_interval is None:
+                raise ValueError("grace_period needs heartbeat_interval")
+            if self.grace_period <= self.heartbeat_interval:
+                raise ValueError(f"grace_period ({self.grace_period}) must exceed heartbeat_interval ({self.heartbeat_interval})")
+        if self.max_retry < 0:
+            raise ValueError(f"max_retry must be >= 0, got {self.max_retry}")
+        if self.connect_timeout <= 0 or self.retry_seconds < 0:
+            raise ValueError(f"connect_timeout must be > 0 and retry_seconds >= 0, got {self.connect_timeout}, {self.retry_seconds}")
+
+    @property
+    def grace_seconds(self) -> int | None:
+        if self.heartbeat_interval is None:
+            return None
+        return self.grace_period or 4 * self.heartbeat_interval
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str
     workdir: Path
@@ -124,6 +158,7 @@ class StudyConfig:
     stopping: StoppingConfig = field(default_factory=StoppingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     storage: str | None = None  # SQLAlchemy URL; default: sqlite file <workdir>/study.db
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # heartbeats, retries
     artifacts: Path | None = None  # artifact store folder; default <workdir>/artifacts
     warm_start: bool = False  # enqueue the reference report's Exp1-3 configurations
 

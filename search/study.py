@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from model import prepare
 from search.config import StudyConfig
+from search.dashboard import TrialAnnotator
 from search.objective import TrialDiverged, TrialObjective
 from search.samplers import build_sampler
 from search.space import enqueue_reference_configs
+from search.storage import make_storage, mask_url, storage_of, study_lock
+from search.workers import TrialBudget
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +26,22 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
-    """The study named in ``config`` on its storage; created (with metric names) if absent."""
+    """The study named in ``config`` on its storage; created (with metric names) if absent.
+
+    The storage has heartbeats and dead-worker retry (``distributed:``); an unreachable one raises
+    search.storage.StorageError, one line with the password masked.
+    """
     sampler = build_sampler(config.sampler)
     if not create:
+        storage = make_storage(config.storage_url, config.distributed)
         try:
-            return optuna.load_study(study_name=config.name, storage=config.storage_url, sampler=sampler)
+            return optuna.load_study(study_name=config.name, storage=storage, sampler=sampler)
         except KeyError:
-            raise ValueError(f"no study named {config.name!r} in {config.storage_url}; run `optimize` first") from None
+            raise ValueError(f"no study named {config.name!r} in {mask_url(config.storage_url)}; run `optimize` first") from None
     config.workdir.mkdir(parents=True, exist_ok=True)
+    storage = make_storage(config.storage_url, config.distributed)
     study = optuna.create_study(
-        study_name=config.name, storage=config.storage_url, sampler=sampler,
+        study_name=config.name, storage=storage, sampler=sampler,
         directions=config.directions, load_if_exists=True,
     )
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in config.directions]:
@@ -77,36 +88,62 @@ class _Progress:
             study.stop()
 
 
+def warm_start(study: optuna.Study, config: StudyConfig) -> None:
+    """With ``warm_start: true``, queue the report's Exp1-3 once per study (under the study lock:
+    workers on other nodes may start at the same moment)."""
+    if not config.warm_start:
+        return
+    with study_lock(storage_of(study), config.name, fallback_dir=config.workdir):
+        queued = enqueue_reference_configs(study, config.search_space)
+    if queued:
+        log.info("warm start: queued %d reference configurations (report Exp1-3)", queued)
+
+
 def optimize(config: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
              progress: bool = True, prepared=None) -> optuna.Study:
-    """Run trials until the study has ``n_trials`` finished ones (default: the budget).
+    """Run trials until the study has ``n_trials`` finished ones (default: the budget), counted
+    over every worker sharing the study (see search/workers.py for how the last slots are shared).
 
     Re-running on an existing study continues it; it never overwrites trials.
     """
     target = n_trials or config.budget.n_trials
+    study = open_study(config)  # first: an unreachable storage fails before minutes of preparation
     prepared = prepared or prepare(config.base_run_config(), progress=progress, with_test_caches=False)
-    study = open_study(config)
-    if config.warm_start:
-        queued = enqueue_reference_configs(study, config.search_space)
-        if queued:
-            log.info("warm start: queued %d reference configurations (report Exp1-3)", queued)
+    warm_start(study, config)
     done = finished_count(study)
     if done >= target:
         log.info("study %s already has %d finished trials (budget %d); raise --n-trials to continue", config.name, done, target)
         return study
     objective = TrialObjective(config, prepared)
     tracker = _Progress(config, done, target, progress)
+    budget = TrialBudget(study, config, target, timeout=timeout if timeout is not None else config.budget.timeout)
+    joined = budget.join()
+    if joined and config.sampler.seed is not None:  # distinct seeds, or workers draw the same trials
+        study.sampler = build_sampler(dataclasses.replace(config.sampler, seed=config.sampler.seed + joined))
     start = time.perf_counter()
-    study.optimize(
-        objective,
-        timeout=timeout if timeout is not None else config.budget.timeout,
-        callbacks=[tracker],
-        # A trial never blocks the study: a crash or divergence ends that trial FAIL and logs why.
-        catch=(Exception,),
-    )
-    tracker.bar.close()
+    try:
+        # One trial per study.optimize call (heartbeats need study.optimize): the budget decides
+        # before each one whether the study still needs it.
+        while tracker.failed < config.budget.max_failed_trials and budget.next_trial():
+            try:
+                study.optimize(
+                    budget.wrap(objective),
+                    n_trials=1,
+                    callbacks=[tracker, TrialAnnotator(config)],  # TrialAnnotator: dashboard note + plots
+                    # A trial never blocks the study: a crash or divergence ends that trial FAIL and logs why.
+                    catch=(Exception,),
+                )
+            except UpdateFinishedTrialError as err:  # our heartbeat was lost and another worker failed the trial
+                log.warning("trial finished elsewhere (%s); its retry runs on another worker", err)
+            finally:
+                budget.release()
+    except KeyboardInterrupt:
+        budget.abandon()
+        raise
+    finally:
+        tracker.bar.close()
     log.info("study %s: %d finished trials, %.1f s in this run", config.name, finished_count(study), time.perf_counter() - start)
     return study
 
 
-__all__ = ["open_study", "optimize", "finished_count", "describe_trial", "FINISHED", "TrialDiverged"]
+__all__ = ["open_study", "optimize", "warm_start", "finished_count", "describe_trial", "FINISHED", "TrialDiverged"]

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Trials per hour with 1, 2 and 4 local workers (``run_study.py optimize --workers K``) on the
+demo study: same YAML, a fresh study name per run, a reduced trial count.
+
+    python -m bench.worker_throughput                      # 8 trials per run, SQLite (the demo's storage)
+    python -m bench.worker_throughput --workers 1 2 4 8 --n-trials 16
+    FAIRFRONT_STORAGE=postgresql+psycopg://... python -m bench.worker_throughput --storage '${FAIRFRONT_STORAGE}'
+
+Two numbers per run: trials/hour over the trial window (first trial start to last trial end:
+the steady state), and the wall time of the whole command (process start-up, preparation
+check and the idle tail included). Prints a markdown table with the machine, and writes it to
+bench/results/worker_throughput.md. Uses only the command line and the public API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "worker_throughput.md"
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def machine() -> dict[str, str]:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "cpu": cpu,
+        "cores available": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+        "gpus": ", ".join(gpus) or "none",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def bench_yaml(study: Path, workdir: Path) -> Path:
+    data = yaml.safe_load(study.read_text())
+    data["workdir"] = str(workdir)
+    path = workdir / "bench-study.yaml"
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run(study_yaml: Path, name: str, workers: int, n_trials: int, storage: str | None, devices: str | None) -> dict:
+    command = [sys.executable, str(REPO / "run_study.py"), "-q", "optimize", "--study", str(study_yaml), "--study-name", name,
+               "--n-trials", str(n_trials), "--workers", str(workers)]
+    if storage:
+        command += ["--storage", storage]
+    if devices:
+        command += ["--devices", devices]
+    load_before = load_average()
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
+        raise SystemExit(f"{name}: run_study.py optimize exited with {result.returncode}")
+
+    from search import load_study_config, open_study
+
+    config = load_study_config(study_yaml, storage=storage, study_name=name)
+    trials = [t for t in open_study(config, create=False).get_trials(deepcopy=False) if t.datetime_complete and t.state.is_finished()]
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    window = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    mean_trial = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished) / len(finished)
+    return {
+        "workers": workers, "finished": len(finished), "wall": wall, "window": window, "mean_trial": mean_trial,
+        "per_hour": 3600 * len(finished) / window, "load": f"{load_before:.1f} -> {load_average():.1f}",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", type=Path, default=REPO / "studies" / "demo.yaml")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--n-trials", type=int, default=8)
+    parser.add_argument("--storage", help="storage URL or '${ENV_VAR}' (default: the study's own, SQLite for the demo)")
+    parser.add_argument("--devices", help="passed to --devices (default: the study's device / every GPU)")
+    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-worker-throughput")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    study_yaml = bench_yaml(args.study, args.workdir)
+    prep = subprocess.run([sys.executable, str(REPO / "run_study.py"), "-q", "prepare", "--study", str(study_yaml)], cwd=REPO)
+    if prep.returncode != 0:
+        return prep.returncode
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    rows = []
+    for k in args.workers:
+        row = run(study_yaml, f"bench-workers{k}-{stamp}", k, args.n_trials, args.storage, args.devices)
+        rows.append(row)
+        print(f"{k} worker(s): {row['finished']} trials, {row['per_hour']:.0f} trials/h, wall {row['wall']:.0f} s", flush=True)
+
+    info = machine()
+    base = rows[0]["per_hour"]
+    lines = [
+        f"# Worker throughput: `run_study.py optimize --workers K` on {args.study.name}",
+        "",
+        f"{datetime.now():%Y-%m-%d %H:%M}; {args.n_trials} finished trials per run (fresh study each); storage: "
+        f"{'the study default (SQLite)' if not args.storage else 'from --storage'}.",
+        "",
+        "| " + " | ".join(f"{k}: {v}" for k, v in info.items()) + " |",
+        "",
+        "| workers | finished | trials/hour (trial window) | speed-up | mean trial s | trial window s | wall s (with start-up) | load avg 1 min (before -> after) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {r['finished']} | {r['per_hour']:.0f} | {r['per_hour'] / base:.2f}x | {r['mean_trial']:.1f} "
+                     f"| {r['window']:.0f} | {r['wall']:.0f} | {r['load']} |")
+    lines += [
+        "",
+        "Trials/hour counts finished trials over the window from the first trial's start to the last one's end;",
+        "the wall time adds process start-up (imports, loading the prepared caches) and the idle tail while the",
+        "last trials finish. The load average is the whole machine's: other processes share these cores.",
+    ]
+    table = "\n".join(lines) + "\n"
+    print("\n" + table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

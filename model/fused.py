@@ -1,0 +1,542 @@
+"""K training runs of the Stage 2 model in one fused pass over the same cached batches.
+
+Horizontal fusion in the style of HFTA: the K trials of a group read the same batches (same
+``batch_size`` and shuffle ``seed``), so the frozen tokens are gathered once, the frozen Stage 1
+adapter runs once, and every trainable layer runs as one batched kernel over a leading trial
+dimension (``baddbmm`` on ``[K, ...]``-stacked weights) instead of K small ones. Each trial keeps
+its own hyperparameters (lr, weight_decay, lambda_fair, sinkhorn_blur, dropout, gate_init_bias,
+label_smoothing, schedule, ...), its own optimizer state, its own dropout random stream and its own
+stopping rule; a trial that stops or diverges leaves the group and the rest go on.
+
+The same computation as ``model.train.train`` run K times, one after the other:
+
+* the weights of trial k start from the same seeded initialisation as the serial run;
+* optimizer and gradient clipping are torch's own, run per trial on views into the stacked
+  weights (so every optimizer ``model/optim.py`` can build works, with the serial update);
+* dropout draws its mask from trial k's own copy of the global random state, in the serial order,
+  so trial k sees exactly the serial run's masks;
+* the fairness loss of all trials goes through one batched Sinkhorn loop that follows geomloss'
+  epsilon-scaling schedule per trial (``_fairness_loss_multi``; ``fuse_fairness=False`` calls
+  ``objectives.fairness_loss`` per trial instead).
+
+Only floating-point rounding differs: a batched kernel may round differently from K small ones
+(CPU bmm takes another path than addmm for small matrices, a LayerNorm with a per-trial affine is
+two ops instead of one fused kernel, and vectorised exp/erf differ from their scalar tails in the
+last bit when tensor sizes differ). The result is last-bit noise that training carries along:
+per-epoch metrics of fused and serial runs agree within 1e-5 on the CPU
+(tests/model_tests/test_fused.py), and within bf16 noise on CUDA.
+
+Knows nothing of Optuna: ``search/`` (or ``bench/``) groups trials and calls :func:`train_fused`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from geomloss._legacy.sinkhorn_divergence import epsilon_schedule
+from torch import nn
+from tqdm.auto import tqdm
+
+import objectives
+from model.config import TrainRunConfig
+from model.detector import AdapterDetector
+from model.optim import build_optimizer, lr_factor, set_lr
+from model.prepare import PreparedData, prepare
+from model.runtime import autocast, resolve_device, seed_everything
+from model.train import EpochCallback, EpochRecord, TrainResult, _token_source, _write_outputs, degenerate_stop_reason
+from objectives._fairness_loss import _DIAMETER, _pairs
+from objectives._sinkhorn import _half_squared_distance
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FusedDetector", "check_fusable", "fusion_key", "train_fused"]
+
+# Training keys that must be equal inside a group: they decide the batches every trial reads.
+_SHARED_TRAINING_KEYS = ("batch_size", "seed", "device", "feature_mode")
+
+
+def fusion_key(config: TrainRunConfig) -> tuple:
+    """Trials with equal keys can be trained in one fused group."""
+    t = config.training
+    return (config.workdir, config.data, config.backbone, config.model, config.stage1,
+            *(getattr(t, k) for k in _SHARED_TRAINING_KEYS))
+
+
+def check_fusable(configs: Sequence[TrainRunConfig]) -> None:
+    """Raise ValueError naming the first key on which ``configs`` cannot share one fused pass."""
+    if not configs:
+        raise ValueError("train_fused: give at least one config")
+    first = configs[0]
+    for i, c in enumerate(configs[1:], start=1):
+        for section in ("workdir", "data", "backbone", "model", "stage1"):
+            if getattr(c, section) != getattr(first, section):
+                raise ValueError(f"train_fused: config {i} differs from config 0 in '{section}'; fused trials share data and model shape")
+        for key in _SHARED_TRAINING_KEYS:
+            if getattr(c.training, key) != getattr(first.training, key):
+                raise ValueError(
+                    f"train_fused: config {i} has training.{key}={getattr(c.training, key)!r}, config 0 has "
+                    f"{getattr(first.training, key)!r}; fused trials must read the same batches (group them by it)"
+                )
+    dirs = [c.run_dir for c in configs]
+    if len(set(dirs)) != len(dirs):
+        raise ValueError("train_fused: two configs write to the same output_dir")
+
+
+class FusedDetector(nn.Module):
+    """K AdapterDetectors with their trainable weights stacked on a leading trial dimension.
+
+    Stage 1 is frozen and identical for every trial, so it is held once. ``forward`` mirrors
+    ``AdapterDetector.forward`` line by line (tests compare the two); ``views(k)`` gives trial k's
+    parameters as separate ``nn.Parameter`` objects sharing the stacked storage, for its optimizer.
+    """
+
+    def __init__(self, detectors: Sequence[AdapterDetector]) -> None:
+        super().__init__()
+        template = detectors[0]
+        self.template = template  # structure, frozen Stage 1, eps and head counts
+        self.names = [n for n, p in template.named_parameters() if p.requires_grad]
+        self.stacked = nn.ParameterDict({
+            n.replace(".", "__"): nn.Parameter(torch.stack([dict(d.named_parameters())[n].detach() for d in detectors]))
+            for n in self.names
+        })
+        self.dropout_p = [float(d.dropout.p) for d in detectors]
+        self._views = [self._make_views(k) for k in range(len(detectors))]
+
+    def __len__(self) -> int:
+        return len(self.dropout_p)
+
+    def p(self, name: str) -> torch.Tensor:
+        return self.stacked[name.replace(".", "__")]
+
+    def _make_views(self, k: int) -> dict[str, nn.Parameter]:
+        return {n: nn.Parameter(self.p(n).data[k], requires_grad=True) for n in self.names}
+
+    def views(self, k: int) -> dict[str, nn.Parameter]:
+        """Trial k's parameters (storage shared with the stacked weights), by AdapterDetector name."""
+        return self._views[k]
+
+    def trainable_groups(self, k: int) -> dict[str, list[nn.Parameter]]:
+        """Trial k's optimizer groups, in the same roles and order as AdapterDetector's."""
+        views = self._views[k]
+        groups = {}
+        for role, params in self.template.trainable_groups().items():
+            names = {id(p): n for n, p in self.template.named_parameters()}
+            groups[role] = [views[names[id(p)]] for p in params]
+        return groups
+
+    def publish_grads(self) -> None:
+        """Hand each trial's slice of the stacked gradients to its view parameters."""
+        for n in self.names:
+            grad = self.p(n).grad
+            for k, views in enumerate(self._views):
+                views[n].grad = None if grad is None else grad[k]
+
+    def zero_grad_stacked(self) -> None:
+        for param in self.stacked.values():
+            param.grad = None
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Drop every trial not in ``indices`` (kept in that order); views keep their identity,
+        so each optimizer's state stays attached to its trial."""
+        index = torch.as_tensor(list(indices), dtype=torch.long, device=next(iter(self.stacked.values())).device)
+        for n in self.names:
+            old = self.p(n)
+            self.stacked[n.replace(".", "__")] = nn.Parameter(old.detach().index_select(0, index))
+        self._views = [self._views[i] for i in indices]
+        self.dropout_p = [self.dropout_p[i] for i in indices]
+        for k, views in enumerate(self._views):
+            for n, view in views.items():
+                view.data = self.p(n).data[k]
+
+    def state_dict_of(self, k: int) -> dict[str, torch.Tensor]:
+        """Trial k as an AdapterDetector state dict (what the serial run saves in best.pt)."""
+        state = {}
+        for key, value in self.template.state_dict().items():
+            state[key] = self.p(key).detach()[k].clone() if key in self.names else value.detach().clone()
+        return state
+
+    # ---- the forward pass, mirroring model/detector.py ---------------------------------------
+
+    def _linear(self, x: torch.Tensor, name: str, shared: bool = False) -> torch.Tensor:
+        """x [K, ..., in] (or [..., in] shared by every trial) -> [K, ..., out]."""
+        weight, bias = self.p(f"{name}.weight"), self.p(f"{name}.bias")
+        k = weight.shape[0]
+        lead = x.shape[:-1] if shared else x.shape[1:-1]
+        flat = x.reshape(1, -1, x.shape[-1]).expand(k, -1, -1) if shared else x.reshape(k, -1, x.shape[-1])
+        return torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2)).view(k, *lead, weight.shape[1])
+
+    def _layer_norm(self, x: torch.Tensor, name: str, eps: float, shared: bool = False) -> torch.Tensor:
+        weight, bias = self.p(f"{name}.weight"), self.p(f"{name}.bias")
+        k, width = weight.shape
+        normed = F.layer_norm(x, (width,), None, None, eps)  # shared input: normalised once for all trials
+        shape = (k,) + (1,) * (x.dim() - (0 if shared else 1) - 1) + (width,)
+        return normed * weight.view(shape) + bias.view(shape)
+
+    def _mlp_block(self, tokens: torch.Tensor, name: str, block: nn.Module, shared: bool) -> torch.Tensor:
+        h = self._layer_norm(tokens, f"{name}.norm", block.norm.eps, shared)
+        h = self._linear(F.gelu(self._linear(h, f"{name}.fc1")), f"{name}.fc2")
+        return tokens + h
+
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor, dropout_masks=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cls [B, D], patches [B, L, D] -> logits [K, B], gate [K, B].
+
+        ``dropout_masks(fused)`` applies each trial's dropout to fused [K, B, D] in training."""
+        t = self.template
+        with torch.no_grad():
+            s1 = t.stage1(cls)  # [B, D], shared
+        s2, shared = patches, True
+        for i, block in enumerate(t.stage2):
+            s2, shared = self._mlp_block(s2, f"stage2.{i}", block, shared), False
+        fused, gate = self._fusion(s1, s2)
+        if dropout_masks is not None:
+            fused = dropout_masks(fused)
+        head = self._layer_norm(fused, "head.0", t.head[0].eps)
+        return self._linear(head, "head.1").squeeze(-1), gate
+
+    def _fusion(self, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, batch, length, _ = s2.shape
+        heads = self.template.fusion.heads
+        q = self._linear(s1, "fusion.q", shared=True).view(k, batch, 1, heads, -1).transpose(2, 3)  # [K, B, H, 1, d]
+        key = self._linear(s2, "fusion.k").view(k, batch, length, heads, -1).transpose(2, 3)  # [K, B, H, L, d]
+        value = self._linear(s2, "fusion.v").view(k, batch, length, heads, -1).transpose(2, 3)
+        attended = F.scaled_dot_product_attention(q.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1)).unflatten(0, (k, batch))
+        c = self._linear(attended.transpose(2, 3).reshape(k, batch, -1), "fusion.out")  # [K, B, D]
+        s1k = s1.expand(k, -1, -1)
+        gate = torch.sigmoid(self._linear(torch.cat([s1k, c], dim=-1), "fusion.gate"))  # [K, B, 1]
+        return gate * s1k + (1 - gate) * c, gate.squeeze(-1)
+
+
+# ---- the fairness loss of K trials in one batched Sinkhorn loop ---------------------------------
+#
+# objectives.fairness_loss runs geomloss' debiased Sinkhorn on P (label, group) pairs of a batch:
+# four transport problems per pair (x<->y, y<->x, x<->x, y<->y; x = the group's scores, y = its
+# label's scores), ~90 epsilon-scaling iterations, each a handful of small kernels per problem:
+# thousands of kernel launches per step, the step's bottleneck on a GPU. Here the problems of all
+# T trials and P pairs are packed into ONE batch of rows: every iteration is one soft-min over a
+# [rows, L, L] tensor (~15 kernels, whatever T and P are). The y<->y problem depends only on the
+# label, so it is solved once per (trial, label), not once per pair. Each row follows its own
+# trial's epsilon schedule (geomloss' ``epsilon_schedule``) and is frozen after its last step, so it
+# gets exactly geomloss' iterations. Clouds are padded to a common length L with zero-weight copies
+# of their first point, which (as in objectives/_fairness_loss.py) cannot leak into the result.
+
+
+def _softmin(eps: torch.Tensor, cost: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """-eps log sum_j exp(h_j - C_ij / eps), one eps per row (eps [R], cost [R, L, L], h [R, L])."""
+    z = h.unsqueeze(1) - cost / eps.view(-1, 1, 1)
+    peak = z.amax(dim=2, keepdim=True).detach()  # finite: costs and log-weights are finite
+    return -eps.view(-1, 1) * (peak.squeeze(2) + (z - peak).exp().sum(dim=2).log())
+
+
+def _log_weights(w: torch.Tensor) -> torch.Tensor:
+    return torch.where(w <= 0, torch.full_like(w, -100000.0), w.log())  # geomloss' clamp, without a sync
+
+
+def _pad_to(index_sets: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, length) indices padded with each set's first index; (S, length) uniform weights, 0 on pads."""
+    index = torch.stack([torch.cat([s, s[:1].expand(length - s.numel())]) for s in index_sets])
+    weight = torch.zeros(index.shape, dtype=torch.float32)
+    for row, s in enumerate(index_sets):
+        weight[row, : s.numel()] = 1.0 / s.numel()
+    return index, weight
+
+
+def _fairness_loss_multi(
+    scores: torch.Tensor, labels_cpu: torch.Tensor, groups_cpu: torch.Tensor, *,
+    blurs: Sequence[float], scalings: Sequence[float], min_group_size: int,
+) -> torch.Tensor:
+    """``objectives.fairness_loss`` of T trials at once: scores [T, n] -> [T].
+
+    Labels and groups are shared (same batch); blur and scaling are per trial. Equal, trial by
+    trial and up to float rounding, to ``objectives.fairness_loss(scores[t], labels, groups,
+    blur=blurs[t], scaling=scalings[t], min_group_size=...)``, gradient included.
+    """
+    trials = scores.shape[0]
+    scores32 = scores.float()
+    pairs = _pairs(labels_cpu.long(), groups_cpu.long(), min_group_size)
+    if not pairs:
+        return scores32.sum(1) * 0
+    sets, set_of_pair = [], []
+    for _, label_set in pairs:
+        match = next((i for i, s in enumerate(sets) if s is label_set or torch.equal(s, label_set)), None)
+        if match is None:
+            sets.append(label_set)
+            match = len(sets) - 1
+        set_of_pair.append(match)
+    n_pairs, n_sets = len(pairs), len(sets)
+    length = max(max(int(m.numel()) for m, _ in pairs), max(int(s.numel()) for s in sets))
+    device = scores.device
+    x_index, x_weight = (t.to(device, non_blocking=True) for t in _pad_to([m for m, _ in pairs], length))
+    y_index, y_weight = (t.to(device, non_blocking=True) for t in _pad_to(sets, length))
+    pair_set = torch.tensor(set_of_pair).to(device, non_blocking=True)
+
+    def cloud(index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        values = scores32[:, index]  # [T, rows, L]; pads carry no gradient
+        return torch.where(weight > 0, values, values.detach())
+
+    with torch.autocast(device_type=device.type, enabled=False):
+        x, y = cloud(x_index, x_weight), cloud(y_index, y_weight)  # [T, P, L], [T, S, L]
+        y_p, y_weight_p = y[:, pair_set], y_weight[pair_set]  # each pair's label cloud
+        tp, ts = trials * n_pairs, trials * n_sets
+        # Row blocks: A = x<->y (f_ba), B = y<->x (g_ab), C = x<->x (f_aa), D = y<->y (g_bb, per label).
+        rows_pts = torch.cat([x.reshape(tp, length), y_p.reshape(tp, length), x.reshape(tp, length), y.reshape(ts, length)])
+        cols_pts = torch.cat([y_p.reshape(tp, length), x.reshape(tp, length), x.reshape(tp, length), y.reshape(ts, length)]).detach()
+        cost = _half_squared_distance(rows_pts.unsqueeze(-1), cols_pts.unsqueeze(-1))  # [Q, L, L]
+        log_x, log_y_p, log_y = _log_weights(x_weight), _log_weights(y_weight_p), _log_weights(y_weight)
+        cols_logw = torch.cat([log_y_p.repeat(trials, 1), log_x.repeat(trials, 1), log_x.repeat(trials, 1), log_y.repeat(trials, 1)])
+        block = torch.arange(tp, device=device)
+        partner = torch.cat([block + tp, block, block + 2 * tp, torch.arange(ts, device=device) + 3 * tp])
+
+        schedules = [[float(e) for e in epsilon_schedule(2, _DIAMETER, b, s)] for b, s in zip(blurs, scalings)]
+        steps = max(len(s) for s in schedules)
+        table = torch.tensor([s + [s[-1]] * (steps - len(s)) for s in schedules], dtype=torch.float32)  # [T, steps]
+        row_trial = torch.cat([torch.arange(trials).repeat_interleave(n)
+                               for n in (n_pairs, n_pairs, n_pairs, n_sets)])
+        eps_rows = table[row_trial].to(device, non_blocking=True)  # [Q, steps]
+        lengths = torch.tensor([len(s) for s in schedules])[row_trial]
+        uniform = bool((lengths == steps).all())
+        active = (torch.arange(steps)[None, :] < lengths[:, None]).to(device, non_blocking=True)
+
+        with torch.no_grad():
+            potentials = _softmin(eps_rows[:, 0], cost, cols_logw)
+            for i in range(steps):
+                eps = eps_rows[:, i]
+                new = _softmin(eps, cost, cols_logw + potentials[partner] / eps.view(-1, 1))
+                new = 0.5 * (potentials + new)
+                potentials = new if uniform else torch.where(active[:, i : i + 1], new, potentials)
+        eps = eps_rows[:, -1]  # each row's last step: its trial's blur ** 2
+        final = _softmin(eps, cost, (cols_logw + potentials[partner] / eps.view(-1, 1)).detach())
+        f_ba, g_ab, f_aa = final[:tp], final[tp : 2 * tp], final[2 * tp : 3 * tp]
+        g_bb = final[3 * tp :].view(trials, n_sets, length)[:, pair_set].reshape(tp, length)
+        a, b = x_weight.repeat(trials, 1), y_weight_p.repeat(trials, 1)
+        per_pair = (a * (f_ba - f_aa)).sum(1) + (b * (g_ab - g_bb)).sum(1)
+    return per_pair.view(trials, n_pairs).mean(1)
+
+
+# ---- the fused training loop -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Trial:
+    config: TrainRunConfig
+    callback: EpochCallback | None
+    optimizer: torch.optim.Optimizer
+    rng: torch.Tensor  # this trial's copy of the global CPU random state (dropout on the CPU)
+    cuda_rng: torch.Tensor | None  # and of the CUDA one (dropout on CUDA)
+    result: TrainResult = dataclasses.field(default_factory=lambda: TrainResult(status="completed", stop_reason=None))
+    best_state: dict | None = None
+    best_auc: float = -np.inf
+
+    @property
+    def cfg(self):
+        return self.config.training
+
+
+def _dropout(trials: list[_Trial], probabilities: list[float], device: torch.device):
+    """Each trial's dropout on its slice, drawn from its own random stream in the serial order."""
+
+    def apply(fused: torch.Tensor) -> torch.Tensor:
+        out = []
+        cpu_state = torch.get_rng_state()
+        for k, (trial, p) in enumerate(zip(trials, probabilities)):
+            if p == 0:
+                out.append(fused[k])
+                continue
+            torch.set_rng_state(trial.rng)
+            if trial.cuda_rng is not None:
+                torch.cuda.set_rng_state(trial.cuda_rng, device)
+            out.append(F.dropout(fused[k], p, training=True))
+            trial.rng = torch.get_rng_state()
+            if trial.cuda_rng is not None:
+                trial.cuda_rng = torch.cuda.get_rng_state(device)
+        torch.set_rng_state(cpu_state)
+        return torch.stack(out)
+
+    return apply
+
+
+def _new_detector(config: TrainRunConfig, prepared: PreparedData, prior_fake: float) -> AdapterDetector:
+    """The serial run's untrained detector (model/train.py builds it the same way)."""
+    cfg = config.training
+    detector = AdapterDetector(
+        prepared.backbone.width, config.model, dropout=cfg.dropout, gate_init_bias=cfg.gate_init_bias, prior_fake=prior_fake,
+    )
+    detector.stage1.load_state_dict(prepared.stage1_state)
+    return detector
+
+
+@torch.no_grad()
+def _predict_fused(model: FusedDetector, source, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Scores [K, N] (float64) and gates [K, N] of every row of a source, in row order."""
+    model.eval()
+    scores, gates = [], []
+    for batch in np.array_split(np.arange(len(source)), max(1, -(-len(source) // batch_size))):
+        tokens = source.batch(batch)
+        with autocast(device):
+            logits, gate = model(tokens.cls, tokens.patches)
+        scores.append(torch.sigmoid(logits.float()).cpu())
+        gates.append(gate.float().cpu())
+    return torch.cat(scores, dim=1).numpy().astype(np.float64), torch.cat(gates, dim=1).numpy()
+
+
+def train_fused(
+    configs: Sequence[TrainRunConfig],
+    prepared: PreparedData | None = None,
+    *,
+    callbacks: Sequence[EpochCallback | None] | None = None,
+    progress: bool = True,
+    write_outputs: bool = True,
+    fuse_fairness: bool = True,
+) -> list[TrainResult]:
+    """Train ``configs`` as one fused group; result k is what ``train(configs[k])`` returns.
+
+    The configs must share data, backbone, model, Stage 1 and ``training.batch_size, seed, device,
+    feature_mode`` (``check_fusable`` says which key differs; ``fusion_key`` groups a batch of
+    trials). ``callbacks[k]`` sees trial k's epoch records and may stop it.
+    ``EpochRecord.seconds`` is the wall time of the fused epoch, shared by the group.
+    """
+    configs = list(configs)
+    check_fusable(configs)
+    callbacks = list(callbacks) if callbacks is not None else [None] * len(configs)
+    if len(callbacks) != len(configs):
+        raise ValueError(f"train_fused: {len(callbacks)} callbacks for {len(configs)} configs")
+    first = configs[0]
+    prepared = prepared or prepare(first, progress=progress, with_test_caches=False)
+    shared = first.training
+    device = resolve_device(shared.device)
+
+    frame = prepared.manifest.frame
+    train_rows, val_rows = (np.flatnonzero(frame["split"].to_numpy() == s) for s in ("train", "val"))
+    labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
+    groups = torch.tensor(frame["group"].to_numpy(), dtype=torch.long)
+    train_source, val_source = (_token_source(prepared, rows, device) for rows in (train_rows, val_rows))
+    prior_fake = float(labels[train_rows].mean())
+
+    detectors, rng_states, cuda_states = [], [], []
+    for config in configs:  # exactly the serial initialisation, one trial after the other
+        seed_everything(config.training.seed)
+        detectors.append(_new_detector(config, prepared, prior_fake))
+        rng_states.append(torch.get_rng_state())
+        cuda_states.append(torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    model = FusedDetector(detectors).to(device)
+    del detectors
+    log.info("fused group of %d trials, %s parameters each", len(configs), f"{sum(p[0].numel() for p in model.stacked.values()):,}")
+    trials = []
+    for k, config in enumerate(configs):
+        optimizer = build_optimizer(model.trainable_groups(k), config.training)
+        trials.append(_Trial(config, callbacks[k], optimizer, rng_states[k], cuda_states[k]))
+    everyone = list(trials)
+
+    shuffle = torch.Generator().manual_seed(shared.seed)
+    y_train, g_train = labels[train_rows], groups[train_rows]
+    y_train_dev, g_train_dev = y_train.to(device), g_train.to(device)
+    y_val, g_val = labels[val_rows].numpy(), groups[val_rows].numpy()
+    steps = -(-len(train_rows) // shared.batch_size)
+    max_epochs = max(c.training.num_epochs for c in configs)
+
+    bar = tqdm(range(1, max_epochs + 1), desc=f"epochs ({len(trials)} fused)", unit="epoch", disable=not progress)
+    for epoch in bar:
+        start = time.perf_counter()
+        model.train()
+        count = len(trials)
+        sums = torch.zeros(count, 3, device=device)
+        finite = torch.ones(count, dtype=torch.bool, device=device)
+        smoothing = torch.tensor([[1 - t.cfg.label_smoothing] for t in trials], dtype=torch.float32, device=device)
+        offset = torch.tensor([[0.5 * t.cfg.label_smoothing] for t in trials], dtype=torch.float32, device=device)
+        lambdas = torch.tensor([t.cfg.lambda_fair for t in trials], dtype=torch.float32, device=device)
+        fair_trials = [k for k, t in enumerate(trials) if t.cfg.lambda_fair > 0]
+        min_sizes = sorted({trials[k].cfg.fair_min_group_size for k in fair_trials})
+        dropout = _dropout(trials, model.dropout_p, device)
+        for step, batch in enumerate(torch.randperm(len(train_rows), generator=shuffle).split(shared.batch_size)):
+            for trial in trials:
+                set_lr(trial.optimizer, lr_factor(epoch - 1 + step / steps, trial.cfg))
+            tokens = train_source.batch(batch.numpy())
+            batch_dev = batch.to(device, non_blocking=True)
+            y, g = y_train_dev[batch_dev], g_train_dev[batch_dev]
+            y_cpu, g_cpu = y_train[batch], g_train[batch]
+            with autocast(device):
+                logits = model(tokens.cls, tokens.patches, dropout)[0].float()  # [K, B]
+            target = y * smoothing + offset
+            bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+            fair = logits.sum(1) * 0  # what the serial run adds when lambda_fair is 0
+            if fair_trials:
+                probabilities = torch.sigmoid(logits)
+                for size in min_sizes:
+                    members = [k for k in fair_trials if trials[k].cfg.fair_min_group_size == size]
+                    if fuse_fairness:
+                        values = _fairness_loss_multi(
+                            probabilities[members], y_cpu, g_cpu, blurs=[trials[k].cfg.sinkhorn_blur for k in members],
+                            scalings=[trials[k].cfg.sinkhorn_scaling for k in members], min_group_size=size,
+                        )
+                    else:
+                        values = torch.stack([objectives.fairness_loss(
+                            probabilities[k], y_cpu, g_cpu, blur=trials[k].cfg.sinkhorn_blur,
+                            scaling=trials[k].cfg.sinkhorn_scaling, min_group_size=size) for k in members])
+                    index = torch.tensor(members, device=device)
+                    fair = fair.index_put((index,), lambdas[index] * values)
+            loss = bce + fair
+            model.zero_grad_stacked()
+            loss.sum().backward()
+            model.publish_grads()
+            for k, trial in enumerate(trials):
+                if trial.cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(list(model.views(k).values()), trial.cfg.grad_clip)
+                trial.optimizer.step()
+                trial.optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([loss.detach(), bce.detach(), fair.detach()], dim=1) * len(batch)
+            finite &= torch.isfinite(loss.detach())
+
+        seconds_train = time.perf_counter() - start
+        finite_host = finite.tolist()
+        survivors = [k for k in range(count) if finite_host[k] and epoch <= trials[k].cfg.num_epochs]
+        for k, trial in enumerate(trials):
+            if not finite_host[k]:
+                trial.result.status, trial.result.stop_reason = "diverged", f"non-finite loss (nan/inf) in epoch {epoch}"
+                log.warning("trial %d stopped: %s", everyone.index(trial), trial.result.stop_reason)
+        model.keep(survivors)
+        trials = [trials[k] for k in survivors]
+        sums = sums[survivors]
+        if not trials:
+            break
+        scores, gates = _predict_fused(model, val_source, shared.batch_size * 4, device)
+        seconds = time.perf_counter() - start
+        keep, postfix = [], {}
+        for k, trial in enumerate(trials):
+            cfg = trial.cfg
+            total, bce_sum, fair_sum = (sums[k] / len(train_rows)).tolist()
+            metrics = objectives.evaluate(y_val, scores[k], g_val, threshold=cfg.threshold)
+            predicted = scores[k] >= cfg.threshold
+            record = EpochRecord(
+                epoch=epoch, lr=trial.optimizer.param_groups[0]["lr"], train_loss=total, train_bce=bce_sum, train_fair=fair_sum,
+                fair_share=fair_sum / total if total > 0 else 0.0, val=metrics,
+                gate_mean=float(gates[k].mean()), gate_min=float(gates[k].min()), gate_max=float(gates[k].max()),
+                degenerate=bool(predicted.all() or not predicted.any()), seconds=seconds,
+            )
+            result = trial.result
+            result.epochs.append(record)
+            if metrics["auc"] > trial.best_auc:
+                trial.best_auc, result.best_epoch = metrics["auc"], epoch
+                trial.best_state = model.state_dict_of(k)
+            reason = degenerate_stop_reason(result.epochs, cfg.stop_if_degenerate_after) or (trial.callback(record) if trial.callback else None)
+            if reason:
+                result.status, result.stop_reason = "stopped", reason
+                log.info("trial %d stopped after epoch %d: %s", everyone.index(trial), epoch, reason)
+            elif epoch < cfg.num_epochs:
+                keep.append(k)
+        log.info("fused epoch %d/%d: %d trials, %.1fs (train %.1fs)", epoch, max_epochs, len(trials), seconds, seconds_train)
+        bar.set_postfix(trials=len(keep), seconds=f"{seconds:.1f}")
+        model.keep(keep)
+        trials = [trials[k] for k in keep]
+        if not trials:
+            break
+    bar.close()
+    results = []
+    for trial in everyone:
+        if write_outputs:
+            trial.result.output_dir = _write_outputs(trial.config, trial.result, trial.best_state)
+        results.append(trial.result)
+    return results

@@ -1,0 +1,223 @@
+"""Cross-dataset evaluation of chosen trials on the study's held-out test sets.
+
+    python run_study.py evaluate --study studies/demo.yaml --trials pareto   # or all, or 3,7,12
+
+Each trial's best checkpoint (its run folder, else the artifact store) is scored on every test
+manifest (Celeb-DF, DFD, DFDC in the real study; the synthetic held-out sets in the demo) with
+every metric of ``objectives.evaluate``, per dataset and averaged over datasets, at the study's
+threshold and at the threshold that maximises balanced accuracy on the trial's own validation
+scores (the reference report's "threshold tuning" recommendation; AUC, EER and AP do not depend
+on it).
+
+Where the results go. Optuna refuses to change a finished trial (``set_trial_user_attr`` raises
+UpdateFinishedTrialError), so they are stored as one *study* user attribute per trial,
+``test:<trial number>`` -> {"test_<dataset>_<metric>": v, "test_mean_<metric>": v,
+"tuned_test_<dataset>_<metric>": v, ...}, plus a section in the trial's dashboard note and an
+``evaluation.json`` in its dashboard artifacts. ``load_test_results(study)`` reads them back;
+``search.report`` puts them in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from sklearn.metrics import roc_curve
+from tqdm.auto import tqdm
+
+import objectives
+from model import prepare
+from model.prepare import PreparedData
+from model.runtime import resolve_device
+from model.scoring import load_detector, score_cache
+from search.config import StudyConfig
+from search.pareto import pareto_trials
+
+log = logging.getLogger(__name__)
+
+TEST_ATTR_PREFIX = "test:"
+MEAN = "mean"
+
+
+class EvaluateError(ValueError):
+    pass
+
+
+def select_trials(study: optuna.Study, spec: str) -> list[FrozenTrial]:
+    """``pareto`` (the feasible front), ``all`` (every COMPLETE trial) or ``3,7,12``."""
+    spec = spec.strip()
+    if spec == "pareto":
+        trials = pareto_trials(study)
+        if not trials:
+            raise EvaluateError("the study has no feasible complete trial yet (--trials pareto)")
+        return trials
+    complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    if spec == "all":
+        if not complete:
+            raise EvaluateError("the study has no complete trial yet (--trials all)")
+        return [complete[n] for n in sorted(complete)]
+    try:
+        numbers = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise EvaluateError(f"--trials {spec!r}: expected pareto, all, or trial numbers like 3,7,12") from None
+    if not numbers:
+        raise EvaluateError(f"--trials {spec!r}: no trial numbers given")
+    missing = [n for n in numbers if n not in complete]
+    if missing:
+        raise EvaluateError(f"--trials {spec!r}: trial(s) {missing} are not COMPLETE trials of study {study.study_name!r}")
+    return [complete[n] for n in dict.fromkeys(numbers)]
+
+
+def trial_checkpoint(trial: FrozenTrial, artifact_dir: Path, scratch: Path) -> Path:
+    """The trial's best.pt: its run folder on this machine, else downloaded from the artifact store."""
+    output_dir = trial.user_attrs.get("output_dir")
+    if output_dir and (Path(output_dir) / "best.pt").is_file():
+        return Path(output_dir) / "best.pt"
+    artifact_id = (trial.user_attrs.get("artifacts") or {}).get("best.pt")
+    if artifact_id is None:
+        raise EvaluateError(f"trial {trial.number}: no best.pt (not in {output_dir}, not in the artifact store)")
+    from optuna.artifacts import FileSystemArtifactStore, download_artifact
+
+    path = scratch / f"trial-{trial.number:05d}-best.pt"
+    download_artifact(artifact_store=FileSystemArtifactStore(str(artifact_dir)), artifact_id=artifact_id, file_path=str(path))
+    return path
+
+
+def best_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold (predicted fake = score >= t) with the highest balanced accuracy."""
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    finite = np.isfinite(thresholds)
+    balanced = (tpr + 1 - fpr) / 2
+    best = int(np.argmax(np.where(finite, balanced, -np.inf)))
+    return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6))
+
+
+def _same_stage1(detector, prepared: PreparedData) -> bool:
+    import torch
+
+    saved = detector.stage1.state_dict()
+    current = prepared.stage1_state
+    return saved.keys() == current.keys() and all(
+        torch.allclose(saved[k].float().cpu(), current[k].float().cpu(), atol=1e-6) for k in saved)
+
+
+def _metrics(labels, scores, groups, threshold: float) -> dict[str, float]:
+    values = objectives.evaluate(labels, scores, groups, threshold=threshold)
+    return {k: float(v) for k, v in values.items()}
+
+
+def _flat(prefix: str, per_dataset: dict[str, dict[str, float]]) -> dict[str, float]:
+    flat = {}
+    for dataset, values in per_dataset.items():
+        flat.update({f"{prefix}{dataset}_{metric}": value for metric, value in values.items()})
+    return flat
+
+
+def evaluate_trial(trial: FrozenTrial, checkpoint: Path, prepared: PreparedData, *, threshold: float, device, batch_size: int,
+                   tune_threshold: bool = True, bar=None) -> dict:
+    """Test metrics of one trial: flat keys test_<dataset>_<metric>, test_mean_<metric> (and tuned_...)."""
+    detector = load_detector(checkpoint, device=device)
+    tuned = None
+    result: dict = {"trial": trial.number, "threshold": threshold, "datasets": sorted(prepared.test_caches),
+                    "stage1_matches": _same_stage1(detector, prepared)}
+    if not result["stage1_matches"]:
+        log.warning("trial %d: its checkpoint's frozen Stage 1 adapter differs from the one `prepare` has now: the data, "
+                    "backbone or Stage 1 settings changed since the trial ran, so its test numbers may not be comparable", trial.number)
+    if tune_threshold:
+        frame = prepared.manifest.frame
+        val = np.flatnonzero(frame["split"].to_numpy() == "val")
+        val_scores = score_cache(detector, prepared.cache, val, device=device, batch_size=batch_size)
+        val_labels, val_groups = frame["label"].to_numpy()[val], frame["group"].to_numpy()[val]
+        tuned = best_threshold(val_labels, val_scores)
+        result["tuned_threshold"] = tuned
+        result.update({f"tuned_val_{k}": v for k, v in _metrics(val_labels, val_scores, val_groups, tuned).items()})
+    plain, at_tuned = {}, {}
+    for name in sorted(prepared.test_caches):
+        frame = prepared.test_manifests[name].frame
+        rows = np.flatnonzero(frame["split"].to_numpy() == "test") if "split" in frame else np.arange(len(frame))
+        labels, groups = frame["label"].to_numpy()[rows], frame["group"].to_numpy()[rows]
+        scores = score_cache(detector, prepared.test_caches[name], rows, device=device, batch_size=batch_size)
+        plain[name] = _metrics(labels, scores, groups, threshold)
+        result[f"n_{name}"] = int(len(rows))
+        if tuned is not None:
+            at_tuned[name] = _metrics(labels, scores, groups, tuned)
+        if bar is not None:
+            bar.update(1)
+    for per_dataset, prefix in ((plain, "test_"), (at_tuned, "tuned_test_")):
+        if not per_dataset:
+            continue
+        metrics = next(iter(per_dataset.values())).keys()
+        mean = {m: float(np.mean([v[m] for v in per_dataset.values()])) for m in metrics}
+        result.update(_flat(prefix, {**per_dataset, MEAN: mean}))
+    return result
+
+
+def store_result(study: optuna.Study, result: dict) -> None:
+    study.set_user_attr(f"{TEST_ATTR_PREFIX}{result['trial']}", result)
+
+
+def load_test_results(study: optuna.Study) -> dict[int, dict]:
+    """trial number -> stored evaluation (see the module docstring for the keys)."""
+    results = {}
+    for key, value in study.user_attrs.items():
+        if key.startswith(TEST_ATTR_PREFIX) and isinstance(value, dict):
+            results[int(key[len(TEST_ATTR_PREFIX):])] = value
+    return dict(sorted(results.items()))
+
+
+def evaluate_study(config: StudyConfig, study: optuna.Study, trials: list[FrozenTrial], *, prepared: PreparedData | None = None,
+                   tune_threshold: bool = True, batch_size: int = 256, progress: bool = True) -> dict[int, dict]:
+    """Score ``trials`` on every test set, store the results in the study and return them."""
+    prepared = prepared or prepare(config.base_run_config(), progress=progress, with_test_caches=True)
+    if not prepared.test_caches:
+        raise EvaluateError(f"study {config.name!r} has no test sets (data.test_manifests, or the synthetic generator's)")
+    device = resolve_device(config.training.device)
+    results = {}
+    bar = tqdm(total=len(trials) * len(prepared.test_caches), desc="evaluate", unit="set", disable=not progress)
+    with tempfile.TemporaryDirectory(prefix="fairfront-eval-") as scratch:
+        for trial in trials:
+            checkpoint = trial_checkpoint(trial, config.artifact_dir, Path(scratch))
+            result = evaluate_trial(trial, checkpoint, prepared, threshold=config.training.threshold, device=device,
+                                    batch_size=batch_size, tune_threshold=tune_threshold, bar=bar)
+            store_result(study, result)
+            _annotate(study, config, trial, result, Path(scratch))
+            results[trial.number] = result
+    bar.close()
+    return results
+
+
+def results_frame(results: dict[int, dict], metrics: tuple[str, ...] = ("auc", "f_meo", "f_fpr")):
+    """One row per trial: test AUC per dataset, then the mean of ``metrics`` (and at the tuned threshold)."""
+    import pandas as pd
+
+    rows = []
+    for number, r in sorted(results.items()):
+        row = {"trial": number}
+        row.update({f"{d} auc": r.get(f"test_{d}_auc") for d in r.get("datasets", [])})
+        row.update({f"mean {m}": r.get(f"test_mean_{m}") for m in metrics})
+        if "tuned_threshold" in r:
+            row["tuned thr"] = r["tuned_threshold"]
+            row.update({f"tuned mean {m}": r.get(f"tuned_test_mean_{m}") for m in metrics if m not in ("auc", "eer", "ap")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _annotate(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, result: dict, scratch: Path) -> None:
+    """The results in the trial's dashboard note and artifacts; never fails the evaluation."""
+    try:
+        from search import dashboard
+
+        path = scratch / "evaluation.json"
+        path.write_text(json.dumps(result, indent=2, sort_keys=True))
+        dashboard.attach_trial_file(study, config.artifact_dir, trial, path, mimetype="application/json")
+        dashboard.write_trial_note(study, config, trial, test=result)
+    except Exception:  # noqa: BLE001 - the dashboard is a view; the stored results are what counts
+        log.warning("trial %d: could not update its dashboard note", trial.number, exc_info=True)
+
+
+__all__ = ["EvaluateError", "best_threshold", "evaluate_study", "evaluate_trial", "select_trials", "load_test_results", "trial_checkpoint"]

@@ -1,0 +1,453 @@
+"""The study storage: any SQLAlchemy URL (SQLite file by default, PostgreSQL for many workers and
+nodes) as an Optuna ``RDBStorage`` with heartbeats, retry of a dead worker's trial, back-off on
+transient database errors, and credentials kept out of every message.
+
+* Credentials come from the environment (``--storage '${FAIRFRONT_STORAGE}'``); every URL this
+  module opens is remembered, and :func:`redact` / :class:`RedactingFilter` replace its password in
+  log records and error messages, including the ones SQLAlchemy and the drivers raise.
+* Opening the storage fails once, clearly (:class:`StorageError`); during a study, connection
+  losses, deadlocks and "database is locked" are retried with exponential back-off for
+  ``distributed.retry_seconds``.
+* Heartbeats (``distributed.heartbeat_interval``) let any worker fail the RUNNING trial of a worker
+  that died (SIGKILL, node loss) once its last heartbeat is older than ``grace_period``; the trial
+  is re-queued with the same parameters up to ``max_retry`` times (Optuna 5's
+  ``RetryHeartbeatStaleTrialCallback``; ``RetryFailedTrialCallback`` is its deprecated alias).
+* :func:`study_lock` is a study-wide mutex (a PostgreSQL advisory lock, MySQL ``GET_LOCK`` or a
+  file lock for SQLite) held while a worker decides whether to start a trial and creates it; the
+  server or the kernel releases it when its holder dies. See search/workers.py for why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import fcntl
+import hashlib
+import logging
+import re
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+import sqlalchemy.exc
+from optuna.exceptions import ExperimentalWarning, StorageInternalError, UpdateFinishedTrialError
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+
+from search.config import DistributedConfig
+
+log = logging.getLogger(__name__)
+
+# --- credentials ----------------------------------------------------------------------------
+
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*:)(?P<password>[^@\s'\"]+)(?=@)")
+_secrets: set[str] = set()
+_MIN_SECRET = 4  # shorter passwords are masked only inside URLs, not as free text
+
+
+def register_secret(url: str) -> None:
+    """Remember the password of ``url`` (raw and decoded) so :func:`redact` removes it anywhere."""
+    match = _URL_PASSWORD.search(url)
+    candidates = {match.group("password")} if match else set()
+    with contextlib.suppress(Exception):
+        candidates.add(make_url(url).password or "")
+    _secrets.update(s for s in candidates if len(s) >= _MIN_SECRET)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (what logs and messages show)."""
+    return _URL_PASSWORD.sub(r"\g<head>***", url)
+
+
+def redact(text: object) -> str:
+    """``str(text)`` with every URL password and every registered secret replaced by ``***``."""
+    text = _URL_PASSWORD.sub(r"\g<head>***", str(text))
+    for secret in sorted(_secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that redacts the formatted message and traceback of every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Add a :class:`RedactingFilter` to every handler of the root logger and of Optuna's own."""
+    for logger in (logging.getLogger(), logging.getLogger("optuna")):
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter())
+
+
+class StorageError(ValueError):
+    """The storage cannot be opened (bad URL, unreachable server, wrong credentials, missing
+    driver). A ValueError so that the command line prints it as one line; never holds a password."""
+
+
+# --- transient errors and back-off ----------------------------------------------------------
+
+_TRANSIENT_SQLITE = ("database is locked", "database table is locked", "disk i/o error", "unable to open database")
+
+
+def is_transient(err: BaseException) -> bool:
+    """Connection losses, timeouts, deadlocks and a busy SQLite file: worth another try."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, sqlalchemy.exc.DBAPIError) and err.connection_invalidated:
+            return True
+        if isinstance(err, (sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError, sqlalchemy.exc.InterfaceError)):
+            return True
+        if isinstance(err, sqlalchemy.exc.OperationalError):
+            dialect_error = err.orig
+            if type(dialect_error).__module__.startswith("sqlite3"):
+                return any(m in str(dialect_error).lower() for m in _TRANSIENT_SQLITE)
+            return True  # psycopg/MySQL OperationalError: connection, deadlock, serialization, timeouts
+        err = getattr(err, "orig", None) if isinstance(err, sqlalchemy.exc.DBAPIError) else (err.__cause__ or err.__context__)
+    return False
+
+
+def error_reason(err: BaseException) -> str:
+    """One redacted line naming the root cause of a storage error."""
+    root = err
+    while True:
+        nxt = getattr(root, "orig", None) if isinstance(root, sqlalchemy.exc.DBAPIError) else root.__cause__
+        if nxt is None or nxt is root:
+            break
+        root = nxt
+    text = " ".join(str(root).split()) or type(root).__name__
+    text = re.sub(r"\(Background on this error at: \S+\)", "", text).strip()
+    return redact(f"{type(root).__name__}: {text}")[:400]
+
+
+_retrying = threading.local()
+
+
+def call_with_retry(func: Callable[..., Any], *args: Any, retry_seconds: float, what: str, **kwargs: Any) -> Any:
+    """``func(*args, **kwargs)``; transient database errors are retried with exponential back-off
+    (0.5 s doubling to 30 s) for ``retry_seconds`` in total. Nested calls retry once, at the top."""
+    if getattr(_retrying, "active", False):
+        return func(*args, **kwargs)
+    deadline, delay = time.monotonic() + retry_seconds, 0.5
+    _retrying.active = True
+    try:
+        while True:
+            try:
+                return func(*args, **kwargs)
+            except Exception as err:
+                if not is_transient(err) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("storage: %s failed (%s); retrying in %.1f s", what, error_reason(err), delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 30.0)
+    finally:
+        _retrying.active = False
+
+
+# Leaf RDBStorage methods (those that open their own session); wrappers above them call these.
+_RETRIED = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_all_studies", "_create_new_trial", "_set_trial_param", "get_trial_param", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial",
+    "_get_trials", "_get_best_trial_id", "record_heartbeat", "_get_stale_trial_ids",
+)
+
+
+class ResilientRDBStorage(RDBStorage):
+    """``RDBStorage`` whose database calls survive transient errors (see :func:`call_with_retry`)."""
+
+    retry_seconds: float = 120.0
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        attempts = []
+
+        def attempt() -> bool:
+            attempts.append(1)
+            try:
+                return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+            except UpdateFinishedTrialError:
+                # A retried commit that had in fact gone through: the trial is in the state we asked.
+                if len(attempts) > 1 and RDBStorage.get_trial(self, trial_id).state == state:
+                    return True
+                raise
+
+        return call_with_retry(attempt, retry_seconds=self.retry_seconds, what="set_trial_state_values")
+
+
+def _retrying_method(name: str) -> Callable[..., Any]:
+    method = getattr(RDBStorage, name)
+
+    def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return call_with_retry(method, self, *args, retry_seconds=self.retry_seconds, what=name, **kwargs)
+
+    wrapper.__name__ = wrapper.__qualname__ = name
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+for _name in _RETRIED:
+    setattr(ResilientRDBStorage, _name, _retrying_method(_name))
+
+
+# --- opening the storage ----------------------------------------------------------------------
+
+
+class RetryDeadWorkerTrial(RetryHeartbeatStaleTrialCallback):
+    """Re-queue a dead worker's trial (same parameters) up to ``max_retry`` times, without the
+    ``fail_reason`` that was written on the dead attempt."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial = copy.deepcopy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        super().__call__(study, trial)
+        if len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) > before:
+            log.warning("trial %d: its worker died; re-queued with the same parameters", trial.number)
+        else:
+            log.warning("trial %d: its worker died; not retried (distributed.max_retry=%d reached)", trial.number, self._max_retry)
+
+
+def _engine_kwargs(url: str, options: DistributedConfig) -> dict[str, Any]:
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        return {"connect_args": {"timeout": max(30.0, options.connect_timeout)}}
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend in ("postgresql", "mysql", "mariadb"):
+        kwargs["connect_args"] = {"connect_timeout": max(1, int(options.connect_timeout))}
+    return kwargs
+
+
+def make_storage(url: str, options: DistributedConfig | None = None) -> ResilientRDBStorage:
+    """Open ``url`` as a :class:`ResilientRDBStorage` with heartbeats and dead-worker retry.
+
+    Raises :class:`StorageError` (one line, password masked) when the URL is malformed, the driver
+    is missing or the database cannot be reached; nothing of the original exception is chained.
+    """
+    options = options or DistributedConfig()
+    register_secret(url)
+    shown = mask_url(url)
+    try:
+        make_url(url)
+    except Exception:
+        raise StorageError(f"storage: not a valid SQLAlchemy URL: {shown}") from None
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        Path(make_url(url).database).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():  # heartbeats and the retry callback are "experimental" in Optuna 5
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            heartbeat = {}
+            if options.heartbeat_interval is not None:
+                heartbeat = dict(
+                    heartbeat_interval=options.heartbeat_interval,
+                    grace_period=options.grace_seconds,
+                    heartbeat_stale_trial_callback=RetryDeadWorkerTrial(max_retry=options.max_retry),
+                )
+            storage = ResilientRDBStorage(url, engine_kwargs=_engine_kwargs(url, options), **heartbeat)
+    except ImportError as err:
+        hint = " (PostgreSQL: pip install -e '.[postgres]')" if url.startswith("postgresql") else ""
+        raise StorageError(f"storage {shown}: database driver missing: {redact(err)}{hint}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError, OSError, ValueError, RuntimeError) as err:
+        # RuntimeError: a schema written by another Optuna version (the message says how to upgrade)
+        raise StorageError(f"cannot open the study storage {shown}: {error_reason(err)}") from None
+    storage.retry_seconds = options.retry_seconds
+    return storage
+
+
+def storage_of(study: optuna.Study) -> RDBStorage | None:
+    """The RDBStorage behind ``study`` (Optuna wraps it in a cache), or None for other storages."""
+    backend = getattr(study._storage, "_backend", study._storage)
+    return backend if isinstance(backend, RDBStorage) else None
+
+
+# --- dead workers ----------------------------------------------------------------------------
+
+
+def fail_dead_trials(study: optuna.Study, storage: RDBStorage) -> list[int]:
+    """Fail the RUNNING trials whose worker is gone and re-queue them (the storage's callback).
+
+    Gone: the last heartbeat is older than the grace period (Optuna's rule), or the trial never
+    got a heartbeat and started longer than the grace period ago (its worker died while creating
+    it: every fairfront worker records a first heartbeat before it releases the study lock).
+    Returns the numbers of the failed trials.
+    """
+    interval = storage.get_heartbeat_interval()
+    if interval is None:
+        return []
+    grace = storage.grace_period or 2 * interval
+    study_id = study._study_id
+    dead = set(storage._get_stale_trial_ids(study_id)) | set(call_with_retry(
+        _trials_without_heartbeat, storage, study_id, grace, retry_seconds=getattr(storage, "retry_seconds", 0.0), what="orphans"))
+    failed = []
+    for trial_id in sorted(dead):
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", "worker lost: no heartbeat within the grace period")
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(trial_id)
+        except UpdateFinishedTrialError:
+            continue  # another worker got there first
+    callback = storage.get_heartbeat_stale_trial_callback()
+    numbers = []
+    for trial_id in failed:
+        trial = storage.get_trial(trial_id)
+        numbers.append(trial.number)
+        if callback is not None:
+            callback(study, copy.deepcopy(trial))
+    return numbers
+
+
+def _trials_without_heartbeat(storage: RDBStorage, study_id: int, grace: float) -> list[int]:
+    from optuna.storages._rdb import models  # the storage's own schema: Optuna has no query for this
+
+    session = storage.scoped_session()
+    try:
+        rows = (
+            session.query(models.TrialModel.trial_id)
+            .outerjoin(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+            .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING)
+            .filter(models.TrialHeartbeatModel.trial_heartbeat_id.is_(None))
+            .all()
+        )
+        session.commit()
+    finally:
+        session.close()
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+    return [trial_id for (trial_id,) in rows if (storage.get_trial(trial_id).datetime_start or cutoff) < cutoff]
+
+
+# --- the study lock --------------------------------------------------------------------------
+
+
+class StudyLock:
+    """A mutex shared by every worker of one study; released by the server or kernel when its
+    holder dies. ``acquire`` blocks; transient errors are retried like every storage call."""
+
+    def __init__(self, retry_seconds: float) -> None:
+        self.retry_seconds = retry_seconds
+        self.held = False
+
+    def acquire(self) -> None:
+        call_with_retry(self._acquire, retry_seconds=self.retry_seconds, what="study lock")
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._release()
+
+    def __enter__(self) -> "StudyLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _acquire(self) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
+class _SQLLock(StudyLock):
+    """A session-level lock on a dedicated autocommit connection (PostgreSQL advisory lock, MySQL
+    GET_LOCK): the server drops it with the connection when the worker dies."""
+
+    def __init__(self, engine: sqlalchemy.Engine, study_name: str, retry_seconds: float) -> None:
+        super().__init__(retry_seconds)
+        self.engine, self.connection = engine, None
+        digest = hashlib.sha256(f"fairfront/{study_name}".encode()).digest()
+        self.key = int.from_bytes(digest[:8], "big", signed=True)
+        self.name = "fairfront-" + digest.hex()[:40]
+        self.postgres = engine.dialect.name == "postgresql"
+
+    def _acquire(self) -> None:
+        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            if self.postgres:
+                # A partitioned holder is noticed by keepalives (seconds), not the kernel default (hours).
+                connection.exec_driver_sql("SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3")
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
+            else:
+                connection.execute(sqlalchemy.text("SELECT GET_LOCK(:name, -1)"), {"name": self.name})
+        except BaseException:
+            connection.invalidate()
+            connection.close()
+            raise
+        self.connection = connection
+
+    def _release(self) -> None:
+        connection, self.connection = self.connection, None
+        try:
+            if self.postgres:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+            else:
+                connection.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:name)"), {"name": self.name})
+            connection.close()
+        except Exception as err:  # the lock goes with the connection anyway
+            log.warning("storage: releasing the study lock failed (%s); dropping its connection", error_reason(err))
+            with contextlib.suppress(Exception):
+                connection.invalidate()
+                connection.close()
+
+
+class _FileLock(StudyLock):
+    """``flock`` on a file beside the SQLite database (SQLite serves one node anyway)."""
+
+    def __init__(self, path: Path, retry_seconds: float) -> None:
+        super().__init__(retry_seconds)
+        self.path, self.handle = path, None
+
+    def _acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except BaseException:
+            handle.close()
+            raise
+        self.handle = handle
+
+    def _release(self) -> None:
+        handle, self.handle = self.handle, None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def study_lock(storage: RDBStorage, study_name: str, *, fallback_dir: Path) -> StudyLock:
+    """The study-wide lock for ``storage``'s backend (see the module docstring)."""
+    retry = getattr(storage, "retry_seconds", 120.0)
+    url = make_url(storage.url)
+    backend = url.get_backend_name()
+    if backend in ("postgresql", "mysql", "mariadb"):
+        return _SQLLock(storage.engine, study_name, retry)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)
+    if backend == "sqlite" and url.database and url.database != ":memory:":
+        return _FileLock(Path(f"{url.database}.{safe}.lock"), retry)
+    log.warning("storage: no server-side lock for %r; workers on other nodes may overshoot the trial budget", backend)
+    return _FileLock(fallback_dir / f".{safe}.lock", retry)
+
+
+__all__ = [
+    "RedactingFilter", "ResilientRDBStorage", "RetryDeadWorkerTrial", "StorageError", "StudyLock", "call_with_retry",
+    "error_reason", "fail_dead_trials", "install_log_redaction", "is_transient", "make_storage", "mask_url", "redact",
+    "register_secret", "storage_of", "study_lock",
+]

@@ -1,0 +1,426 @@
+"""Many workers, one study: Optuna's own distributed mode, no scheduler of ours.
+
+A worker is one ``run_study.py optimize`` process; any number of them, on any nodes, share a
+study through its storage URL. ``--workers K`` starts K of them on this node (:func:`run_workers`),
+each pinned to one device. Every worker runs the same loop (:class:`TrialBudget`, used by
+``search.study.optimize``)::
+
+    take the study lock -> fail dead workers' trials (re-queue them) -> count -> start one or not
+
+**The budget across workers.** ``budget.n_trials`` counts FINISHED (complete or pruned) trials of
+the whole study, so "each worker runs n trials" would overshoot. A worker may start a trial only
+while ``finished + running < n_trials``, and it counts and creates the trial (``study.ask``) while
+holding the study lock, recording the new trial's first heartbeat before letting go: two workers
+can never both take the last slot, because when the lock is released the new trial is already
+RUNNING and the next worker counts it. WAITING trials are not counted: ``study.ask`` pops them
+before it creates a new trial, so a re-queued trial of a dead worker (or a warm-start trial) takes
+the free slot and is run. A trial that fails gives its slot back. When ``finished + running``
+reaches the budget but ``finished`` does not, a worker waits and polls instead of exiting: a
+running trial may belong to a dead worker, and only a live worker can fail it (heartbeat) and run
+its retry. So the study ends with exactly ``n_trials`` finished trials. (Without heartbeats a
+worker exits instead of waiting, and a dead worker's trial is lost.)
+
+Each worker also gets its own sampler seed (``sampler.seed`` + the number of workers that joined
+the study before it), or K workers would draw the same "random" trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from search.config import StudyConfig
+from search.storage import fail_dead_trials, install_log_redaction, storage_of, study_lock
+
+log = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SESSIONS_ATTR = "worker_sessions"  # study user attribute: how many workers have joined the study
+
+
+class TrialBudget:
+    """The per-worker gate described in the module docstring."""
+
+    def __init__(self, study: optuna.Study, config: StudyConfig, target: int, *, timeout: float | None = None) -> None:
+        self.study, self.target = study, target
+        self.storage = storage_of(study)
+        if self.storage is None:
+            raise ValueError("the study storage must be an RDB storage (an SQLAlchemy URL)")
+        self.lock = study_lock(self.storage, config.name, fallback_dir=config.workdir)
+        self.heartbeats = self.storage.get_heartbeat_interval() is not None
+        # Waiting for the last running trials: poll every second at first, then back off to 10 s.
+        self.max_poll = float(min(10, self.storage.get_heartbeat_interval() or 10))
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.device = config.training.device
+        self.current: int | None = None  # trial id of the running trial of this worker
+        self._saved_handlers: dict | None = None
+        self._deferred: list[int] = []
+        self._waiting_for: tuple[int, ...] | None = None
+
+    def join(self) -> int:
+        """Register this worker with the study; returns how many workers joined before it."""
+        with self.lock:
+            sessions = int(self.study.user_attrs.get(SESSIONS_ATTR, 0))
+            self.study.set_user_attr(SESSIONS_ATTR, sessions + 1)
+        return sessions
+
+    def next_trial(self) -> bool:
+        """Block until this worker should start a trial (True; the study lock is then held until
+        the trial exists) or the study is done or the timeout passed (False)."""
+        poll = 1.0
+        while True:
+            self.lock.acquire()
+            try:
+                dead = fail_dead_trials(self.study, self.storage)
+                if dead:
+                    log.warning("failed the trial(s) %s of dead worker(s)", ", ".join(map(str, dead)))
+                trials = self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+                finished = sum(t.state in FINISHED for t in trials)
+                running = tuple(t.number for t in trials if t.state == TrialState.RUNNING)
+                if finished >= self.target:
+                    self.lock.release()
+                    return False
+                if self._expired():
+                    self.lock.release()
+                    log.info("timeout: not starting another trial")
+                    return False
+                if finished + len(running) < self.target:
+                    self._waiting_for = None
+                    self._defer_interrupts()
+                    return True  # lock held: released by the wrapped objective once the trial exists
+            except BaseException:
+                self.lock.release()
+                raise
+            self.lock.release()
+            if not self.heartbeats:
+                log.info("budget taken: %d finished + %d running elsewhere (no heartbeats: not waiting for them)", finished, len(running))
+                return False
+            if running != self._waiting_for:
+                log.info("budget taken: %d finished + running trial(s) %s; waiting in case one fails", finished, ", ".join(map(str, running)))
+                self._waiting_for, poll = running, 1.0
+            time.sleep(min(poll, self.max_poll))
+            poll *= 1.5
+
+    def wrap(self, objective: Callable[[optuna.Trial], object]) -> Callable[[optuna.Trial], object]:
+        """``objective`` preceded by the claim's end: first heartbeat, worker attrs, lock release."""
+
+        def claimed(trial: optuna.Trial) -> object:
+            self.current = trial._trial_id
+            try:
+                if self.heartbeats:
+                    self.storage.record_heartbeat(trial._trial_id)
+            finally:
+                self.lock.release()
+            try:
+                self._restore_interrupts()  # a Ctrl-C during the claim lands here: the trial ends FAIL
+                trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+                trial.set_user_attr("device", self.device)
+                return objective(trial)
+            except KeyboardInterrupt:
+                with contextlib.suppress(Exception):
+                    trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+                raise
+
+        return claimed
+
+    def release(self) -> None:
+        self.lock.release()
+        self._restore_interrupts()
+
+    def _defer_interrupts(self) -> None:
+        """Hold Ctrl-C / SIGTERM from the decision to start a trial until the trial exists with its
+        first heartbeat (``study.ask`` can take seconds): interrupted in between, the new trial
+        would stay RUNNING with no one to fail it."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._deferred = []
+        self._saved_handlers = {s: signal.signal(s, lambda signum, frame: self._deferred.append(signum))
+                                for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _restore_interrupts(self) -> None:
+        saved, self._saved_handlers = self._saved_handlers, None
+        if saved is None:
+            return
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        if self._deferred:
+            signal.raise_signal(self._deferred[0])  # delivered now, to the usual handler
+
+    def abandon(self) -> None:
+        """On an interrupt: this worker's trial must not stay RUNNING (Optuna fails it when the
+        interrupt hits the objective; this covers the moments around it)."""
+        self.lock.release()
+        for s, handler in (self._saved_handlers or {}).items():
+            signal.signal(s, handler)
+        self._saved_handlers = None
+        if self.current is None:
+            return
+        with contextlib.suppress(Exception):
+            if self.storage.get_trial(self.current).state == TrialState.RUNNING:
+                self.storage.set_trial_user_attr(self.current, "fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+                self.storage.set_trial_state_values(self.current, TrialState.FAIL)
+
+    def _expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def parse_devices(spec: str | None, default_device: str) -> list[str]:
+    """``--devices``: "0,1" -> cuda:0, cuda:1; "cpu"; "cuda:2"; "all" or None: every visible GPU
+    (or the study's ``training.device`` when it names one device or the CPU); the CPU when none."""
+    if spec is None or spec.strip() == "all":
+        if spec is None and default_device not in ("auto", "cuda"):
+            return [default_device]
+        return visible_gpus() or ["cpu"]
+    devices = []
+    gpus = visible_gpus()
+    for item in (s.strip() for s in spec.split(",")):
+        if item == "cpu":
+            devices.append("cpu")
+            continue
+        name = f"cuda:{item}" if item.isdigit() else item
+        if not name.startswith("cuda:") or not name[5:].isdigit():
+            raise ValueError(f"--devices: {item!r} is not a GPU index, cuda:N or cpu")
+        if name not in gpus:
+            raise ValueError(f"--devices: {name} is not visible here (visible: {', '.join(gpus) or 'no GPU'})")
+        devices.append(name)
+    if not devices:
+        raise ValueError("--devices: give at least one device")
+    return devices
+
+
+def assign_devices(workers: int, devices: list[str]) -> list[str]:
+    """Round-robin: worker i gets devices[i % len(devices)]."""
+    return [devices[i % len(devices)] for i in range(workers)]
+
+
+def cpu_threads(assignment: list[str]) -> int:
+    """Intra-op threads per CPU worker: the cores this process may use, shared evenly."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, assignment.count("cpu")))
+
+
+def worker_config(config: StudyConfig, device: str) -> StudyConfig:
+    """The study config as one worker runs it: pinned to ``device``; the parent did the warm start."""
+    return dataclasses.replace(config, training=dataclasses.replace(config.training, device=device), warm_start=False)
+
+
+# --- signals -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def interrupts_as_keyboard() -> Iterator[None]:
+    """SIGTERM (docker stop, scancel) behaves like Ctrl-C; a second signal while stopping is
+    ignored so the first one's clean-up (failing the running trial) can finish."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = []
+
+    def handler(signum: int, frame: object) -> None:
+        if stopping:
+            log.warning("already stopping (signal %d ignored)", signum)
+            return
+        stopping.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# --- local worker processes ----------------------------------------------------------------------
+
+
+@dataclass
+class WorkerRun:
+    study: optuna.Study
+    exit_codes: list[int | None]
+    interrupted: bool
+    finished: int
+    target: int
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 0 if self.finished >= self.target else 1
+
+
+def run_workers(config: StudyConfig, *, workers: int, devices: str | None = None, n_trials: int | None = None,
+                timeout: float | None = None, progress: bool = True, verbose: bool = False,
+                stop_grace: float = 60.0) -> WorkerRun:
+    """Start ``workers`` processes on this node, each pinned to a device, sharing the study; wait
+    for them. ``prepare`` runs once before they start (they then load its caches). A worker that
+    crashes does not stop the others; Ctrl-C / SIGTERM stops them all cleanly."""
+    from search.study import finished_count, open_study, warm_start
+
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    assignment = assign_devices(workers, parse_devices(devices, config.training.device))
+    threads = cpu_threads(assignment)
+    target = n_trials or config.budget.n_trials
+    study = open_study(config)  # first: an unreachable storage fails before minutes of preparation
+    _prepare_once(worker_config(config, assignment[0]), progress=progress)
+    warm_start(study, config)
+    if finished_count(study) >= target:
+        log.info("study %s already has %d finished trials (budget %d)", config.name, finished_count(study), target)
+        return WorkerRun(study, [], False, finished_count(study), target)
+
+    log.info("starting %d workers on %s%s", workers, ", ".join(assignment),
+             f" ({threads} CPU thread(s) each)" if "cpu" in assignment else "")
+    context = _worker_context(gpu=any(d != "cpu" for d in assignment))
+    procs = [
+        context.Process(target=_worker_main, name=f"fairfront-worker-{i}",
+                        args=(i, worker_config(config, device), target, timeout, threads, verbose))
+        for i, device in enumerate(assignment)
+    ]
+    interrupted = False
+    with interrupts_as_keyboard():
+        for p in procs:
+            p.start()
+        try:
+            _wait(procs, assignment)
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("interrupted: stopping the workers (their running trials end FAIL)")
+            _stop(procs, stop_grace)
+    done = finished_count(study)
+    codes = [p.exitcode for p in procs]
+    if not interrupted and done < target:
+        log.error("study %s has %d of %d finished trials; worker exit codes %s", config.name, done, target, codes)
+    return WorkerRun(study, codes, interrupted, done, target)
+
+
+def _worker_context(*, gpu: bool) -> multiprocessing.context.BaseContext:
+    """How worker processes start. GPU workers: spawned (a fresh interpreter each; CUDA must not
+    be initialised before a fork, and start-up is nothing next to a GPU trial). CPU workers:
+    forked from a fresh server process that imported torch, open_clip and optuna once, so K
+    workers start in the time of one import instead of K imports fighting for the same cores."""
+    if gpu or "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["search.study"])
+    return context
+
+
+def _prepare_once(config: StudyConfig, *, progress: bool) -> None:
+    """Build the shared caches and Stage 1 once, before any worker starts. On a GPU this runs in
+    a short-lived process so the parent never holds a CUDA context."""
+    if config.training.device.startswith("cuda"):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(_prepare_in_child, config, progress).result()
+    else:
+        _prepare(config, progress)
+
+
+def _prepare(config: StudyConfig, progress: bool) -> None:
+    from model import prepare
+
+    prepare(config.base_run_config(), progress=progress, with_test_caches=False)
+
+
+def _prepare_in_child(config: StudyConfig, progress: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    install_log_redaction()
+    try:
+        _prepare(config, progress)
+    except ValueError as err:  # a plain ValueError crosses the process boundary (subclasses may not unpickle)
+        raise ValueError(str(err)) from None
+
+
+def _wait(procs: list, assignment: list[str]) -> None:
+    reported = set()
+    while any(p.is_alive() for p in procs):
+        for i, p in enumerate(procs):
+            p.join(timeout=0.5)
+            if p.exitcode not in (None, 0) and i not in reported:
+                reported.add(i)
+                how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+                log.error("worker %d (%s) died (%s); the others go on, its running trial is retried after the "
+                          "heartbeat grace period", i, assignment[i], how)
+
+
+def _stop(procs: list, grace: float) -> None:
+    for p in procs:
+        if p.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            log.error("worker %s did not stop within %.0f s; killed (its trial fails after the grace period)", p.name, grace)
+            p.kill()
+            p.join()
+
+
+def _no_interrupt_traceback(record: logging.LogRecord) -> bool:
+    """Ctrl-C is not a crash: Optuna's "trial failed" line stays, its KeyboardInterrupt traceback goes."""
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _worker_main(index: int, config: StudyConfig, target: int, timeout: float | None, threads: int, verbose: bool) -> None:
+    """One worker process: pinned to its device, logs prefixed with its index, exits 0, 1 or 130."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, datefmt="%H:%M:%S",
+                        format=f"%(asctime)s w{index} %(levelname)s %(name)s: %(message)s", force=True)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()  # Optuna's messages through the same (redacting) handler
+    install_log_redaction()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_no_interrupt_traceback)
+    import torch
+
+    from search.study import optimize
+
+    device = config.training.device
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    else:
+        torch.cuda.set_device(torch.device(device))
+    code = 0
+    with interrupts_as_keyboard():
+        try:
+            optimize(config, n_trials=target, timeout=timeout, progress=False)
+        except KeyboardInterrupt:
+            log.warning("worker %d interrupted", index)
+            code = 130
+        except ValueError as err:  # a clear, one-line problem (storage unreachable, bad data)
+            log.error("worker %d: %s", index, err)
+            code = 1
+        except Exception:
+            log.exception("worker %d failed", index)
+            code = 1
+    logging.shutdown()
+    sys.exit(code)
+
+
+__all__ = ["TrialBudget", "WorkerRun", "assign_devices", "cpu_threads", "interrupts_as_keyboard", "parse_devices", "run_workers", "worker_config"]

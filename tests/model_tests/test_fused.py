@@ -1,0 +1,186 @@
+"""Fused training of K trials gives each trial what its serial run gives (model/fused.py).
+
+Same seeds, batches, dropout masks, schedules, optimizer updates and stopping decisions; only
+last-bit rounding of batched kernels differs, so float metrics are compared within 1e-5.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import objectives
+from model import load_train_config, prepare, train
+from model.config import ModelConfig
+from model.detector import AdapterDetector
+from model.fused import FusedDetector, _fairness_loss_multi, check_fusable, train_fused
+
+DEMO_TRAIN = Path(__file__).parents[2] / "studies" / "demo_train.yaml"
+
+# One trial per row: every searched key varies, plus the edge cases (no fairness term, no dropout,
+# no clipping, a differential head lr, Adam instead of AdamW is a separate test).
+TRIALS = [
+    dict(lr=3e-4, weight_decay=0.01, lambda_fair=0.15, sinkhorn_blur=1e-4, dropout=0.15, gate_init_bias=0.0, label_smoothing=0.1),
+    dict(lr=1e-3, weight_decay=0.05, lambda_fair=0.9, sinkhorn_blur=3e-3, dropout=0.0, gate_init_bias=1.0, label_smoothing=0.0),
+    dict(lr=5e-5, weight_decay=1e-4, lambda_fair=0.0, sinkhorn_blur=1e-4, dropout=0.3, gate_init_bias=-1.0, label_smoothing=0.05),
+    dict(lr=1e-4, weight_decay=0.0, lambda_fair=0.4, sinkhorn_blur=1e-3, dropout=0.1, gate_init_bias=0.5, label_smoothing=0.2,
+         grad_clip=None, head_lr_mult=2.0, sinkhorn_scaling=0.8),
+]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fused")
+    data = yaml.safe_load(DEMO_TRAIN.read_text())
+    data["workdir"] = str(tmp / "work")
+    data["output_dir"] = str(tmp / "out")
+    data["data"]["synthetic"] = {"seed": 0, "n_train": 64, "n_val": 32, "n_test": 8}
+    data["stage1"] = {"epochs": 1}
+    data["training"].update({"num_epochs": 3, "warmup_epochs": 1, "batch_size": 16, "T_0": 2})
+    path = tmp / "train.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config = load_train_config(path)
+    return config, prepare(config, progress=False, with_test_caches=False)
+
+
+def configs_for(base_config, trials, root: Path):
+    return [dataclasses.replace(base_config.with_training(**t), output_dir=root / f"trial-{i}") for i, t in enumerate(trials)]
+
+
+TOLERANCE = 1e-5
+
+
+def assert_same_runs(serial, fused):
+    assert len(serial) == len(fused)
+    for s, f in zip(serial, fused):
+        assert (f.status, f.stop_reason, f.best_epoch, len(f.epochs)) == (s.status, s.stop_reason, s.best_epoch, len(s.epochs))
+        for rs, rf in zip(s.epochs, f.epochs):
+            row_s, row_f = rs.flat(), rf.flat()
+            assert row_s.keys() == row_f.keys()
+            for key in row_s:
+                if key == "seconds":
+                    continue
+                if isinstance(row_s[key], float):
+                    assert row_f[key] == pytest.approx(row_s[key], abs=TOLERANCE), (rs.epoch, key)
+                else:
+                    assert row_f[key] == row_s[key], (rs.epoch, key)
+        best_s = torch.load(s.output_dir / "best.pt", weights_only=True)["state_dict"]
+        best_f = torch.load(f.output_dir / "best.pt", weights_only=True)["state_dict"]
+        assert best_s.keys() == best_f.keys()
+        for key in best_s:
+            if key == "fusion.k.bias":
+                # Adds the same q.b to every key: the softmax cancels it, so its true gradient is 0
+                # and Adam steps on rounding noise alone; serial and fused noise differ.
+                continue
+            torch.testing.assert_close(best_f[key], best_s[key], rtol=1e-4, atol=TOLERANCE, msg=key)
+
+
+def test_fused_trials_equal_their_serial_runs(base, tmp_path):
+    config, prepared = base
+    configs = configs_for(config, TRIALS, tmp_path / "fused")
+    fused = train_fused(configs, prepared, progress=False)
+    serial = [train(dataclasses.replace(c, output_dir=tmp_path / "serial" / c.run_dir.name), prepared=prepared, progress=False)
+              for c in configs]
+    assert all(r.status == "completed" and len(r.epochs) == 3 for r in serial)
+    assert_same_runs(serial, fused)
+    # The trials really differ from each other (the comparison is not vacuous).
+    assert len({r.epochs[-1].train_loss for r in fused}) == len(TRIALS)
+
+
+def test_a_trial_stopped_early_leaves_the_group_and_the_others_are_unchanged(base, tmp_path):
+    config, prepared = base
+    trials = [TRIALS[0], dict(TRIALS[1], num_epochs=2), dict(TRIALS[2], lr=0.0, stop_if_degenerate_after=1), TRIALS[3]]
+    configs = configs_for(config, trials, tmp_path / "fused")
+    stop_second_epoch = lambda record: "callback says stop" if record.epoch == 2 else None  # noqa: E731
+    callbacks = [None, None, None, stop_second_epoch]
+    fused = train_fused(configs, prepared, callbacks=callbacks, progress=False)
+    serial = [train(dataclasses.replace(c, output_dir=tmp_path / "serial" / c.run_dir.name), prepared=prepared, callback=cb, progress=False)
+              for c, cb in zip(configs, callbacks)]
+    assert [len(r.epochs) for r in fused] == [3, 2, 1, 2]
+    assert fused[2].status == "stopped" and fused[2].stop_reason.startswith("degenerate")
+    assert fused[3].stop_reason == "callback says stop"
+    assert_same_runs(serial, fused)
+
+
+def test_each_trial_keeps_its_own_optimizer(base, tmp_path):
+    config, prepared = base
+    trials = [dict(TRIALS[0], optimizer="adam"), dict(TRIALS[1], optimizer="sgd", lr=0.05), dict(TRIALS[3], optimizer="radam")]
+    configs = configs_for(config, trials, tmp_path / "fused")
+    fused = train_fused(configs, prepared, progress=False)
+    serial = [train(dataclasses.replace(c, output_dir=tmp_path / "serial" / c.run_dir.name), prepared=prepared, progress=False)
+              for c in configs]
+    assert_same_runs(serial, fused)
+
+
+def test_fused_forward_matches_each_detector():
+    width, k = 32, 3
+    detectors = []
+    for bias in (0.0, 1.0, -0.5)[:k]:
+        torch.manual_seed(0)
+        detectors.append(AdapterDetector(width, ModelConfig(), dropout=0.0, gate_init_bias=bias))
+    for d in detectors[1:]:
+        d.stage1.load_state_dict(detectors[0].stage1.state_dict())
+        with torch.no_grad():  # make the trials differ everywhere, not only in the gate bias
+            for p in d.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+    fused = FusedDetector(detectors).eval()
+    cls, patches = torch.randn(5, width), torch.randn(5, 16, width)
+    logits, gate = fused(cls, patches)
+    for i, d in enumerate(detectors):
+        out = d.eval()(cls, patches)
+        torch.testing.assert_close(logits[i], out.logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gate[i], out.gate, rtol=1e-5, atol=1e-6)
+
+
+def fairness_case(n=40, seed=3):
+    torch.manual_seed(seed)
+    labels = (torch.rand(n) < 0.7).float()
+    groups = torch.randint(0, 5, (n,))
+    return labels, groups
+
+
+def test_batched_fairness_loss_equals_the_per_trial_loss():
+    labels, groups = fairness_case()
+    settings = [(1e-5, 0.95), (1e-4, 0.9), (3e-3, 0.7), (1e-2, 0.9)]  # schedules of different lengths
+    scores = torch.sigmoid(torch.randn(len(settings), len(labels)))
+    batched = _fairness_loss_multi(scores, labels, groups, blurs=[b for b, _ in settings],
+                                   scalings=[s for _, s in settings], min_group_size=2)
+    for t, (blur, scaling) in enumerate(settings):
+        single = objectives.fairness_loss(scores[t], labels, groups, blur=blur, scaling=scaling, min_group_size=2)
+        torch.testing.assert_close(batched[t], single, rtol=1e-5, atol=1e-9)
+    # no qualifying pair: zero, still in the graph
+    logits = torch.randn(2, 4, requires_grad=True)
+    empty = _fairness_loss_multi(torch.sigmoid(logits), torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.arange(4),
+                                 blurs=[1e-3, 1e-3], scalings=[0.9, 0.9], min_group_size=2)
+    assert empty.tolist() == [0.0, 0.0] and empty.requires_grad
+
+
+@pytest.mark.parametrize("blur", [1e-3, 1e-2])
+def test_batched_fairness_loss_has_the_per_trial_gradient(blur):
+    # Below blur ~1e-3 the float32 Sinkhorn gradient itself is ill-conditioned: geomloss' own
+    # gradient moves by 2% (blur 1e-4) to 50% (1e-5) when the scores move by 1e-7 relative, so
+    # only well-conditioned blurs can be compared tightly.
+    labels, groups = fairness_case()
+    logits = torch.randn(3, len(labels), requires_grad=True)
+    batched = _fairness_loss_multi(torch.sigmoid(logits), labels, groups, blurs=[blur, 2 * blur, blur],
+                                   scalings=[0.9, 0.9, 0.8], min_group_size=2)
+    (grad_batched,) = torch.autograd.grad(batched.sum(), logits)
+    for t, (b, s) in enumerate([(blur, 0.9), (2 * blur, 0.9), (blur, 0.8)]):
+        row = logits.detach()[t].clone().requires_grad_()
+        (grad_single,) = torch.autograd.grad(
+            objectives.fairness_loss(torch.sigmoid(row), labels, groups, blur=b, scaling=s, min_group_size=2), row)
+        assert float((grad_batched[t] - grad_single).norm() / grad_single.norm()) < 1e-3
+
+
+def test_configs_that_cannot_share_batches_are_refused(base, tmp_path):
+    config, _ = base
+    configs = configs_for(config, [{}, {"batch_size": 8}], tmp_path)
+    with pytest.raises(ValueError, match="batch_size"):
+        check_fusable(configs)
+    with pytest.raises(ValueError, match="seed"):
+        check_fusable(configs_for(config, [{}, {"seed": 1}], tmp_path))
+    with pytest.raises(ValueError, match="output_dir"):
+        check_fusable([configs[0], configs[0]])

@@ -1,0 +1,152 @@
+"""The dashboard for real: notes and plots written by the study callback, optuna-dashboard's
+JSON API serving the tiny study, and headless Chromium rendering its pages."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+
+import pytest
+
+try:
+    from ._tiny_study import tiny_study
+except ImportError:  # tests/search_tests is not a package
+    from _tiny_study import tiny_study
+
+from optuna.trial import TrialState
+
+import run_study
+from search import dashboard
+from search._chromium import find_chromium
+
+# What optuna-dashboard (and React) show when a page fails; none may be in a rendered page.
+ERROR_TEXTS = ("Unexpected Application Error", "Failed to load", "Failed to fetch", "Traceback", "is not found", "SyntaxError")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_study(tmp_path_factory)
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.status, response.headers.get("Content-Type", ""), response.read()
+
+
+def _get_json(url: str):
+    return json.loads(_get(url)[2])
+
+
+def test_callback_wrote_a_note_and_curves_for_every_trial(tiny):
+    _, config, study = tiny
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        note = dashboard.read_trial_note(study, trial)
+        assert f"## Trial {trial.number}" in note
+        for name in (*trial.params, "Gate", "Fair-term share", "Degenerate epochs", "Per-epoch curve", "F_MEO"):
+            assert name in note, name
+        assert "curves.png" in dashboard.trial_artifacts(study, trial)
+        assert f"/artifacts/{study._study_id}/{trial._trial_id}/" in note  # the image is embedded in the note
+
+
+def test_callback_saved_the_study_figures(tiny):
+    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+
+    _, _, study = tiny
+    figures = get_plotly_graph_objects(study._storage.get_study_system_attrs(study._study_id))
+    assert set(dashboard.GRAPH_IDS.values()) <= set(figures)
+    for figure in figures.values():
+        assert json.loads(figure)["data"] is not None  # whole, parseable JSON
+
+
+def test_callback_never_fails_the_study(tiny, monkeypatch, caplog):
+    _, config, study = tiny
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(dashboard, "annotate_trial", broken)
+    monkeypatch.setattr(dashboard, "refresh_study_plots", broken)
+    dashboard.TrialAnnotator(config)(study, study.trials[0])  # logs, does not raise
+    assert "disk full" in caplog.text
+
+
+def test_serve_exposes_study_notes_plots_and_artifacts(tiny):
+    _, config, study = tiny
+    ready = threading.Event()
+    found = {}
+
+    def on_ready(url, server):
+        found.update(url=url, server=server)
+        ready.set()
+
+    thread = threading.Thread(target=dashboard.serve, args=(config,), kwargs=dict(port=0, on_ready=on_ready), daemon=True)
+    thread.start()
+    assert ready.wait(60), "the dashboard did not start"
+    try:
+        url = found["url"]
+        assert url.startswith("http://127.0.0.1:") and url.endswith(f"/dashboard/studies/{study._study_id}")
+        base = url.split("/dashboard/")[0]
+        summaries = _get_json(base + "/api/studies")["study_summaries"]
+        assert [s["study_name"] for s in summaries] == [config.name]
+        detail = _get_json(f"{base}/api/studies/{study._study_id}")
+        assert detail["objective_names"] == config.metric_names
+        # The tiny study has no infeasible trial, so the dashboard's front is Optuna's.
+        assert sorted(t["number"] for t in detail["best_trials"]) == sorted(t.number for t in study.best_trials)
+        assert {g["id"] for g in detail["plotly_graph_objects"]} >= set(dashboard.GRAPH_IDS.values())
+        trial = detail["trials"][0]
+        assert f"## Trial {trial['number']}" in trial["note"]["body"]
+        names = {a["filename"]: a["artifact_id"] for a in trial["artifacts"]}
+        assert {"best.pt", "train.log", "curves.png"} <= set(names)
+        status, content_type, body = _get(f"{base}/artifacts/{study._study_id}/{trial['trial_id']}/{names['curves.png']}")
+        assert status == 200 and content_type == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        found["server"].shutdown()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+def _no_error(dom: str) -> None:
+    for text in ERROR_TEXTS:
+        assert text not in dom, f"the page shows {text!r}"
+
+
+CHROMIUM = pytest.mark.skipif(find_chromium() is None,
+                              reason="headless Chromium not installed (Debian: apt-get install -y chromium; .ci/run does)")
+
+
+def _not_blank(png, size=(1400, 1000)) -> None:
+    from PIL import Image
+
+    image = Image.open(png).convert("L")
+    assert image.size == size
+    lo, hi = image.getextrema()
+    assert hi - lo > 100, "blank screenshot"
+
+
+@CHROMIUM
+def test_chromium_renders_the_study_page(tiny, tmp_path):
+    _, config, study = tiny
+    png, dom = dashboard.screenshot_study(config, tmp_path / "study.png", annotate=False, dump_dom=True)
+    _not_blank(png)
+    _no_error(dom)
+    assert config.name in dom
+    assert "Pareto Front" in dom
+    for metric in config.metric_names:
+        assert metric in dom
+    assert "Hypervolume of the feasible front" in dom  # our figures, drawn by the page's plotly
+
+
+@CHROMIUM
+def test_dashboard_screenshot_command_and_trial_note(tiny, tmp_path):
+    path, config, study = tiny
+    number = study.best_trials[0].number
+    page = f"/trials?numbers={number}"
+    png = tmp_path / "trial.png"
+    assert run_study.main(["-q", "dashboard", "--study", str(path), "--no-annotate", "--screenshot", str(png), "--page", page]) == 0
+    _not_blank(png)
+    _, dom = dashboard.screenshot_study(config, None, page=page, annotate=False, dump_dom=True)
+    _no_error(dom)
+    assert f"Trial {number}" in dom
+    assert "Validation metrics at the best epoch" in dom  # the markdown note, rendered
+    assert "curves.png" in dom  # listed among the trial's artifacts

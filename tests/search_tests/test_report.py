@@ -1,0 +1,128 @@
+"""The report: files, tables that match the study, and the trial classes behind the plots."""
+
+from __future__ import annotations
+
+import re
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+try:
+    from ._tiny_study import tiny_study
+except ImportError:  # tests/search_tests is not a package
+    from _tiny_study import tiny_study
+
+import run_study
+from search._figures import StudyView, hypervolume_history
+from search._notes import md_table, ranges
+from search._report_plots import param_importances
+from search.evaluate import evaluate_study
+from search.report import build_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_study(tmp_path_factory)
+
+
+def _table_after(markdown: str, heading: str) -> list[list[str]]:
+    """Rows (cells) of the first markdown table after ``heading``."""
+    lines = markdown.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return table
+
+
+def test_report_files_and_pareto_table(tiny, tmp_path):
+    path, config, study = tiny
+    evaluate_study(config, study, [study.best_trials[0]], progress=False)  # so the report has its test tables
+    out = tmp_path / "report"
+    assert run_study.main(["-q", "report", "--study", str(path), "--out", str(out)]) == 0
+
+    for name in ("pareto_front", "hypervolume", "blur_lambda"):
+        data = (out / f"{name}.png").read_bytes()
+        assert data.startswith(PNG) and len(data) > 5_000, name
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3  # self-contained: the PNGs are embedded
+    assert "http://" not in page and "https://" not in page
+
+    markdown = (out / "report.md").read_text()
+    rows = _table_after(markdown, "## Pareto trials")
+    assert [int(r[0].split()[0]) for r in rows] == sorted(t.number for t in study.best_trials)
+    for row, trial in zip(rows, sorted(study.best_trials, key=lambda t: t.number)):
+        assert row[1] == f"{trial.user_attrs['val_auc']:.4f}"
+        assert row[8] == f"{100 * trial.user_attrs['val_f_meo']:.2f}%"
+    csv = pd.read_csv(out / "pareto_trials.csv")
+    assert sorted(csv["trial"]) == sorted(t.number for t in study.best_trials)
+    for heading in ("### Detection metrics", "### Fairness metrics", "### Hyperparameters", "### Gate and fair term",
+                    "## Test sets: AUC per dataset", "### Threshold tuned on validation"):
+        assert heading in markdown, heading
+    test_rows = _table_after(markdown, "## Test sets: AUC per dataset")
+    assert str(study.best_trials[0].number) in test_rows[0][0]
+    assert all(re.fullmatch(r"\d\.\d{4}", cell) for cell in test_rows[0][1:])
+
+
+def _synthetic_study() -> optuna.Study:
+    """Five trials, no training: two on the front, one dominated, two infeasible (degenerate)
+    of which one would dominate everything if it counted."""
+    from search.samplers import degenerate_constraint
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_metric_names(["auc", "f_meo", "f_fpr"])
+    dists = {"lambda_fair": FloatDistribution(0.01, 1, log=True), "sinkhorn_blur": FloatDistribution(1e-5, 1e-2, log=True)}
+    rows = [  # auc, f_meo, f_fpr, degenerate
+        (0.80, 0.60, 1.2, False), (0.75, 0.40, 1.0, False), (0.70, 0.70, 1.5, False), (0.90, 0.0, 0.0, True), (0.50, 0.0, 0.0, True),
+    ]
+    for i, (auc, meo, fpr, degenerate) in enumerate(rows):
+        attrs = {"degenerate": degenerate, "val_auc": auc, "val_f_meo": meo, "val_f_fpr": fpr, "fair_share": 0.01 * (i + 1),
+                 "best_epoch": 2, "epochs_run": 3, "gate_min": 0.5, "gate_max": 0.7, "gate_mean": 0.6,
+                 "curve": [{"epoch": e, "degenerate": degenerate or e == 1} for e in (1, 2, 3)]}
+        trial = create_trial(state=TrialState.COMPLETE, values=[auc, meo, fpr], params={"lambda_fair": 0.05 * (i + 1), "sinkhorn_blur": 1e-4 * (i + 1)},
+                             distributions=dists, user_attrs=attrs)
+        # what the samplers' constraints_func stores for a finished trial
+        trial.system_attrs["constraints"] = list(degenerate_constraint(trial))
+        study.add_trial(trial)
+    return study
+
+
+def test_infeasible_trials_are_greyed_and_off_the_front(tiny, tmp_path):
+    _, config, _ = tiny
+    study = _synthetic_study()
+    view = StudyView.of(study, config.metric_names)
+    assert view.pareto == {0, 1} == {t.number for t in study.best_trials}
+    assert [view.kind(t) for t in study.trials] == ["pareto", "pareto", "feasible", "infeasible", "infeasible"]
+    numbers, values = hypervolume_history(view)
+    assert numbers == [0, 1, 2, 3, 4]
+    assert values[0] > 0 and values[1] > values[0] and values[1] == values[2] == values[3] == values[4]
+
+    report = build_report(study, config, tmp_path)
+    assert report.pareto_numbers == [0, 1]
+    assert {"pareto_front", "hypervolume", "blur_lambda"} <= set(report.images)
+    markdown = report.markdown.read_text()
+    assert [int(r[0]) for r in _table_after(markdown, "## Pareto trials")] == [0, 1]
+    assert "Not evaluated yet" in markdown
+    kinds = dict(pd.read_csv(report.tables["trials"])[["trial", "kind"]].values)
+    assert kinds[3] == kinds[4] == "infeasible"
+
+
+def test_importances_need_feasible_trials():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trial(create_trial(values=[0.7, 0.3], params={"lr": 1e-3}, distributions={"lr": FloatDistribution(1e-5, 1e-2, log=True)}))
+    reasons = param_importances(study, ["auc", "f_meo"])
+    assert all(isinstance(v, str) and "at least 2" in v for v in reasons.values())
+
+
+def test_small_formatters():
+    assert ranges([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8"
+    assert ranges([]) == "none"
+    assert md_table(["a", "b"], [[1, "x|y"]]).splitlines() == ["| a | b |", "| :--- | ---: |", "| 1 | x\\|y |"]

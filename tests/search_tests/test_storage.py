@@ -1,0 +1,165 @@
+"""The study storage on a real PostgreSQL server and on SQLite: credentials masked everywhere,
+one clear error at start, transient outages retried, dead workers' trials failed and re-queued,
+and a study lock that dies with its holder."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.config import DistributedConfig
+from search.storage import (
+    RedactingFilter,
+    StorageError,
+    fail_dead_trials,
+    make_storage,
+    mask_url,
+    redact,
+    register_secret,
+    storage_of,
+    study_lock,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = DistributedConfig(heartbeat_interval=1, grace_period=2, max_retry=1, connect_timeout=3, retry_seconds=20)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_mask_and_redact_remove_passwords_in_any_form():
+    url = "postgresql+psycopg://alice:p%40ss-W0rd!@db.example:5432/fairfront"
+    register_secret(url)
+    assert mask_url(url) == "postgresql+psycopg://alice:***@db.example:5432/fairfront"
+    text = f"could not connect with {url}; password p@ss-W0rd! rejected ('p%40ss-W0rd!')"
+    clean = redact(text)
+    assert "p@ss" not in clean and "p%40ss" not in clean and "alice:***@db.example" in clean
+    assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "opening %s", (url,), None)
+    try:
+        raise RuntimeError(f"engine for {url} failed")
+    except RuntimeError:
+        record.exc_info = sys.exc_info()
+    RedactingFilter().filter(record)
+    formatted = logging.Formatter().format(record)
+    assert "p@ss" not in formatted and "p%40ss" not in formatted and "RuntimeError" in formatted
+
+
+@pytest.mark.parametrize("what", ["wrong password", "unreachable host", "no such database", "missing driver", "malformed URL"])
+def test_opening_fails_once_with_a_clear_masked_error(postgres, what):
+    secret = "Secr3t-" + os.urandom(4).hex()
+    url = {
+        "wrong password": postgres.url("postgres", password=secret),
+        "unreachable host": postgres.url("postgres", password=secret, host="127.0.0.1", port=1),
+        "no such database": postgres.url("nope_" + os.urandom(3).hex(), password=postgres.password),
+        "missing driver": f"postgresql+nodriver://u:{secret}@127.0.0.1/db",
+        "malformed URL": f"postgresql+psycopg://u:{secret}@127.0.0.1:port/db",
+    }[what]
+    started = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        make_storage(url, FAST)
+    assert time.monotonic() - started < 15  # no retry loop at start: one clear error
+    message = str(info.value)
+    assert "\n" not in message and "***" in message
+    assert secret not in message and postgres.password not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # nothing chained that holds the URL
+    expected = {"wrong password": "password authentication failed", "unreachable host": "connect",
+                "no such database": "does not exist", "missing driver": "plugin", "malformed URL": "not a valid"}[what]
+    assert expected in message
+
+
+def test_transient_outage_during_a_study_is_retried(postgres, postgres_url, caplog):
+    storage = make_storage(postgres_url, FAST)
+    study = optuna.create_study(study_name="outage", storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    outage = threading.Thread(target=postgres.restart, kwargs={"down_seconds": 3.0})
+    with caplog.at_level(logging.WARNING, logger="search.storage"):
+        outage.start()
+        time.sleep(1.0)  # the server is down now
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+        outage.join()
+    assert len(study.get_trials(states=[TrialState.COMPLETE])) == 3
+    assert "retrying" in caplog.text
+    assert postgres.password not in caplog.text
+
+
+def test_dead_workers_trial_is_failed_and_requeued_with_its_parameters(storage_url):
+    storage = make_storage(storage_url, FAST)
+    study = optuna.create_study(study_name="dead", storage=storage)
+    beating = study.ask()  # a worker that died after heartbeats: stale after the grace period
+    beating.suggest_float("x", 0, 1)
+    storage.record_heartbeat(beating._trial_id)
+    silent = study.ask()  # a worker that died before its first heartbeat
+    silent.suggest_float("x", 0, 1)
+    alive = study.ask()
+    alive.suggest_float("x", 0, 1)
+    time.sleep(FAST.grace_seconds + 1.5)
+    storage.record_heartbeat(alive._trial_id)
+    assert sorted(fail_dead_trials(study, storage_of(study))) == [beating.number, silent.number]
+
+    trials = study.get_trials()
+    assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING]
+    assert all(trials[i].user_attrs["fail_reason"].startswith("worker lost") for i in (0, 1))
+    retries = [t for t in trials if t.state == TrialState.WAITING]
+    assert [r.system_attrs["failed_trial"] for r in retries] == [beating.number, silent.number]
+    assert [r.params for r in retries] == [trials[0].params, trials[1].params]
+    assert all("fail_reason" not in r.user_attrs for r in retries)
+    assert fail_dead_trials(study, storage_of(study)) == []  # nothing twice
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from search.config import DistributedConfig
+    from search.storage import make_storage, study_lock
+    storage = make_storage(sys.argv[1], DistributedConfig())
+    lock = study_lock(storage, "locked", fallback_dir=None)
+    lock.acquire()
+    print("locked", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_study_lock_is_exclusive_and_dies_with_its_holder(storage_url, tmp_path):
+    make_storage(storage_url, FAST)  # tables exist before two processes race to create them
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, storage_url], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        lock = study_lock(make_storage(storage_url, FAST), "locked", fallback_dir=tmp_path)
+        acquired = threading.Event()
+        waiter = threading.Thread(target=lambda: (lock.acquire(), acquired.set()), daemon=True)
+        waiter.start()
+        assert not acquired.wait(1.5)  # held elsewhere
+        os.kill(holder.pid, signal.SIGKILL)
+        assert acquired.wait(20)  # released by the server / kernel when its holder died
+        lock.release()
+        other = study_lock(make_storage(storage_url, FAST), "another study", fallback_dir=tmp_path)
+        with other:
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_distributed_config_is_validated():
+    assert DistributedConfig(heartbeat_interval=10).grace_seconds == 40
+    assert DistributedConfig(heartbeat_interval=None).grace_seconds is None
+    for bad in (dict(heartbeat_interval=0), dict(heartbeat_interval=10, grace_period=5), dict(max_retry=-1),
+                dict(heartbeat_interval=None, grace_period=10), dict(connect_timeout=0)):
+        with pytest.raises(ValueError):
+            DistributedConfig(**bad)

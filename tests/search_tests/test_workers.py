@@ -1,0 +1,272 @@
+"""Many workers on one real PostgreSQL study, through the real entry point
+(``run_study.py optimize --workers K --storage '${FAIRFRONT_STORAGE}'``): the study ends with
+exactly its budget of finished trials, a SIGKILLed worker's trial is failed and retried with
+the same parameters, Ctrl-C leaves nothing RUNNING, and no password is ever printed.
+Plus the docker files: compose parses as intended and every command it runs is valid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+import run_study
+from search.config import DistributedConfig
+from search.storage import make_storage
+from search.workers import assign_devices, cpu_threads, parse_devices
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "studies" / "demo.yaml"
+DOCKER = REPO / "docker"
+# Fast dead-worker detection for tests: heartbeat every second, dead after 3 s without one.
+DISTRIBUTED = {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 2, "connect_timeout": 5}
+
+
+def _study_yaml(directory: Path, name: str, *, epochs: int) -> Path:
+    data = yaml.safe_load(DEMO.read_text())
+    data.update(name="workers", workdir=str(directory / "work"), warm_start=False, distributed=DISTRIBUTED)
+    data["data"] = {"synthetic": {"seed": 0, "n_train": 96, "n_val": 48, "n_test": 32}}
+    data["stage1"] = {"epochs": 1}
+    data["training"].update(num_epochs=epochs, batch_size=16, warmup_epochs=0, T_0=1)
+    data["sampler"] = {"name": "random", "seed": 0}
+    data["stopping"] = {"degenerate_after_epochs": None}
+    data["budget"] = {"n_trials": 4}
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study_files(tmp_path_factory):
+    """Two study YAMLs on one prepared workdir (data, caches, Stage 1 built once per module):
+    short trials, and long ones to be killed or interrupted mid-trial."""
+    import torch
+
+    from model import prepare
+    from search import load_study_config
+
+    directory = tmp_path_factory.mktemp("workers")
+    short, long = _study_yaml(directory, "short", epochs=2), _study_yaml(directory, "long", epochs=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prepare(load_study_config(short).base_run_config(), progress=False, with_test_caches=False)
+    finally:
+        torch.set_num_threads(threads)
+    return short, long
+
+
+class Run:
+    """``run_study.py optimize`` in a subprocess (its own session, for Ctrl-C), output collected."""
+
+    def __init__(self, study: Path, name: str, url: str, *extra: str, storage_arg: str = "${FAIRFRONT_STORAGE}") -> None:
+        env = {**os.environ, "FAIRFRONT_STORAGE": url, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "run_study.py", "-q", "optimize", "--study", str(study), "--study-name", name,
+                   "--storage", storage_arg, *extra]
+        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def wait(self, timeout: float = 240) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
+        self.reader.join(10)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def _load(url: str, name: str, timeout: float = 120) -> optuna.Study:
+    storage = make_storage(url, DistributedConfig(**DISTRIBUTED))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _running_trial(study: optuna.Study, run: Run, *, timeout: float = 150) -> optuna.trial.FrozenTrial:
+    """A trial that has just started training: all its parameters are drawn, and its epochs take
+    long enough that it is surely still running a moment later."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert run.proc.poll() is None, run.output
+        for trial in study.get_trials(states=[TrialState.RUNNING]):
+            if "training" in trial.user_attrs and "curve" not in trial.user_attrs:
+                return trial
+        time.sleep(0.05)
+    raise AssertionError("no trial started in time:\n" + run.output)
+
+
+def _states(study: optuna.Study) -> dict[str, int]:
+    states = [t.state.name for t in study.get_trials()]
+    return {s: states.count(s) for s in set(states)}
+
+
+@pytest.mark.slow
+def test_four_workers_finish_exactly_the_budget_without_printing_the_password(study_files, postgres, postgres_url):
+    short, _ = study_files
+    run = Run(short, "four", postgres_url, "--workers", "4", "--n-trials", "16")
+    assert run.wait() == 0, run.output
+    study = _load(postgres_url, "four")
+    assert _states(study) == {"COMPLETE": 16}, run.output  # exactly the budget; no failure, nothing left running
+    trials = study.get_trials()
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 16  # each worker draws its own trials
+    assert len({t.user_attrs["worker"] for t in trials}) == 4
+    assert study.user_attrs["worker_sessions"] == 4
+    # artifacts of every trial, from every worker, in the one store
+    artifact_dir = short.parent / "work" / "artifacts"
+    for trial in trials:
+        assert set(trial.user_attrs["artifacts"]) == {"best.pt", "curve.csv", "metrics.json", "config.yaml", "train.log"}
+        assert all((artifact_dir / a).is_file() for a in trial.user_attrs["artifacts"].values())
+    # no storage error and no password: not in the output, the trial files, or the stored attributes
+    assert "storage:" not in run.output and "Traceback" not in run.output
+    assert postgres.password not in run.output
+    assert "fairfront:***@127.0.0.1" in run.output
+    assert postgres.password not in json.dumps([t.user_attrs for t in trials])
+    for path in (short.parent / "work" / "trials" / "four").rglob("*"):
+        if path.is_file() and path.suffix in (".log", ".yaml", ".json", ".csv"):
+            assert postgres.password not in path.read_text(errors="replace"), path
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_loses_no_trial_and_its_trial_is_retried(study_files, postgres_url):
+    _, long = study_files
+    run = Run(long, "kill", postgres_url, "--workers", "3", "--n-trials", "6")
+    study = _load(postgres_url, "kill")
+    victim = _running_trial(study, run)
+    completed_before = {t.number for t in study.get_trials(states=[TrialState.COMPLETE])}
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    time.sleep(0.5)
+    assert study._storage.get_trial(victim._trial_id).state == TrialState.RUNNING  # killed mid-trial
+    assert run.wait() == 0, run.output
+
+    assert _states(study) == {"COMPLETE": 6, "FAIL": 1}, run.output  # the study still reaches its budget
+    dead = study.trials[victim.number]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"].startswith("worker lost")
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert dead.params and retried[0].params == dead.params  # the same configuration, run again
+    assert {t.number for t in study.get_trials(states=[TrialState.COMPLETE])} >= completed_before
+    assert "died (signal 9)" in run.output
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(study_files, postgres_url):
+    _, long = study_files
+    run = Run(long, "interrupt", postgres_url, "--workers", "2", "--n-trials", "8")
+    study = _load(postgres_url, "interrupt")
+    interrupted = _running_trial(study, run)
+    os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    assert run.wait(90) == 130, run.output
+    states = _states(study)
+    assert "RUNNING" not in states and states.get("FAIL", 0) >= 1, (states, run.output)
+    trial = study.trials[interrupted.number]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"].startswith("interrupted")
+    assert "Traceback" not in run.output
+
+
+@pytest.mark.parametrize("where", ["bad password from the environment", "unreachable host given literally"])
+def test_a_storage_that_cannot_be_opened_is_one_masked_error(study_files, postgres, where, monkeypatch, capfd, caplog):
+    short, _ = study_files
+    secret = "Wr0ng-" + os.urandom(4).hex()
+    if where.startswith("bad password"):
+        monkeypatch.setenv("FAIRFRONT_STORAGE", postgres.url("postgres", password=secret))
+        argv = ["--storage", "${FAIRFRONT_STORAGE}", "--workers", "2"]
+    else:
+        argv = ["--storage", postgres.url("postgres", password=secret, port=1)]
+    code = run_study.main(["-q", "optimize", "--study", str(short), "--study-name", "nope", *argv])
+    out, err = capfd.readouterr()
+    assert code == 2
+    everything = out + err + caplog.text
+    assert secret not in everything and postgres.password not in everything
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot open the study storage postgresql+psycopg://fairfront:***@127.0.0.1" in errors[0]
+    assert "Traceback" not in everything
+
+
+def test_devices_are_assigned_round_robin_and_cpu_threads_shared():
+    assert parse_devices("cpu", "auto") == ["cpu"]
+    assert parse_devices(None, "cpu") == ["cpu"]  # the study asks for the CPU: respected
+    assert parse_devices(None, "auto") in (["cpu"], [f"cuda:{i}" for i in range(16)][: len(parse_devices(None, "auto"))])
+    assert assign_devices(5, ["cuda:0", "cuda:1"]) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(["cpu"] * 4) == max(1, cores // 4)
+    assert cpu_threads(["cuda:0", "cpu"]) == cores
+    for bad in ("x", "cuda:x", "99"):
+        with pytest.raises(ValueError, match="--devices"):
+            parse_devices(bad, "auto")
+
+
+# --- docker/ (no engine here: parse the files, and run every command they would run) ----------------
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def test_compose_has_db_dashboard_and_gpu_workers_with_secrets_from_a_git_ignored_env_file():
+    services = _compose()["services"]
+    assert {"db", "dashboard", "worker"} <= set(services)
+    db = services["db"]
+    assert db["healthcheck"]["test"] and "pg_isready" in " ".join(db["healthcheck"]["test"])
+    assert any(str(v).endswith("/var/lib/postgresql/data") for v in db["volumes"])
+    assert "ports" not in db  # the database is not published by default
+    for name in ("dashboard", "worker"):
+        assert services[name]["depends_on"]["db"]["condition"] == "service_healthy"
+    for service in services.values():
+        assert service["env_file"] == [".env"] or service["env_file"] == ".env"
+        assert "FAIRFRONT_STORAGE" not in json.dumps(service.get("environment", {})) or "${" not in json.dumps(service.get("environment", {}))
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), port
+    assert services["dashboard"]["ports"]
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    ignored = subprocess.run(["git", "check-ignore", "-q", "docker/.env"], cwd=REPO).returncode == 0
+    assert ignored and (DOCKER / "env.example").is_file()
+    example = (DOCKER / "env.example").read_text()
+    assert "FAIRFRONT_STORAGE=" in example and "POSTGRES_PASSWORD=" in example
+
+
+def test_every_command_the_image_runs_is_a_valid_run_study_invocation(capsys):
+    """The entrypoint prints the run_study.py arguments it would exec; each must parse (--help)."""
+    env = {**os.environ, "FAIRFRONT_STUDY": "studies/demo.yaml", "FAIRFRONT_STORAGE": "postgresql+psycopg://u:p@db/f",
+           "FAIRFRONT_DRY_RUN": "1", "FAIRFRONT_WORKERS": "2"}
+    services = _compose()["services"]
+    commands = set(services["worker"]["command"]) | set(services["dashboard"]["command"]) | {"prepare"}
+    checked = 0
+    for command in sorted(c for c in commands if not c.startswith("-")):
+        out = subprocess.run(["sh", str(DOCKER / "entrypoint.sh"), command], env=env, capture_output=True, text=True, check=True).stdout
+        argv = json.loads(out.strip().splitlines()[-1])
+        assert argv[0] == "run_study.py"
+        assert "p@db" not in out  # the entrypoint passes the reference, not the URL
+        args = run_study.build_parser().parse_args(argv[1:])  # every argument is known and well-typed
+        assert args.command == (command if command != "worker" else "optimize")
+        assert getattr(args, "storage", None) in (None, "${FAIRFRONT_STORAGE}")
+        with pytest.raises(SystemExit) as exit_info:
+            run_study.main([args.command, "--help"])
+        assert exit_info.value.code == 0
+        checked += 1
+    assert checked == 3  # worker, dashboard, prepare
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert 'pip install --no-cache-dir -e ".[postgres]"' in dockerfile and "entrypoint.sh" in dockerfile
