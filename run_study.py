@@ -134,7 +134,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     config = _load_study(args)
     if args.screenshot:
-        png, _ = dashboard.screenshot_study(config, args.screenshot, page=args.page, annotate=not args.no_annotate)
+        width, _, height = args.window.partition("x")
+        png, _ = dashboard.screenshot_study(config, args.screenshot, page=args.page, annotate=not args.no_annotate,
+                                            window=(int(width), int(height)))
         print(f"screenshot of study {config.name!r}{args.page}: {png}")
         return 0
     return dashboard.serve(config, host=args.host, port=args.port, annotate=not args.no_annotate)
@@ -220,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-annotate", action="store_true", help="do not back-fill missing trial notes and study plots first")
     p.add_argument("--screenshot", type=Path, help="instead of serving: save a headless-Chromium screenshot of the study page to this PNG")
     p.add_argument("--page", default="", help="with --screenshot: a sub-page of the study, e.g. '/trials?numbers=3'")
+    p.add_argument("--window", default="1400x1000", help="with --screenshot: browser window WIDTHxHEIGHT (default 1400x1000)")
 
     p = add("evaluate", cmd_evaluate, "score trials on the study's test sets (per dataset and mean) and store the results in the study")
     study_args(p)

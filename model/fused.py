@@ -214,20 +214,21 @@ class FusedDetector(nn.Module):
 
 # ---- the fairness loss of K trials in one batched Sinkhorn loop ---------------------------------
 #
-# objectives.fairness_loss runs geomloss' debiased Sinkhorn on P (label, group) pairs of a batch:
-# four transport problems per pair (x<->y, y<->x, x<->x, y<->y; x = the group's scores, y = its
-# label's scores), ~90 epsilon-scaling iterations, each a handful of small kernels per problem:
-# thousands of kernel launches per step, the step's bottleneck on a GPU. Here the problems of all
-# T trials and P pairs are packed into ONE batch of rows: every iteration is one soft-min over a
-# [rows, L, L] tensor (~15 kernels, whatever T and P are). The y<->y problem depends only on the
-# label, so it is solved once per (trial, label), not once per pair. Each row follows its own
-# trial's epsilon schedule (geomloss' ``epsilon_schedule``) and is frozen after its last step, so it
-# gets exactly geomloss' iterations. Clouds are padded to a common length L with zero-weight copies
-# of their first point, which (as in objectives/_fairness_loss.py) cannot leak into the result.
+# objectives.fairness_loss runs geomloss' debiased Sinkhorn on the P (label, group) pairs of a
+# batch: four transport problems per pair (x<->y, y<->x, x<->x, y<->y; x = the group's scores, y =
+# its label's scores), ~90 epsilon-scaling iterations, several small kernels per problem and
+# iteration: thousands of kernel launches per step, a GPU step's bottleneck. Here the problems of
+# all T trials and P pairs are packed into two batches of rows, by the cloud their rows live on
+# (x: A = x<->y and C = x<->x; y: B = y<->x and D = y<->y), so an iteration is two soft-mins
+# (~30 kernels) whatever T and P are. The y<->y problem depends only on the label, so it is solved
+# once per (trial, label), not once per pair. Each row follows its own trial's epsilon schedule
+# (geomloss' ``epsilon_schedule``) and is frozen after its last step: it gets exactly geomloss'
+# iterations. Clouds are padded with zero-weight copies of their first point, which (as in
+# objectives/_fairness_loss.py) cannot leak into the result.
 
 
 def _softmin(eps: torch.Tensor, cost: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """-eps log sum_j exp(h_j - C_ij / eps), one eps per row (eps [R], cost [R, L, L], h [R, L])."""
+    """-eps log sum_j exp(h_j - C_ij / eps), one eps per row (eps [R], cost [R, N, M], h [R, M])."""
     z = h.unsqueeze(1) - cost / eps.view(-1, 1, 1)
     peak = z.amax(dim=2, keepdim=True).detach()  # finite: costs and log-weights are finite
     return -eps.view(-1, 1) * (peak.squeeze(2) + (z - peak).exp().sum(dim=2).log())
@@ -269,51 +270,69 @@ def _fairness_loss_multi(
             match = len(sets) - 1
         set_of_pair.append(match)
     n_pairs, n_sets = len(pairs), len(sets)
-    length = max(max(int(m.numel()) for m, _ in pairs), max(int(s.numel()) for s in sets))
+    lx = max(int(m.numel()) for m, _ in pairs)
+    ly = max(int(s.numel()) for s in sets)  # >= lx: a group's members are part of its label's set
     device = scores.device
-    x_index, x_weight = (t.to(device, non_blocking=True) for t in _pad_to([m for m, _ in pairs], length))
-    y_index, y_weight = (t.to(device, non_blocking=True) for t in _pad_to(sets, length))
+    x_index, x_weight = (t.to(device, non_blocking=True) for t in _pad_to([m for m, _ in pairs], lx))
+    y_index, y_weight = (t.to(device, non_blocking=True) for t in _pad_to(sets, ly))
     pair_set = torch.tensor(set_of_pair).to(device, non_blocking=True)
+    widen = torch.cat([torch.arange(lx), torch.zeros(ly - lx, dtype=torch.long)]).to(device, non_blocking=True)
 
     def cloud(index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         values = scores32[:, index]  # [T, rows, L]; pads carry no gradient
         return torch.where(weight > 0, values, values.detach())
 
-    with torch.autocast(device_type=device.type, enabled=False):
-        x, y = cloud(x_index, x_weight), cloud(y_index, y_weight)  # [T, P, L], [T, S, L]
-        y_p, y_weight_p = y[:, pair_set], y_weight[pair_set]  # each pair's label cloud
-        tp, ts = trials * n_pairs, trials * n_sets
-        # Row blocks: A = x<->y (f_ba), B = y<->x (g_ab), C = x<->x (f_aa), D = y<->y (g_bb, per label).
-        rows_pts = torch.cat([x.reshape(tp, length), y_p.reshape(tp, length), x.reshape(tp, length), y.reshape(ts, length)])
-        cols_pts = torch.cat([y_p.reshape(tp, length), x.reshape(tp, length), x.reshape(tp, length), y.reshape(ts, length)]).detach()
-        cost = _half_squared_distance(rows_pts.unsqueeze(-1), cols_pts.unsqueeze(-1))  # [Q, L, L]
-        log_x, log_y_p, log_y = _log_weights(x_weight), _log_weights(y_weight_p), _log_weights(y_weight)
-        cols_logw = torch.cat([log_y_p.repeat(trials, 1), log_x.repeat(trials, 1), log_x.repeat(trials, 1), log_y.repeat(trials, 1)])
-        block = torch.arange(tp, device=device)
-        partner = torch.cat([block + tp, block, block + 2 * tp, torch.arange(ts, device=device) + 3 * tp])
+    schedules = [[float(e) for e in epsilon_schedule(2, _DIAMETER, b, s)] for b, s in zip(blurs, scalings)]
+    steps = max(len(s) for s in schedules)
+    table = torch.tensor([s + [s[-1]] * (steps - len(s)) for s in schedules], dtype=torch.float32)  # [T, steps]
+    lengths = torch.tensor([len(s) for s in schedules])
+    uniform = bool((lengths == steps).all())
 
-        schedules = [[float(e) for e in epsilon_schedule(2, _DIAMETER, b, s)] for b, s in zip(blurs, scalings)]
-        steps = max(len(s) for s in schedules)
-        table = torch.tensor([s + [s[-1]] * (steps - len(s)) for s in schedules], dtype=torch.float32)  # [T, steps]
-        row_trial = torch.cat([torch.arange(trials).repeat_interleave(n)
-                               for n in (n_pairs, n_pairs, n_pairs, n_sets)])
-        eps_rows = table[row_trial].to(device, non_blocking=True)  # [Q, steps]
-        lengths = torch.tensor([len(s) for s in schedules])[row_trial]
-        uniform = bool((lengths == steps).all())
-        active = (torch.arange(steps)[None, :] < lengths[:, None]).to(device, non_blocking=True)
+    def per_row(*counts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Epsilon table [rows, steps] and "still iterating" mask of blocks of ``counts`` rows per trial."""
+        trial_of_row = torch.cat([torch.arange(trials).repeat_interleave(n) for n in counts])
+        active = torch.arange(steps)[None, :] < lengths[trial_of_row][:, None]
+        return table[trial_of_row].to(device, non_blocking=True), active.to(device, non_blocking=True)
+
+    with torch.autocast(device_type=device.type, enabled=False):
+        tp, ts = trials * n_pairs, trials * n_sets
+        x = cloud(x_index, x_weight).reshape(tp, lx)
+        y = cloud(y_index, y_weight)  # [T, S, ly]
+        y_p = y[:, pair_set].reshape(tp, ly)  # each pair's label cloud
+        y = y.reshape(ts, ly)
+        x_wide = x[:, widen]  # x as ly columns: its first point repeated, with weight 0
+        x_weight_wide = torch.cat([x_weight, x_weight.new_zeros(n_pairs, ly - lx)], dim=1)
+        log_a, log_b_p, log_b = _log_weights(x_weight_wide), _log_weights(y_weight[pair_set]), _log_weights(y_weight)
+        # Pack X: rows on x (A = x<->y, C = x<->x); pack Y: rows on y (B = y<->x, D = y<->y per label).
+        cost_x = _half_squared_distance(torch.cat([x, x]).unsqueeze(-1), torch.cat([y_p, x_wide]).detach().unsqueeze(-1))
+        cost_y = _half_squared_distance(torch.cat([y_p, y]).unsqueeze(-1), torch.cat([x_wide, y]).detach().unsqueeze(-1))
+        logw_x = torch.cat([log_b_p.repeat(trials, 1), log_a.repeat(trials, 1)])
+        logw_y = torch.cat([log_a.repeat(trials, 1), log_b.repeat(trials, 1)])
+        eps_x, active_x = per_row(n_pairs, n_pairs)
+        eps_y, active_y = per_row(n_pairs, n_sets)
+
+        def partner_x(fx, fy, eps):  # A reads B's potential, C its own (widened to ly columns)
+            return logw_x + torch.cat([fy[:tp], fx[tp:][:, widen]]) / eps.view(-1, 1)
+
+        def partner_y(fx, fy, eps):  # B reads A's potential (widened), D its own
+            return logw_y + torch.cat([fx[:tp][:, widen], fy[tp:]]) / eps.view(-1, 1)
 
         with torch.no_grad():
-            potentials = _softmin(eps_rows[:, 0], cost, cols_logw)
+            fx, fy = _softmin(eps_x[:, 0], cost_x, logw_x), _softmin(eps_y[:, 0], cost_y, logw_y)
             for i in range(steps):
-                eps = eps_rows[:, i]
-                new = _softmin(eps, cost, cols_logw + potentials[partner] / eps.view(-1, 1))
-                new = 0.5 * (potentials + new)
-                potentials = new if uniform else torch.where(active[:, i : i + 1], new, potentials)
-        eps = eps_rows[:, -1]  # each row's last step: its trial's blur ** 2
-        final = _softmin(eps, cost, (cols_logw + potentials[partner] / eps.view(-1, 1)).detach())
-        f_ba, g_ab, f_aa = final[:tp], final[tp : 2 * tp], final[2 * tp : 3 * tp]
-        g_bb = final[3 * tp :].view(trials, n_sets, length)[:, pair_set].reshape(tp, length)
-        a, b = x_weight.repeat(trials, 1), y_weight_p.repeat(trials, 1)
+                ex, ey = eps_x[:, i], eps_y[:, i]
+                new_x = 0.5 * (fx + _softmin(ex, cost_x, partner_x(fx, fy, ex)))
+                new_y = 0.5 * (fy + _softmin(ey, cost_y, partner_y(fx, fy, ey)))
+                if uniform:
+                    fx, fy = new_x, new_y
+                else:
+                    fx, fy = torch.where(active_x[:, i : i + 1], new_x, fx), torch.where(active_y[:, i : i + 1], new_y, fy)
+        ex, ey = eps_x[:, -1], eps_y[:, -1]  # each row's last step: its trial's blur ** 2
+        final_x = _softmin(ex, cost_x, partner_x(fx, fy, ex).detach())
+        final_y = _softmin(ey, cost_y, partner_y(fx, fy, ey).detach())
+        f_ba, f_aa, g_ab = final_x[:tp], final_x[tp:], final_y[:tp]
+        g_bb = final_y[tp:].view(trials, n_sets, ly)[:, pair_set].reshape(tp, ly)
+        a, b = x_weight.repeat(trials, 1), y_weight[pair_set].repeat(trials, 1)
         per_pair = (a * (f_ba - f_aa)).sum(1) + (b * (g_ab - g_bb)).sum(1)
     return per_pair.view(trials, n_pairs).mean(1)
 
