@@ -20,9 +20,12 @@ from model.fused import FusedDetector, _fairness_loss_multi, check_fusable, trai
 DEMO_TRAIN = Path(__file__).parents[2] / "studies" / "demo_train.yaml"
 
 # One trial per row: every searched key varies, plus the edge cases (no fairness term, no dropout,
-# no clipping, a differential head lr, Adam instead of AdamW is a separate test).
+# no clipping, a differential head lr). Blurs >= 1e-3 here: below that the float32 Sinkhorn gradient
+# is ill-conditioned (see test_batched_fairness_loss_has_the_per_trial_gradient), so any change of
+# rounding, fused or not, moves a run by more than 1e-5; small blurs are tested below through
+# objectives.fairness_loss itself (fuse_fairness=False).
 TRIALS = [
-    dict(lr=3e-4, weight_decay=0.01, lambda_fair=0.15, sinkhorn_blur=1e-4, dropout=0.15, gate_init_bias=0.0, label_smoothing=0.1),
+    dict(lr=3e-4, weight_decay=0.01, lambda_fair=0.15, sinkhorn_blur=1e-3, dropout=0.15, gate_init_bias=0.0, label_smoothing=0.1),
     dict(lr=1e-3, weight_decay=0.05, lambda_fair=0.9, sinkhorn_blur=3e-3, dropout=0.0, gate_init_bias=1.0, label_smoothing=0.0),
     dict(lr=5e-5, weight_decay=1e-4, lambda_fair=0.0, sinkhorn_blur=1e-4, dropout=0.3, gate_init_bias=-1.0, label_smoothing=0.05),
     dict(lr=1e-4, weight_decay=0.0, lambda_fair=0.4, sinkhorn_blur=1e-3, dropout=0.1, gate_init_bias=0.5, label_smoothing=0.2,
@@ -109,6 +112,16 @@ def test_each_trial_keeps_its_own_optimizer(base, tmp_path):
     trials = [dict(TRIALS[0], optimizer="adam"), dict(TRIALS[1], optimizer="sgd", lr=0.05), dict(TRIALS[3], optimizer="radam")]
     configs = configs_for(config, trials, tmp_path / "fused")
     fused = train_fused(configs, prepared, progress=False)
+    serial = [train(dataclasses.replace(c, output_dir=tmp_path / "serial" / c.run_dir.name), prepared=prepared, progress=False)
+              for c in configs]
+    assert_same_runs(serial, fused)
+
+
+def test_small_blurs_through_the_per_trial_fairness_loss(base, tmp_path):
+    config, prepared = base
+    trials = [dict(TRIALS[0], sinkhorn_blur=1e-4), dict(TRIALS[1], sinkhorn_blur=2e-4, sinkhorn_scaling=0.95)]
+    configs = configs_for(config, trials, tmp_path / "fused")
+    fused = train_fused(configs, prepared, progress=False, fuse_fairness=False)
     serial = [train(dataclasses.replace(c, output_dir=tmp_path / "serial" / c.run_dir.name), prepared=prepared, progress=False)
               for c in configs]
     assert_same_runs(serial, fused)
