@@ -57,7 +57,10 @@ def bench_yaml(study: Path, workdir: Path) -> Path:
     return path
 
 
-def run(study_yaml: Path, name: str, workers: int, n_trials: int, storage: str | None, devices: str | None) -> dict:
+def run(study_yaml: Path, name: str, workers: int, n_trials: int, storage: str | None, devices: str | None,
+        threads: int | None = None) -> dict:
+    """One `optimize --workers K` run; ``threads`` forces OMP_NUM_THREADS (the 1-worker control)."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     command = [sys.executable, str(REPO / "run_study.py"), "-q", "optimize", "--study", str(study_yaml), "--study-name", name,
                "--n-trials", str(n_trials), "--workers", str(workers)]
     if storage:
@@ -66,7 +69,7 @@ def run(study_yaml: Path, name: str, workers: int, n_trials: int, storage: str |
         command += ["--devices", devices]
     load_before = load_average()
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
@@ -79,8 +82,9 @@ def run(study_yaml: Path, name: str, workers: int, n_trials: int, storage: str |
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     window = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
     mean_trial = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished) / len(finished)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {
-        "workers": workers, "finished": len(finished), "wall": wall, "window": window, "mean_trial": mean_trial,
+        "workers": workers, "threads": threads or max(1, cores // workers), "finished": len(finished), "wall": wall, "window": window, "mean_trial": mean_trial,
         "per_hour": 3600 * len(finished) / window, "load": f"{load_before:.1f} -> {load_average():.1f}",
     }
 
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", help="passed to --devices (default: the study's device / every GPU)")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-worker-throughput")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-control", action="store_true",
+                        help="skip the control run: 1 worker limited to 1 thread (separates the threading effect)")
     args = parser.parse_args(argv)
 
     study_yaml = bench_yaml(args.study, args.workdir)
@@ -101,11 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     if prep.returncode != 0:
         return prep.returncode
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    plan = [(k, None) for k in args.workers]
+    if not args.no_control and 1 in args.workers and not args.devices:
+        plan.insert(args.workers.index(1) + 1, (1, 1))
     rows = []
-    for k in args.workers:
-        row = run(study_yaml, f"bench-workers{k}-{stamp}", k, args.n_trials, args.storage, args.devices)
+    for k, threads in plan:
+        name = f"bench-workers{k}{'-1thread' if threads else ''}-{stamp}"
+        row = run(study_yaml, name, k, args.n_trials, args.storage, args.devices, threads)
         rows.append(row)
-        print(f"{k} worker(s): {row['finished']} trials, {row['per_hour']:.0f} trials/h, wall {row['wall']:.0f} s", flush=True)
+        print(f"{k} worker(s), {row['threads']} thread(s) each: {row['finished']} trials, {row['per_hour']:.0f} trials/h, "
+              f"wall {row['wall']:.0f} s", flush=True)
 
     info = machine()
     base = rows[0]["per_hour"]
@@ -117,12 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| " + " | ".join(f"{k}: {v}" for k, v in info.items()) + " |",
         "",
-        "| workers | finished | trials/hour (trial window) | speed-up | mean trial s | trial window s | wall s (with start-up) | load avg 1 min (before -> after) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| workers | CPU threads each | finished | trials/hour (trial window) | speed-up | mean trial s | trial window s "
+        "| wall s (with start-up) | load avg 1 min (before -> after) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['workers']} | {r['finished']} | {r['per_hour']:.0f} | {r['per_hour'] / base:.2f}x | {r['mean_trial']:.1f} "
-                     f"| {r['window']:.0f} | {r['wall']:.0f} | {r['load']} |")
+        lines.append(f"| {r['workers']} | {r['threads']} | {r['finished']} | {r['per_hour']:.0f} | {r['per_hour'] / base:.2f}x "
+                     f"| {r['mean_trial']:.1f} | {r['window']:.0f} | {r['wall']:.0f} | {r['load']} |")
     lines += [
         "",
         "Trials/hour counts finished trials over the window from the first trial's start to the last one's end;",

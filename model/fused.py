@@ -117,6 +117,18 @@ class FusedDetector(nn.Module):
     def _make_views(self, k: int) -> dict[str, nn.Parameter]:
         return {n: nn.Parameter(self.p(n).data[k], requires_grad=True) for n in self.names}
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .half() may give the stacked weights new storage: re-point the views there,
+        # or the optimizers would update stale copies.
+        super()._apply(fn, recurse)
+        self._repoint_views()
+        return self
+
+    def _repoint_views(self) -> None:
+        for k, views in enumerate(self._views):
+            for n, view in views.items():
+                view.data = self.p(n).data[k]
+
     def views(self, k: int) -> dict[str, nn.Parameter]:
         """Trial k's parameters (storage shared with the stacked weights), by AdapterDetector name."""
         return self._views[k]
@@ -150,9 +162,7 @@ class FusedDetector(nn.Module):
             self.stacked[n.replace(".", "__")] = nn.Parameter(old.detach().index_select(0, index))
         self._views = [self._views[i] for i in indices]
         self.dropout_p = [self.dropout_p[i] for i in indices]
-        for k, views in enumerate(self._views):
-            for n, view in views.items():
-                view.data = self.p(n).data[k]
+        self._repoint_views()
 
     def state_dict_of(self, k: int) -> dict[str, torch.Tensor]:
         """Trial k as an AdapterDetector state dict (what the serial run saves in best.pt)."""
@@ -468,7 +478,10 @@ def train_fused(
         offset = torch.tensor([[0.5 * t.cfg.label_smoothing] for t in trials], dtype=torch.float32, device=device)
         lambdas = torch.tensor([t.cfg.lambda_fair for t in trials], dtype=torch.float32, device=device)
         fair_trials = [k for k, t in enumerate(trials) if t.cfg.lambda_fair > 0]
-        min_sizes = sorted({trials[k].cfg.fair_min_group_size for k in fair_trials})
+        fair_groups = []  # (min_group_size, trials with it, their index on the device): one loss call each
+        for size in sorted({trials[k].cfg.fair_min_group_size for k in fair_trials}):
+            members = [k for k in fair_trials if trials[k].cfg.fair_min_group_size == size]
+            fair_groups.append((size, members, torch.tensor(members).to(device, non_blocking=True)))
         dropout = _dropout(trials, model.dropout_p, device)
         for step, batch in enumerate(torch.randperm(len(train_rows), generator=shuffle).split(shared.batch_size)):
             for trial in trials:
@@ -484,18 +497,16 @@ def train_fused(
             fair = logits.sum(1) * 0  # what the serial run adds when lambda_fair is 0
             if fair_trials:
                 probabilities = torch.sigmoid(logits)
-                for size in min_sizes:
-                    members = [k for k in fair_trials if trials[k].cfg.fair_min_group_size == size]
+                for size, members, index in fair_groups:
                     if fuse_fairness:
                         values = _fairness_loss_multi(
-                            probabilities[members], y_cpu, g_cpu, blurs=[trials[k].cfg.sinkhorn_blur for k in members],
+                            probabilities[index], y_cpu, g_cpu, blurs=[trials[k].cfg.sinkhorn_blur for k in members],
                             scalings=[trials[k].cfg.sinkhorn_scaling for k in members], min_group_size=size,
                         )
                     else:
                         values = torch.stack([objectives.fairness_loss(
                             probabilities[k], y_cpu, g_cpu, blur=trials[k].cfg.sinkhorn_blur,
                             scaling=trials[k].cfg.sinkhorn_scaling, min_group_size=size) for k in members])
-                    index = torch.tensor(members, device=device)
                     fair = fair.index_put((index,), lambdas[index] * values)
             loss = bce + fair
             model.zero_grad_stacked()

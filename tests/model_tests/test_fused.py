@@ -148,6 +148,27 @@ def test_fused_forward_matches_each_detector():
         torch.testing.assert_close(gate[i], out.gate, rtol=1e-5, atol=1e-6)
 
 
+def test_trial_views_follow_the_stacked_weights_when_they_move_or_shrink():
+    detectors = []
+    for bias in (0.0, 1.0, 2.0):
+        torch.manual_seed(0)
+        detectors.append(AdapterDetector(16, ModelConfig(), dropout=0.0, gate_init_bias=bias))
+    fused = FusedDetector(detectors)
+    fused._apply(lambda t: t.clone())  # what .to(another device) does: new storage for every weight
+
+    def shares_storage():
+        return all(view.data_ptr() == fused.p(name)[k].data_ptr() for k in range(len(fused)) for name, view in fused.views(k).items())
+
+    assert shares_storage()
+    gate_bias = fused.views(2)["fusion.gate.bias"]
+    fused.keep([0, 2])
+    assert len(fused) == 2 and shares_storage()
+    assert fused.views(1)["fusion.gate.bias"] is gate_bias and float(gate_bias.detach()) == 2.0
+    with torch.no_grad():
+        gate_bias.add_(1.0)  # an optimizer step on the view lands in the stacked weights
+    assert float(fused.p("fusion.gate.bias")[1]) == 3.0
+
+
 def fairness_case(n=40, seed=3):
     torch.manual_seed(seed)
     labels = (torch.rand(n) < 0.7).float()
