@@ -17,6 +17,8 @@ from search.config import StudyConfig
 DETECTION = ("auc", "acc", "eer", "ap")
 FAIRNESS = ("f_fpr", "f_oae", "f_dp", "f_meo")
 ARROWS = {"maximize": "↑", "minimize": "↓"}
+STALE = ("evaluated with a different frozen Stage 1 adapter than the trial trained with: the data, backbone or Stage 1 "
+         "settings changed since it ran, so these numbers are not comparable with its validation metrics.")
 
 
 def is_number(value) -> bool:
@@ -119,6 +121,8 @@ def trial_note(trial: FrozenTrial, config: StudyConfig, *, test: dict | None = N
         ]))
     if test:
         out.append("### Test sets (from `run_study.py evaluate`)")
+        if test.get("stage1_matches") is False:
+            out.append(f"**Warning:** {STALE}")
         out.append(test_table(test))
     if trial.params:
         out.append("### Hyperparameters")

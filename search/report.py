@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 import objectives
 from search import _report_plots as plots
 from search._figures import StudyView, hypervolume_history, label
-from search._notes import DETECTION, FAIRNESS, degenerate_epochs, fmt_metric, fmt_value, gate_range, is_number, md_table, ranges
+from search._notes import DETECTION, FAIRNESS, STALE, degenerate_epochs, fmt_metric, fmt_value, gate_range, is_number, md_table, ranges
 from search.config import StudyConfig
 from search.evaluate import load_test_results
 
@@ -113,7 +113,9 @@ def _test_sections(view: StudyView, results: dict[int, dict]) -> list[Section]:
     datasets = sorted({d for r in results.values() for d in r.get("datasets", [])})
     kinds = {t.number: view.kind(t) for t in view.trials}
     head = lambda n: f"{n}{' (Pareto)' if kinds.get(n) == 'pareto' else ''}"  # noqa: E731
-    auc = Section("Test sets: AUC per dataset (best checkpoint)", "Cross-dataset generalisation, as the reference report's table 3.2.",
+    stale = [n for n in numbers if results[n].get("stage1_matches") is False]
+    warning = f" **Warning: trials {', '.join(map(str, stale))} were {STALE}**" if stale else ""
+    auc = Section("Test sets: AUC per dataset (best checkpoint)", "Cross-dataset generalisation, as the reference report's table 3.2." + warning,
                   ["trial", *datasets, "mean"], [[head(n), *(fmt_metric("auc", results[n].get(f"test_{d}_auc")) for d in [*datasets, "mean"])] for n in numbers])
     sections = [auc]
     for d in datasets:

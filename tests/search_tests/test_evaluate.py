@@ -94,3 +94,18 @@ def test_best_threshold_maximises_balanced_accuracy():
     candidates = [((scores >= t)[labels == 1].mean() + (1 - (scores >= t)[labels == 0].mean())) / 2 for t in scores]
     assert balanced == pytest.approx(max(candidates))
     assert 0 < threshold < 1
+
+
+def test_results_from_another_stage1_are_flagged_in_the_note(tiny):
+    """A checkpoint evaluated with a Stage 1 adapter other than the one it trained with (the data or
+    backbone changed since): the numbers are kept, but the trial's note says they are not comparable."""
+    from search._notes import trial_note
+
+    path, config, study = tiny
+    trial = study.best_trials[0]
+    if trial.number not in load_test_results(study):  # this test run alone
+        assert run_study.main(["-q", "evaluate", "--study", str(path), "--trials", str(trial.number)]) == 0
+    result = load_test_results(study)[trial.number]
+    assert "Warning" not in trial_note(trial, config, test=result)
+    stale = trial_note(trial, config, test={**result, "stage1_matches": False})
+    assert "**Warning:** evaluated with a different frozen Stage 1 adapter" in stale

@@ -99,6 +99,7 @@ def test_transient_outage_during_a_study_is_retried(postgres, postgres_url, capl
     assert postgres.password not in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() on purpose
 def test_dead_workers_trial_is_failed_and_requeued_with_its_parameters(storage_url):
     storage = make_storage(storage_url, FAST)
     study = optuna.create_study(study_name="dead", storage=storage)
