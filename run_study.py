@@ -85,10 +85,24 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.warm_start:
         config = dataclasses.replace(config, warm_start=True)
     code = 0
-    if args.workers > 1 or args.devices:
+    workers = config.distributed.workers if args.workers is None else args.workers
+    devices = args.devices or config.distributed.devices
+    if args.fuse:
+        from search.fused_batch import optimize_fused
+        from search.workers import parse_devices
+
+        if args.workers is not None and args.workers > 1:
+            raise SystemExit("optimize: --fuse K trains K trials in this one process; it cannot be combined with --workers > 1")
+        if devices:
+            chosen = parse_devices(devices, config.training.device)
+            if len(set(chosen)) > 1:
+                raise SystemExit(f"optimize: --fuse runs on one device, --devices names {len(set(chosen))}")
+            config = dataclasses.replace(config, training=dataclasses.replace(config.training, device=chosen[0]))
+        study = optimize_fused(config, group_size=args.fuse, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
+    elif workers > 1 or devices:
         from search.workers import run_workers
 
-        run = run_workers(config, workers=args.workers, devices=args.devices, n_trials=args.n_trials,
+        run = run_workers(config, workers=workers, devices=devices, n_trials=args.n_trials,
                           timeout=args.timeout, progress=not args.quiet, verbose=args.verbose)
         study, code = run.study, run.exit_code
     else:
@@ -201,9 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, help="finished trials the study should reach (default: budget.n_trials)")
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     p.add_argument("--warm-start", action="store_true", help="enqueue the reference report's Exp1-3 configurations first")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this node sharing the study (default 1)")
+    p.add_argument("--workers", type=int, help="worker processes on this node sharing the study "
+                                               "(default: the study's distributed.workers, 1 unless set)")
     p.add_argument("--devices", help="devices for the workers, round-robin: GPU indices (0,1,...), cuda:N or cpu "
-                                     "(default: every visible GPU, the CPU when none)")
+                                     "(default: the study's distributed.devices, else every visible GPU, the CPU when none)")
+    p.add_argument("--fuse", type=int, metavar="K", help="train K trials at a time in one fused pass over the cached batches "
+                                                         "(one process, one device; see search/fused_batch.py)")
 
     p = add("show", cmd_show, "print the study's feasible Pareto front as a table")
     study_args(p)

@@ -109,8 +109,14 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """Many workers on one storage: heartbeats, retry of a dead worker's trial, database retries."""
+    """Many workers on one storage: how many this node starts, heartbeats, retry of a dead worker's
+    trial, database retries."""
 
+    # Worker processes `run_study.py optimize` starts on this node (--workers overrides) and the
+    # devices they are pinned to, round-robin (--devices overrides): GPU indices "0,1", "cuda:N",
+    # "cpu", or null for every visible GPU (the CPU when none).
+    workers: int = 1
+    devices: str | None = None
     # A running trial writes a heartbeat this often (seconds); null turns dead-worker recovery off.
     heartbeat_interval: int | None = 30
     # A RUNNING trial whose last heartbeat is older than this is failed by the next worker that
@@ -122,6 +128,8 @@ class DistributedConfig:
     retry_seconds: float = 120.0  # transient database errors are retried (with back-off) this long
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.heartbeat_interval is not None and self.heartbeat_interval < 1:
             raise ValueError(f"heartbeat_interval must be >= 1 second or null, got {self.heartbeat_interval}")
         if self.grace_period is not None:

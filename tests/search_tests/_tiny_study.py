@@ -30,6 +30,7 @@ def write_tiny_study_yaml(directory: Path, *, name: str = "tiny", n_trials: int 
     data["stopping"] = {**data.get("stopping", {}), "degenerate_after_epochs": None}
     data["budget"] = {"n_trials": n_trials}
     data["warm_start"] = False
+    data["distributed"] = {**data.get("distributed", {}), "workers": 1}  # the demo's 2 CPU workers: not here
     path = directory / "tiny.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

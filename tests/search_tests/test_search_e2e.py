@@ -20,6 +20,7 @@ DEMO = Path(__file__).parents[2] / "studies" / "demo.yaml"
 def tiny_study_yaml(workdir: Path, path: Path, *, name="tiny", n_trials=6, **overrides) -> Path:
     data = yaml.safe_load(DEMO.read_text())
     data.update(name=name, workdir=str(workdir), warm_start=False)
+    data["distributed"] = {"workers": 1}  # one process: trials must reproduce exactly with `train`
     data["data"]["synthetic"] = {"seed": 0, "n_train": 160, "n_val": 80, "n_test": 16}
     data["stage1"] = {"epochs": 2}
     data["training"].update(num_epochs=3, warmup_epochs=1)

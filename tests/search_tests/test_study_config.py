@@ -69,6 +69,7 @@ def mutate(path_keys, value):
         (["objectives"], [{"metric": "auc", "direction": "up"}], r"objectives\[0\].direction: 'up' is not one of"),
         (["sampler", "name"], "cmaes", r"sampler.name: 'cmaes' is not one of"),
         (["stopping", "degenerate_after_epochs"], 0, r"stopping: degenerate_after_epochs must be >= 1"),
+        (["distributed", "workers"], 0, r"distributed: workers must be >= 1"),
         (["name"], KeyError, r"name: required key is missing"),
         (["storage"], "${FAIRFRONT_UNSET_STORAGE}", r"storage: environment variable \$\{FAIRFRONT_UNSET_STORAGE\} is not set"),
     ],

@@ -149,6 +149,25 @@ def test_four_workers_finish_exactly_the_budget_without_printing_the_password(st
             assert postgres.password not in path.read_text(errors="replace"), path
 
 
+def test_the_study_files_worker_count_is_the_default_on_sqlite(study_files, tmp_path):
+    """distributed.workers: 2 (as in studies/demo.yaml) starts two processes without --workers,
+    sharing a SQLite study; --workers 1 overrides it."""
+    short, _ = study_files
+    data = yaml.safe_load(short.read_text())
+    data["distributed"] = {**data["distributed"], "workers": 2}
+    two = short.with_name("two.yaml")
+    two.write_text(yaml.safe_dump(data, sort_keys=False))
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    run = Run(two, "two", url, "--n-trials", "4")
+    assert run.wait() == 0, run.output
+    trials = _load(url, "two").get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4, run.output
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
+    run = Run(two, "one", url, "--n-trials", "2", "--workers", "1")
+    assert run.wait() == 0, run.output
+    assert len({t.user_attrs["worker"] for t in _load(url, "one").get_trials()}) == 1
+
+
 @pytest.mark.slow
 def test_sigkilled_worker_loses_no_trial_and_its_trial_is_retried(study_files, postgres_url):
     _, long = study_files
