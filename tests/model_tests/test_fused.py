@@ -15,7 +15,7 @@ import objectives
 from model import load_train_config, prepare, train
 from model.config import ModelConfig
 from model.detector import AdapterDetector
-from model.fused import FusedDetector, _fairness_loss_multi, check_fusable, train_fused
+from model.fused import FusedDetector, _fairness_loss_multi, check_fusable, fusion_key, train_fused
 
 DEMO_TRAIN = Path(__file__).parents[2] / "studies" / "demo_train.yaml"
 
@@ -218,3 +218,6 @@ def test_configs_that_cannot_share_batches_are_refused(base, tmp_path):
         check_fusable(configs_for(config, [{}, {"seed": 1}], tmp_path))
     with pytest.raises(ValueError, match="output_dir"):
         check_fusable([configs[0], configs[0]])
+    lr_only = configs_for(config, [{}, {"lr": 1e-3, "dropout": 0.0}], tmp_path)
+    assert fusion_key(lr_only[0]) == fusion_key(lr_only[1]) != fusion_key(configs[1])
+    check_fusable(lr_only)

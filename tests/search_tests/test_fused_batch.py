@@ -1,0 +1,45 @@
+"""search.fused_batch: K trials asked, trained in one fused pass, told; recorded like optimize's."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import run_study
+from search import load_study_config
+from search.fused_batch import optimize_fused
+
+
+def _tiny_study_module():
+    if "_tiny_study" not in sys.modules:  # tests/ is not a package: load the shared helper by path
+        spec = importlib.util.spec_from_file_location("_tiny_study", Path(__file__).with_name("_tiny_study.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_tiny_study"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_tiny_study"]
+
+
+def test_fused_batches_finish_the_budget_and_record_each_trial(tmp_path):
+    torch.set_num_threads(1)
+    path = _tiny_study_module().write_tiny_study_yaml(tmp_path, name="fused", n_trials=5)
+    config = load_study_config(path)
+    study = optimize_fused(config, group_size=3, progress=False)
+    trials = study.get_trials()
+    assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
+    for trial in trials:
+        assert trial.user_attrs["epochs_run"] == 2 and len(trial.user_attrs["curve"]) == 2
+        assert trial.user_attrs["degenerate"] is False
+        assert trial.user_attrs["training"]["lr"] == trial.params["lr"]
+        assert set(trial.user_attrs["artifacts"]) >= {"metrics.json", "curve.csv"}
+        assert trial.values[0] == trial.user_attrs["val_auc"]
+    # the command line continues the study to a larger budget, never overwriting
+    before = [(t.number, t.params, t.values) for t in trials]
+    assert run_study.main(["-q", "optimize", "--study", str(path), "--fuse", "4", "--n-trials", "7"]) == 0
+    after = study.get_trials()
+    assert len(after) == 7 and [(t.number, t.params, t.values) for t in after[:5]] == before
+    assert all(t.state == TrialState.COMPLETE for t in after)
+    with pytest.raises(SystemExit, match="--fuse"):
+        run_study.main(["-q", "optimize", "--study", str(path), "--fuse", "2", "--workers", "2"])
