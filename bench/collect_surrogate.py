@@ -1,5 +1,5 @@
 """Training data for the sampler benchmark's surrogate: the real demo training (studies/demo.yaml:
-same data, schedule, degenerate stop after 3 epochs) for N random configurations of its search
+same data, model, schedule and degenerate stop) for N random configurations of its search
 space, trained in fused groups of K (model.fused.train_fused; each trial's result is its serial
 result up to rounding). Writes runs/bench/surrogate/trials.csv (git-ignored) and appends.
 

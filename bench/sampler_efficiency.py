@@ -6,7 +6,7 @@ trainings collected by ``python -m bench.collect_surrogate`` (runs/bench/surroga
 - one Gaussian-process regressor per objective (val AUC, F_MEO, F_FPR of the best epoch) on the
   search space's coordinates (log10 for log ranges), fitted to every collected trial, degenerate
   ones included (their real values: AUC ~0.5 and zero unfairness);
-- one Gaussian-process classifier for "degenerate" (stopped after 3 one-class epochs); a point is
+- one Gaussian-process classifier for "degenerate" (stopped by the demo's degenerate rule); a point is
   degenerate when its probability is >= 0.5. Deterministic: the same parameters, the same result.
 
 Each sampler is the study's own (``search.samplers.build_sampler`` with the demo's
@@ -114,12 +114,10 @@ def run_sampler(name: str, seed: int, trials: int, study_config, surrogate: Surr
     return points, overhead
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--trials", type=int, default=100)
-    parser.add_argument("--samplers", default="gp,tpe,nsga2,random")
-    args = parser.parse_args(argv)
+_STATE: dict = {}  # per process: the study config and the fitted surrogate
+
+
+def _load() -> tuple:
     import optuna
 
     from search.config import load_study_config
@@ -127,19 +125,52 @@ def main(argv=None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", module="sklearn")
-    info = machine()
     study_config = load_study_config(REPO / "studies" / "demo.yaml")
     frame = pd.read_csv(DATA).dropna(subset=study_config.metric_names)
-    surrogate = Surrogate(frame, study_config.search_space, study_config.metric_names)
+    return study_config, frame, Surrogate(frame, study_config.search_space, study_config.metric_names)
 
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    config, _, surrogate = _load()
+    _STATE.update(config=config, surrogate=surrogate)
+
+
+def _run_one(name: str, seed: int, trials: int) -> tuple[list, list[float]]:
+    return run_sampler(name, seed, trials, _STATE["config"], _STATE["surrogate"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--samplers", default="gp,tpe,nsga2,random")
+    parser.add_argument("--name", default="sampler_efficiency", help="results file name (bench/results/<name>.md)")
+    parser.add_argument("--limit", default="", help="fewer trials for slow samplers, e.g. gp=50 (GP's own cost "
+                        "grows with the trials; the target only needs its first 30)")
+    parser.add_argument("--jobs", type=int, default=1, help="(sampler, seed) runs in parallel processes, one core each; "
+                        "overheads stay per-core only while jobs <= free cores")
+    args = parser.parse_args(argv)
+    info = machine()
+    study_config, frame, surrogate = _load()
+
+    limits = {k: int(v) for k, v in (item.split("=") for item in args.limit.split(",") if item)}
+    runs = [(name, seed, min(args.trials, limits.get(name, args.trials))) for name in args.samplers.split(",") for seed in range(args.seeds)]
+    if args.jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_init_worker) as pool:
+            results = pool.starmap(_run_one, runs, chunksize=1)
+    else:
+        _STATE.update(config=study_config, surrogate=surrogate)
+        results = [_run_one(*run) for run in runs]
     curves, overheads = {}, {}
-    for name in args.samplers.split(","):
-        curves[name], overheads[name] = [], []
-        for seed in range(args.seeds):
-            points, overhead = run_sampler(name, seed, args.trials, study_config, surrogate)
-            curves[name].append(hypervolume_curve(points, study_config.directions, study_config.metric_names))
-            overheads[name].append(overhead)
-            print(f"{name} seed {seed}: hypervolume at {args.trials} = {curves[name][-1][-1]:.4f}", flush=True)
+    for (name, seed, trials), (points, overhead) in zip(runs, results):
+        curves.setdefault(name, []).append(hypervolume_curve(points, study_config.directions, study_config.metric_names))
+        overheads.setdefault(name, []).append(overhead)
+        print(f"{name} seed {seed}: hypervolume at {trials} = {curves[name][-1][-1]:.4f}", flush=True)
     checkpoints = [n for n in CHECKPOINTS if n <= args.trials]
     rows = []
     random_final = float(np.median([c[-1] for c in curves["random"]])) if "random" in curves else None
@@ -147,32 +178,36 @@ def main(argv=None) -> int:
         array = np.array(runs)  # [seeds, trials]
         row = {"sampler": name}
         for n in checkpoints:
+            if n > array.shape[1]:
+                row[f"HV@{n} median [IQR]"] = f"not run (limit {array.shape[1]})"
+                continue
             q1, med, q3 = np.percentile(array[:, n - 1], [25, 50, 75])
             row[f"HV@{n} median [IQR]"] = f"{med:.4f} [{q1:.4f}, {q3:.4f}]"
         if random_final is not None:
             medians = np.median(array, axis=0)
             reached = np.flatnonzero(medians >= random_final)
-            row["trials to random's median HV@100"] = int(reached[0]) + 1 if reached.size else f"> {args.trials}"
+            row["trials to random's median HV@100"] = int(reached[0]) + 1 if reached.size else f"> {array.shape[1]}"
         over = np.array(overheads[name])
         for n in (30, 100):
-            if n <= args.trials:
-                row[f"overhead s/trial @{n}"] = float(np.median(over[:, max(0, n - 10):n]))
+            row[f"overhead s/trial @{n}"] = float(np.median(over[:, max(0, n - 10):n])) if n <= over.shape[1] else "not run"
         rows.append(row)
     n_degenerate = int(frame["degenerate"].astype(bool).sum())
     notes = [
         f"Surrogate of the demo: GP regressors + GP classifier fitted to {len(frame)} real demo trainings "
         f"({n_degenerate} degenerate) from bench/collect_surrogate.py (random configurations of demo.yaml's space, "
-        "8 epochs, degenerate stop after 3, the demo's synthetic data as generated when collected). It is a smooth "
+        f"{study_config.training.num_epochs} epochs, degenerate stop after {study_config.stopping.degenerate_after_epochs}, "
+        "the demo's synthetic data and model as when collected). It is a smooth "
         "stand-in for the demo, not the demo itself; absolute hypervolumes mean nothing beyond it.",
         "Reference point (fixed): AUC 0.5, F_MEO 1.0, F_FPR 2.0; hypervolume in (-AUC, F_MEO, F_FPR) space of the "
         "feasible (non-degenerate) complete trials, optuna._hypervolume.compute_hypervolume.",
         f"{args.seeds} sampler seeds per sampler; median and interquartile range over seeds; the demo's 3 reference "
         "configurations are enqueued first (warm_start: true) for every sampler.",
         "Target: the default sampler's (gp) median reaches random search's median 100-trial hypervolume within 30 trials.",
-        "Overhead = time in study.ask + suggest + study.tell (the sampler's own work), median over trials n-9..n.",
+        "Overhead = time in study.ask + suggest + study.tell (the sampler's own work), median over trials n-9..n"
+        + (f"; {args.jobs} runs in parallel, one core and one torch thread each." if args.jobs > 1 else "."),
     ]
-    write_result("sampler_efficiency", "Target 5: sampler efficiency on a surrogate of the demo study", markdown_table(rows), info=info, notes=notes)
-    curves_path = WORK / "surrogate" / "curves.csv"
+    write_result(args.name, "Target 5: sampler efficiency on a surrogate of the demo study", markdown_table(rows), info=info, notes=notes)
+    curves_path = WORK / "surrogate" / f"{args.name}-curves.csv"
     pd.DataFrame([{"sampler": s, "seed": i, "trial": t + 1, "hypervolume": v}
                   for s, runs in curves.items() for i, c in enumerate(runs) for t, v in enumerate(c)]).to_csv(curves_path, index=False)
     return 0
