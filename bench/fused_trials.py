@@ -83,10 +83,10 @@ def main(argv=None) -> int:
     notes = [
         "Target: K=8 gives >= 4x the trials/hour of serial (on one GPU).",
         "Both sides: the demo's data (1600 train / 400 val, tiny ViT tokens [64, 128], batch 32), the demo's search space, "
-        "no degenerate early stop, outputs not written. Serial = model.train per trial (what one worker does today).",
+        "no degenerate early stop, outputs not written. Serial = model.train per trial (what one worker does without --fuse).",
         "GPU row: not measured, no GPU lent to this task.",
-        "Alternative without fusion: K worker processes on one device (`run_study.py optimize --workers K --devices 0,0,...`, "
-        "another engineer's work) overlap K trials' Python and kernel-launch overhead; fusion additionally batches the "
+        "Alternative without fusion: K worker processes on one device (`run_study.py optimize --workers K --devices 0,0,...`) "
+        "overlap K trials' Python and kernel-launch overhead; fusion additionally batches the "
         "kernels themselves (one GEMM and one Sinkhorn loop for K trials).",
         "Metric differences between fused and serial come only from floating-point rounding of batched kernels, carried "
         "along by training (tests/model_tests/test_fused.py asserts 1e-5 on a tiny set); at sinkhorn_blur ~1e-5 the "

@@ -16,36 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results" / "worker_throughput.md"
-
-
-def load_average() -> float:
-    return os.getloadavg()[0]
-
-
-def machine() -> dict[str, str]:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return {
-        "cpu": cpu,
-        "cores available": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
-        "gpus": ", ".join(gpus) or "none",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+from bench._common import REPO, load_average, machine, markdown_table, write_result
 
 
 def bench_yaml(study: Path, workdir: Path) -> Path:
@@ -67,7 +45,7 @@ def run(study_yaml: Path, name: str, workers: int, n_trials: int, storage: str |
         command += ["--storage", storage]
     if devices:
         command += ["--devices", devices]
-    load_before = load_average()
+    load_before = load_average().split(",")[0]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
@@ -85,7 +63,7 @@ def run(study_yaml: Path, name: str, workers: int, n_trials: int, storage: str |
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {
         "workers": workers, "threads": threads or max(1, cores // workers), "finished": len(finished), "wall": wall, "window": window, "mean_trial": mean_trial,
-        "per_hour": 3600 * len(finished) / window, "load": f"{load_before:.1f} -> {load_average():.1f}",
+        "per_hour": 3600 * len(finished) / window, "load": f"{load_before} -> {load_average().split(',')[0]}",
     }
 
 
@@ -97,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", help="storage URL or '${ENV_VAR}' (default: the study's own, SQLite for the demo)")
     parser.add_argument("--devices", help="passed to --devices (default: the study's device / every GPU)")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-worker-throughput")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="worker_throughput", help="results file: bench/results/<name>.md")
     parser.add_argument("--no-control", action="store_true",
                         help="skip the control run: 1 worker limited to 1 thread (separates the threading effect)")
     args = parser.parse_args(argv)
@@ -106,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     prep = subprocess.run([sys.executable, str(REPO / "run_study.py"), "-q", "prepare", "--study", str(study_yaml)], cwd=REPO)
     if prep.returncode != 0:
         return prep.returncode
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    info = machine()
     plan = [(k, None) for k in args.workers]
     if not args.no_control and 1 in args.workers and not args.devices:
         plan.insert(args.workers.index(1) + 1, (1, 1))
@@ -118,34 +97,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k} worker(s), {row['threads']} thread(s) each: {row['finished']} trials, {row['per_hour']:.0f} trials/h, "
               f"wall {row['wall']:.0f} s", flush=True)
 
-    info = machine()
     base = rows[0]["per_hour"]
-    lines = [
-        f"# Worker throughput: `run_study.py optimize --workers K` on {args.study.name}",
-        "",
-        f"{datetime.now():%Y-%m-%d %H:%M}; {args.n_trials} finished trials per run (fresh study each); storage: "
-        f"{'the study default (SQLite)' if not args.storage else 'from --storage'}.",
-        "",
-        "| " + " | ".join(f"{k}: {v}" for k, v in info.items()) + " |",
-        "",
-        "| workers | CPU threads each | finished | trials/hour (trial window) | speed-up | mean trial s | trial window s "
-        "| wall s (with start-up) | load avg 1 min (before -> after) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    table = markdown_table([{
+        "workers": r["workers"], "CPU threads each": r["threads"], "finished": r["finished"],
+        "trials/hour (trial window)": round(r["per_hour"]), "speed-up": f"{r['per_hour'] / base:.2f}x",
+        "mean trial s": r["mean_trial"], "trial window s": r["window"], "wall s (with start-up)": r["wall"],
+        "load avg 1 min (before -> after)": r["load"]} for r in rows])
+    notes = [
+        f"{args.n_trials} finished trials per run, a fresh study each, on {args.study.name}'s data and settings; storage: "
+        + ("the study default (SQLite)." if not args.storage else "from --storage."),
+        "Trials/hour counts finished trials over the window from the first trial's start to the last one's end; the wall "
+        "time adds process start-up (imports, loading the prepared caches) and the idle tail while the last trials finish.",
+        "CPU workers share the cores: --workers K gives each max(1, cores // K) torch threads; the control row is one "
+        "worker limited to 1 thread (separates the threading effect from the worker count).",
+        "GPU workers (one device each, or K per device with --devices 0,0,...): not measured here unless a GPU row says so.",
     ]
-    for r in rows:
-        lines.append(f"| {r['workers']} | {r['threads']} | {r['finished']} | {r['per_hour']:.0f} | {r['per_hour'] / base:.2f}x "
-                     f"| {r['mean_trial']:.1f} | {r['window']:.0f} | {r['wall']:.0f} | {r['load']} |")
-    lines += [
-        "",
-        "Trials/hour counts finished trials over the window from the first trial's start to the last one's end;",
-        "the wall time adds process start-up (imports, loading the prepared caches) and the idle tail while the",
-        "last trials finish. The load average is the whole machine's: other processes share these cores.",
-    ]
-    table = "\n".join(lines) + "\n"
-    print("\n" + table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    print(f"written: {args.out}")
+    write_result(args.name, f"Worker throughput: run_study.py optimize --workers K on {args.study.name}", table, info=info, notes=notes)
     return 0
 
 
