@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -48,7 +49,9 @@ def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
         raise ValueError(f"study {config.name!r} exists with directions {[d.name.lower() for d in study.directions]}, "
                          f"the YAML asks for {config.directions}; use another --study-name")
     if study.metric_names is None:
-        study.set_metric_names(config.metric_names)
+        with warnings.catch_warnings():  # "experimental since v3.2": the API the dashboard reads names from
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(config.metric_names)
     return study
 
 
