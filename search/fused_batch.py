@@ -24,32 +24,12 @@ from optuna.trial import TrialState
 
 from model import prepare
 from model.fused import fusion_key, train_fused
-from model.typed_config import to_dict
-from search.artifacts import artifact_store, upload_trial_outputs
+from search.artifacts import artifact_store
 from search.config import StudyConfig
-from search.objective import code_version, record_result, trial_run_config
-from search.samplers import DEGENERATE_ATTR
-from search.space import suggest
+from search.objective import finish_trial, start_trial
 from search.study import describe_trial, finished_count, open_study, warm_start
 
 log = logging.getLogger(__name__)
-
-
-def _tell(study: optuna.Study, config: StudyConfig, trial: optuna.Trial, result, store) -> None:
-    """Record and finish one trial the way TrialObjective does (attributes and artifacts first:
-    a finished trial takes no more)."""
-    record_result(trial, result)
-    upload_trial_outputs(store, trial, result.output_dir)
-    if result.status == "diverged":
-        trial.set_user_attr("fail_reason", result.stop_reason)
-        study.tell(trial, state=TrialState.FAIL)
-        return
-    degenerate = result.status == "stopped" and result.stop_reason.startswith("degenerate")
-    trial.set_user_attr(DEGENERATE_ATTR, degenerate)
-    if degenerate and config.stopping.record_degenerate_as == "pruned":
-        study.tell(trial, state=TrialState.PRUNED)
-        return
-    study.tell(trial, [result.best.val[metric] for metric in config.metric_names])
 
 
 def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | None = None,
@@ -65,7 +45,6 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
     prepared = prepared or prepare(config.base_run_config(), progress=progress, with_test_caches=False)
     warm_start(study, config)
     store = artifact_store(config.artifact_dir)
-    defaults = dataclasses.asdict(config.training)
     failed = 0
     timeout = timeout or config.budget.timeout
     started = time.monotonic()
@@ -74,14 +53,8 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
             log.info("timeout of %.0f s reached: no new group of trials", timeout)
             break
         trials = [study.ask() for _ in range(min(group_size, target - done))]
-        run_configs = []
-        for trial in trials:
-            run_config = trial_run_config(config, suggest(trial, config.search_space, defaults), trial.number)
-            trial.set_user_attr("training", to_dict(run_config.training))
-            trial.set_user_attr("seed", run_config.training.seed)
-            trial.set_user_attr("code_version", code_version())
-            run_configs.append(run_config)
-        groups: dict[tuple, list[int]] = {}
+        run_configs = [start_trial(trial, config) for trial in trials]
+        groups: dict[str, list[int]] = {}
         for i, run_config in enumerate(run_configs):  # e.g. a searched batch_size splits the batch
             groups.setdefault(fusion_key(run_config), []).append(i)
         start = time.perf_counter()
@@ -96,9 +69,9 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
                 failed += len(members)
                 continue
             for i, result in zip(members, results):
-                _tell(study, config, trials[i], result, store)
-                frozen = study.get_trials(deepcopy=False)[trials[i].number]
-                failed += frozen.state == TrialState.FAIL
+                outcome = finish_trial(trials[i], config, result, store, run_configs[i].run_dir)
+                frozen = study.tell(trials[i], outcome.values, state=outcome.state)
+                failed += outcome.state == TrialState.FAIL
                 if progress:
                     print(describe_trial(frozen, config.metric_names), flush=True)
         log.info("fused batch of %d trials: %.1f s", len(trials), time.perf_counter() - start)

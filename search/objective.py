@@ -23,6 +23,7 @@ import subprocess
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from model import PreparedData, TrainResult, train
 from model.config import TrainRunConfig
@@ -100,22 +101,46 @@ class TrialObjective:
             raise
 
     def _run(self, trial: optuna.Trial) -> list[float]:
-        defaults = dataclasses.asdict(self.config.training)
-        params = suggest(trial, self.config.search_space, defaults)
-        run_config = trial_run_config(self.config, params, trial.number)
-        trial.set_user_attr("training", to_dict(run_config.training))
-        trial.set_user_attr("seed", run_config.training.seed)
-        trial.set_user_attr("code_version", code_version())
-
+        run_config = start_trial(trial, self.config)
         with TrialLog(run_config.run_dir / "train.log"):
             result = train(run_config, prepared=self.prepared, callback=self.epoch_callback, progress=False)
-        record_result(trial, result)
-        upload_trial_outputs(self.store, trial, run_config.run_dir)
-        if result.status == "diverged":
-            trial.set_user_attr("fail_reason", result.stop_reason)
-            raise TrialDiverged(result.stop_reason)
-        degenerate = result.status == "stopped" and result.stop_reason.startswith("degenerate")
-        trial.set_user_attr(DEGENERATE_ATTR, degenerate)
-        if degenerate and self.config.stopping.record_degenerate_as == "pruned":
-            raise optuna.TrialPruned(result.stop_reason)
-        return [result.best.val[metric] for metric in self.config.metric_names]
+        outcome = finish_trial(trial, self.config, result, self.store, run_config.run_dir)
+        if outcome.state == TrialState.FAIL:
+            raise TrialDiverged(outcome.reason)
+        if outcome.state == TrialState.PRUNED:
+            raise optuna.TrialPruned(outcome.reason)
+        return outcome.values
+
+
+def start_trial(trial: optuna.Trial, config: StudyConfig) -> TrainRunConfig:
+    """Sample the trial's parameters and record what reproduces it, before it trains."""
+    params = suggest(trial, config.search_space, dataclasses.asdict(config.training))
+    run_config = trial_run_config(config, params, trial.number)
+    trial.set_user_attr("training", to_dict(run_config.training))
+    trial.set_user_attr("seed", run_config.training.seed)
+    trial.set_user_attr("code_version", code_version())
+    return run_config
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialOutcome:
+    """How a trained trial ends: the state to tell Optuna, the objective values when COMPLETE."""
+
+    state: TrialState
+    values: list[float] | None = None
+    reason: str | None = None
+
+
+def finish_trial(trial: optuna.Trial, config: StudyConfig, result: TrainResult, store, run_dir: Path) -> TrialOutcome:
+    """Record a training run on its trial (attributes and artifacts first: a finished trial takes
+    no more) and decide how the trial ends (see the module docstring)."""
+    record_result(trial, result)
+    upload_trial_outputs(store, trial, run_dir)
+    if result.status == "diverged":
+        trial.set_user_attr("fail_reason", result.stop_reason)
+        return TrialOutcome(TrialState.FAIL, reason=result.stop_reason)
+    degenerate = result.status == "stopped" and result.stop_reason.startswith("degenerate")
+    trial.set_user_attr(DEGENERATE_ATTR, degenerate)
+    if degenerate and config.stopping.record_degenerate_as == "pruned":
+        return TrialOutcome(TrialState.PRUNED, reason=result.stop_reason)
+    return TrialOutcome(TrialState.COMPLETE, [result.best.val[metric] for metric in config.metric_names])
