@@ -64,6 +64,14 @@ def machine() -> dict[str, str]:
     return info
 
 
+def sinkhorn_iterations(blur: float, scaling: float) -> int:
+    """Sinkhorn iterations of the fairness loss: the length of geomloss' epsilon-scaling schedule
+    (scores in [0, 1], so diameter 1; p = 2), the same schedule model/fused.py follows."""
+    from geomloss._legacy.sinkhorn_divergence import epsilon_schedule
+
+    return len(epsilon_schedule(2, 1.0, blur, scaling))
+
+
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     columns = columns or list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]

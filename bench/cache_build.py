@@ -13,7 +13,6 @@ On a GPU (target >= 1500 img/s for ~100k images with ViT-L-14 in bf16), use a re
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 
 import torch

@@ -16,7 +16,6 @@ there), so nothing is shared with runs/demo:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import subprocess
@@ -25,7 +24,7 @@ import time
 
 import yaml
 
-from bench._common import REPO, WORK, load_average, machine, markdown_table, write_result
+from bench._common import REPO, WORK, load_average, machine, markdown_table, sinkhorn_iterations, write_result
 
 VARIANTS = {  # name: (OMP_NUM_THREADS or None for torch's default, extra CLI args)
     "demo": (None, []),  # as studies/demo.yaml says: distributed.workers 2, one CPU thread each
@@ -72,9 +71,8 @@ def scaling_accuracy(cases: int = 200, blur: float = 1e-3) -> list[dict]:
     for scaling in (0.5, 0.7, 0.8, 0.9):
         ratio = np.array([float(sinkhorn_divergence(x, y, blur=blur, scaling=scaling, diameter=1.0)) / exact for x, y, exact in clouds])
         rows.append({"sinkhorn_scaling": scaling,
-                     # geomloss' epsilon schedule: diameter^p down to blur^p by factors scaling^p, plus both ends
-                     "iterations at blur 1e-4": 2 + math.ceil(math.log(1e-4) / math.log(scaling)),
-                     "iterations at blur 1e-2": 2 + math.ceil(math.log(1e-2) / math.log(scaling)),
+                     "iterations at blur 1e-4": sinkhorn_iterations(1e-4, scaling),
+                     "iterations at blur 1e-2": sinkhorn_iterations(1e-2, scaling),
                      f"divergence / exact, median (blur {blur:g})": float(np.median(ratio)),
                      "worst 10%": float(np.percentile(ratio, 10)), "worst": float(ratio.min())})
     return rows

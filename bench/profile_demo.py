@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import math
 import pstats
 import statistics
 
 import torch
 
-from bench._common import REPO, demo_prepared, machine, markdown_table, timer, write_result
+from bench._common import REPO, demo_prepared, machine, markdown_table, sinkhorn_iterations, timer, write_result
 
 PARTS = {  # label: (file substring, function name) as cProfile reports them
     "fairness loss (objectives.fairness_loss -> geomloss)": ("_fairness_loss.py", "fairness_loss"),
@@ -64,7 +63,7 @@ def describe(config, prepared) -> str:
     from model.detector import AdapterDetector
 
     t = config.training
-    iterations = 2 + math.ceil(math.log(t.sinkhorn_blur) / math.log(t.sinkhorn_scaling))  # geomloss' epsilon schedule
+    iterations = sinkhorn_iterations(t.sinkhorn_blur, t.sinkhorn_scaling)
     trainable = AdapterDetector(prepared.backbone.width, config.model, dropout=t.dropout, gate_init_bias=t.gate_init_bias).parameter_counts()["trainable"]
     return (f"Stage 2 hidden ratio {config.model.stage2_hidden_ratio:g}, {trainable:,} trainable parameters, "
             f"sinkhorn_scaling {t.sinkhorn_scaling:g} ({iterations} Sinkhorn iterations at blur {t.sinkhorn_blur:g})")
