@@ -66,7 +66,7 @@ def machine() -> dict[str, str]:
 
 def sinkhorn_iterations(blur: float, scaling: float) -> int:
     """Sinkhorn iterations of the fairness loss: the length of geomloss' epsilon-scaling schedule
-    (scores in [0, 1], so diameter 1; p = 2), the same schedule model/fused.py follows."""
+    (scores in [0, 1], so diameter 1; p = 2), the same schedule objectives/_sinkhorn_packed.py follows."""
     from geomloss._legacy.sinkhorn_divergence import epsilon_schedule
 
     return len(epsilon_schedule(2, 1.0, blur, scaling))

@@ -2,7 +2,7 @@
 
 One ``model.train`` run of studies/demo_train.yaml and one of a studies/demo.yaml trial (same
 prepared data) under cProfile,
-attributing wall time to the parts of a step: fairness loss (geomloss Sinkhorn), backward,
+attributing wall time to the parts of a step: fairness loss (packed Sinkhorn), backward,
 forward, optimizer, validation; then the same trial's epoch time at 1 and 2 torch threads, with
 and without flushing denormals (torch.set_flush_denormal).
 
@@ -21,7 +21,7 @@ import torch
 from bench._common import REPO, demo_prepared, machine, markdown_table, sinkhorn_iterations, timer, write_result
 
 PARTS = {  # label: (file substring, function name) as cProfile reports them
-    "fairness loss (objectives.fairness_loss -> geomloss)": ("_fairness_loss.py", "fairness_loss"),
+    "fairness loss (objectives.fairness_loss, packed Sinkhorn)": ("_fairness_loss.py", "fairness_loss"),
     "backward (autograd engine)": ("graph.py", "_engine_run_backward"),
     "forward (AdapterDetector)": ("detector.py", "forward"),
     "optimizer step (AdamW, foreach)": ("optimizer.py", "wrapper"),

@@ -15,9 +15,9 @@ The same computation as ``model.train.train`` run K times, one after the other:
   weights (so every optimizer ``model/optim.py`` can build works, with the serial update);
 * dropout draws its mask from trial k's own copy of the global random state, in the serial order,
   so trial k sees exactly the serial run's masks;
-* the fairness loss of all trials goes through one batched Sinkhorn loop that follows geomloss'
-  epsilon-scaling schedule per trial (``_fairness_loss_multi``; ``fuse_fairness=False`` calls
-  ``objectives.fairness_loss`` per trial instead).
+* the fairness loss of all trials goes through one packed Sinkhorn loop in which each trial
+  follows its own epsilon schedule (``objectives.fairness_loss_multi``; ``fuse_fairness=False``
+  calls ``objectives.fairness_loss`` per trial instead, which is exactly the serial run's call).
 
 Only floating-point rounding differs: a batched kernel may round differently from K small ones
 (CPU bmm takes another path than addmm for small matrices, a LayerNorm with a per-trial affine is
@@ -42,7 +42,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from geomloss._legacy.sinkhorn_divergence import epsilon_schedule
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -53,8 +52,6 @@ from model.optim import build_optimizer, lr_factor, set_lr
 from model.prepare import PreparedData, prepare
 from model.runtime import autocast, resolve_device, seed_everything
 from model.train import EpochCallback, EpochRecord, TrainResult, _token_source, _write_outputs, degenerate_stop_reason
-from objectives._fairness_loss import _DIAMETER, _pairs
-from objectives._sinkhorn import _half_squared_distance
 
 log = logging.getLogger(__name__)
 
@@ -225,131 +222,6 @@ class FusedDetector(nn.Module):
         return gate * s1k + (1 - gate) * c, gate.squeeze(-1)
 
 
-# ---- the fairness loss of K trials in one batched Sinkhorn loop ---------------------------------
-#
-# objectives.fairness_loss runs geomloss' debiased Sinkhorn on the P (label, group) pairs of a
-# batch: four transport problems per pair (x<->y, y<->x, x<->x, y<->y; x = the group's scores, y =
-# its label's scores), ~90 epsilon-scaling iterations, several small kernels per problem and
-# iteration: thousands of kernel launches per step, a GPU step's bottleneck. Here the problems of
-# all T trials and P pairs are packed into two batches of rows, by the cloud their rows live on
-# (x: A = x<->y and C = x<->x; y: B = y<->x and D = y<->y), so an iteration is two soft-mins
-# (~30 kernels) whatever T and P are. The y<->y problem depends only on the label, so it is solved
-# once per (trial, label), not once per pair. Each row follows its own trial's epsilon schedule
-# (geomloss' ``epsilon_schedule``) and is frozen after its last step: it gets exactly geomloss'
-# iterations. Clouds are padded with zero-weight copies of their first point, which (as in
-# objectives/_fairness_loss.py) cannot leak into the result.
-
-
-def _softmin(eps: torch.Tensor, cost: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """-eps log sum_j exp(h_j - C_ij / eps), one eps per row (eps [R], cost [R, N, M], h [R, M])."""
-    z = h.unsqueeze(1) - cost / eps.view(-1, 1, 1)
-    peak = z.amax(dim=2, keepdim=True).detach()  # finite: costs and log-weights are finite
-    return -eps.view(-1, 1) * (peak.squeeze(2) + (z - peak).exp().sum(dim=2).log())
-
-
-def _log_weights(w: torch.Tensor) -> torch.Tensor:
-    return torch.where(w <= 0, torch.full_like(w, -100000.0), w.log())  # geomloss' clamp, without a sync
-
-
-def _pad_to(index_sets: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, length) indices padded with each set's first index; (S, length) uniform weights, 0 on pads."""
-    index = torch.stack([torch.cat([s, s[:1].expand(length - s.numel())]) for s in index_sets])
-    weight = torch.zeros(index.shape, dtype=torch.float32)
-    for row, s in enumerate(index_sets):
-        weight[row, : s.numel()] = 1.0 / s.numel()
-    return index, weight
-
-
-def _fairness_loss_multi(
-    scores: torch.Tensor, labels_cpu: torch.Tensor, groups_cpu: torch.Tensor, *,
-    blurs: Sequence[float], scalings: Sequence[float], min_group_size: int,
-) -> torch.Tensor:
-    """``objectives.fairness_loss`` of T trials at once: scores [T, n] -> [T].
-
-    Labels and groups are shared (same batch); blur and scaling are per trial. Equal, trial by
-    trial and up to float rounding, to ``objectives.fairness_loss(scores[t], labels, groups,
-    blur=blurs[t], scaling=scalings[t], min_group_size=...)``, gradient included.
-    """
-    trials = scores.shape[0]
-    scores32 = scores.float()
-    pairs = _pairs(labels_cpu.long(), groups_cpu.long(), min_group_size)
-    if not pairs:
-        return scores32.sum(1) * 0
-    sets, set_of_pair = [], []
-    for _, label_set in pairs:
-        match = next((i for i, s in enumerate(sets) if s is label_set or torch.equal(s, label_set)), None)
-        if match is None:
-            sets.append(label_set)
-            match = len(sets) - 1
-        set_of_pair.append(match)
-    n_pairs, n_sets = len(pairs), len(sets)
-    lx = max(int(m.numel()) for m, _ in pairs)
-    ly = max(int(s.numel()) for s in sets)  # >= lx: a group's members are part of its label's set
-    device = scores.device
-    x_index, x_weight = (t.to(device, non_blocking=True) for t in _pad_to([m for m, _ in pairs], lx))
-    y_index, y_weight = (t.to(device, non_blocking=True) for t in _pad_to(sets, ly))
-    pair_set = torch.tensor(set_of_pair).to(device, non_blocking=True)
-    widen = torch.cat([torch.arange(lx), torch.zeros(ly - lx, dtype=torch.long)]).to(device, non_blocking=True)
-
-    def cloud(index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        values = scores32[:, index]  # [T, rows, L]; pads carry no gradient
-        return torch.where(weight > 0, values, values.detach())
-
-    schedules = [[float(e) for e in epsilon_schedule(2, _DIAMETER, b, s)] for b, s in zip(blurs, scalings)]
-    steps = max(len(s) for s in schedules)
-    table = torch.tensor([s + [s[-1]] * (steps - len(s)) for s in schedules], dtype=torch.float32)  # [T, steps]
-    lengths = torch.tensor([len(s) for s in schedules])
-    uniform = bool((lengths == steps).all())
-
-    def per_row(*counts: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Epsilon table [rows, steps] and "still iterating" mask of blocks of ``counts`` rows per trial."""
-        trial_of_row = torch.cat([torch.arange(trials).repeat_interleave(n) for n in counts])
-        active = torch.arange(steps)[None, :] < lengths[trial_of_row][:, None]
-        return table[trial_of_row].to(device, non_blocking=True), active.to(device, non_blocking=True)
-
-    with torch.autocast(device_type=device.type, enabled=False):
-        tp, ts = trials * n_pairs, trials * n_sets
-        x = cloud(x_index, x_weight).reshape(tp, lx)
-        y = cloud(y_index, y_weight)  # [T, S, ly]
-        y_p = y[:, pair_set].reshape(tp, ly)  # each pair's label cloud
-        y = y.reshape(ts, ly)
-        x_wide = x[:, widen]  # x as ly columns: its first point repeated, with weight 0
-        x_weight_wide = torch.cat([x_weight, x_weight.new_zeros(n_pairs, ly - lx)], dim=1)
-        log_a, log_b_p, log_b = _log_weights(x_weight_wide), _log_weights(y_weight[pair_set]), _log_weights(y_weight)
-        # Pack X: rows on x (A = x<->y, C = x<->x); pack Y: rows on y (B = y<->x, D = y<->y per label).
-        cost_x = _half_squared_distance(torch.cat([x, x]).unsqueeze(-1), torch.cat([y_p, x_wide]).detach().unsqueeze(-1))
-        cost_y = _half_squared_distance(torch.cat([y_p, y]).unsqueeze(-1), torch.cat([x_wide, y]).detach().unsqueeze(-1))
-        logw_x = torch.cat([log_b_p.repeat(trials, 1), log_a.repeat(trials, 1)])
-        logw_y = torch.cat([log_a.repeat(trials, 1), log_b.repeat(trials, 1)])
-        eps_x, active_x = per_row(n_pairs, n_pairs)
-        eps_y, active_y = per_row(n_pairs, n_sets)
-
-        def partner_x(fx, fy, eps):  # A reads B's potential, C its own (widened to ly columns)
-            return logw_x + torch.cat([fy[:tp], fx[tp:][:, widen]]) / eps.view(-1, 1)
-
-        def partner_y(fx, fy, eps):  # B reads A's potential (widened), D its own
-            return logw_y + torch.cat([fx[:tp][:, widen], fy[tp:]]) / eps.view(-1, 1)
-
-        with torch.no_grad():
-            fx, fy = _softmin(eps_x[:, 0], cost_x, logw_x), _softmin(eps_y[:, 0], cost_y, logw_y)
-            for i in range(steps):
-                ex, ey = eps_x[:, i], eps_y[:, i]
-                new_x = 0.5 * (fx + _softmin(ex, cost_x, partner_x(fx, fy, ex)))
-                new_y = 0.5 * (fy + _softmin(ey, cost_y, partner_y(fx, fy, ey)))
-                if uniform:
-                    fx, fy = new_x, new_y
-                else:
-                    fx, fy = torch.where(active_x[:, i : i + 1], new_x, fx), torch.where(active_y[:, i : i + 1], new_y, fy)
-        ex, ey = eps_x[:, -1], eps_y[:, -1]  # each row's last step: its trial's blur ** 2
-        final_x = _softmin(ex, cost_x, partner_x(fx, fy, ex).detach())
-        final_y = _softmin(ey, cost_y, partner_y(fx, fy, ey).detach())
-        f_ba, f_aa, g_ab = final_x[:tp], final_x[tp:], final_y[:tp]
-        g_bb = final_y[tp:].view(trials, n_sets, ly)[:, pair_set].reshape(tp, ly)
-        a, b = x_weight.repeat(trials, 1), y_weight[pair_set].repeat(trials, 1)
-        per_pair = (a * (f_ba - f_aa)).sum(1) + (b * (g_ab - g_bb)).sum(1)
-    return per_pair.view(trials, n_pairs).mean(1)
-
-
 # ---- the fused training loop -------------------------------------------------------------------
 
 @dataclasses.dataclass(eq=False)
@@ -502,7 +374,7 @@ def train_fused(
                 probabilities = torch.sigmoid(logits)
                 for size, members, index in fair_groups:
                     if fuse_fairness:
-                        values = _fairness_loss_multi(
+                        values = objectives.fairness_loss_multi(
                             probabilities[index], y_cpu, g_cpu, blurs=[trials[k].cfg.sinkhorn_blur for k in members],
                             scalings=[trials[k].cfg.sinkhorn_scaling for k in members], min_group_size=size,
                         )

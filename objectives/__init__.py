@@ -6,7 +6,8 @@ geomloss only, never on the rest of fairfront.
 - ``evaluate`` / ``evaluate_detailed``: AUC, ACC, EER, AP and the group-fairness gaps F_FPR,
   F_OAE, F_DP, F_MEO of one scored set.
 - ``sinkhorn_divergence``: debiased Sinkhorn divergence between two 1-D sample sets.
-- ``fairness_loss``: the label-conditioned, group-vs-batch Sinkhorn fairness term of training.
+- ``fairness_loss``: the label-conditioned, group-vs-batch Sinkhorn fairness term of training;
+  ``fairness_loss_multi``: the same for T score vectors of one batch (fused trials) at once.
 """
 
 from objectives._evaluation import (
@@ -17,7 +18,7 @@ from objectives._evaluation import (
     evaluate,
     evaluate_detailed,
 )
-from objectives._fairness_loss import fairness_loss
+from objectives._fairness_loss import fairness_loss, fairness_loss_multi
 from objectives._sinkhorn import sinkhorn_divergence
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
     "evaluate",
     "evaluate_detailed",
     "fairness_loss",
+    "fairness_loss_multi",
     "sinkhorn_divergence",
 ]

@@ -6,17 +6,24 @@ in the batch; the loss is the mean over those (label, group) pairs. Conditioning
 what F_FPR / F_MEO measure: real faces of every group should score alike, fakes likewise. Without
 it, a group with more fakes in the batch would be pushed towards looking real.
 
-All pairs go through geomloss in one batched call: pair p's cloud is padded to the longest with
-zero-weight copies of its own first point (a copy carries the same dual potential, so geomloss's
-finite "log 0" of -1e5 cannot let it leak in even at tiny blur), and padded values are detached so
-they receive no gradient. The pair bookkeeping runs on the CPU (labels and groups are tiny).
+All pairs (and, with ``fairness_loss_multi``, all trials of a fused group) go through one packed
+Sinkhorn loop (objectives/_sinkhorn_packed.py: geomloss' schedule and updates, a few kernels per
+iteration instead of geomloss' per-problem calls). Each cloud is padded to the longest with
+zero-weight copies of its own first point (a copy carries the same dual potential, so geomloss'
+finite "log 0" of -1e5 cannot let it leak in even at tiny blur), and padded values are detached
+so they receive no gradient. The pair bookkeeping runs on the CPU (labels and groups are tiny).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from objectives._sinkhorn import check_blur_scaling, sinkhorn_loss
+from objectives._sinkhorn import check_blur_scaling
+from objectives._sinkhorn_packed import debiased_sinkhorn_1d, schedule
+
+__all__ = ["fairness_loss", "fairness_loss_multi"]
 
 _DIAMETER = 1.0  # scores are probabilities: no two differ by more than 1
 
@@ -45,9 +52,8 @@ def _pairs(labels: torch.Tensor, groups: torch.Tensor, min_group_size: int) -> l
     return pairs
 
 
-def _padded(index_sets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, L) indices padded with each row's first index, and (P, L) uniform weights (0 on pads)."""
-    length = max(int(s.numel()) for s in index_sets)
+def _padded(index_sets: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, length) indices padded with each set's first index, and (S, length) uniform weights (0 on pads)."""
     index = torch.stack([torch.cat([s, s[:1].expand(length - s.numel())]) for s in index_sets])
     weight = torch.zeros(index.shape, dtype=torch.float32)
     for row, s in enumerate(index_sets):
@@ -55,10 +61,19 @@ def _padded(index_sets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     return index, weight
 
 
-def _gather(scores: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """scores[index] as a (P, L, 1) cloud; pad entries detached so they get no gradient."""
-    values = scores[index]
-    return torch.where(weight > 0, values, values.detach())[..., None]
+def _checked_batch(labels, groups, n: int, min_group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and groups as CPU long tensors of length n, or ValueError naming the argument."""
+    if isinstance(min_group_size, bool) or not isinstance(min_group_size, int) or min_group_size < 1:
+        raise ValueError(f"min_group_size must be an integer >= 1, got {min_group_size!r}")
+    labels_cpu = _as_1d(labels, "labels").detach().cpu()
+    groups_cpu = _as_1d(groups, "groups").detach().cpu()
+    if groups_cpu.is_floating_point() or groups_cpu.is_complex() or groups_cpu.dtype == torch.bool:
+        raise ValueError(f"groups must be an integer tensor of group ids, got {groups_cpu.dtype}")
+    if not (labels_cpu.numel() == groups_cpu.numel() == n):
+        raise ValueError(f"length mismatch: scores={n}, labels={labels_cpu.numel()}, groups={groups_cpu.numel()}")
+    if not torch.isin(labels_cpu, torch.tensor([0, 1], dtype=labels_cpu.dtype)).all():
+        raise ValueError("labels must contain only 0 (real) and 1 (fake)")
+    return labels_cpu.long(), groups_cpu.long()
 
 
 def fairness_loss(
@@ -86,34 +101,68 @@ def fairness_loss(
         A float32 scalar on ``scores``' device. If no pair qualifies, ``scores.sum() * 0``: zero but
         still part of the graph, so ``backward()`` on a total loss keeps working.
     """
-    check_blur_scaling(blur, scaling)
-    if isinstance(min_group_size, bool) or not isinstance(min_group_size, int) or min_group_size < 1:
-        raise ValueError(f"min_group_size must be an integer >= 1, got {min_group_size!r}")
     scores = _as_1d(scores, "scores")
-    labels_cpu = _as_1d(labels, "labels").detach().cpu()
-    groups_cpu = _as_1d(groups, "groups").detach().cpu()
+    return fairness_loss_multi(scores[None], labels, groups, blurs=[blur], scalings=[scaling], min_group_size=min_group_size)[0]
+
+
+def fairness_loss_multi(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    *,
+    blurs: Sequence[float],
+    scalings: Sequence[float],
+    min_group_size: int = 2,
+) -> torch.Tensor:
+    """``fairness_loss`` of T score vectors on the same batch at once: scores [T, n] -> [T].
+
+    Row t is ``fairness_loss(scores[t], labels, groups, blur=blurs[t], scaling=scalings[t])``, up
+    to float rounding, gradient included: the T trials of a fused group (model/fused.py) share the
+    batch's labels and groups, and all their Sinkhorn problems share one packed loop.
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must have shape [trials, n], got {tuple(scores.shape)}")
     if not scores.is_floating_point():
         raise ValueError(f"scores must be a floating-point tensor, got {scores.dtype}")
-    if groups_cpu.is_floating_point() or groups_cpu.is_complex() or groups_cpu.dtype == torch.bool:
-        raise ValueError(f"groups must be an integer tensor of group ids, got {groups_cpu.dtype}")
-    if not (labels_cpu.numel() == groups_cpu.numel() == scores.numel()):
-        raise ValueError(
-            f"length mismatch: scores={scores.numel()}, labels={labels_cpu.numel()}, groups={groups_cpu.numel()}"
-        )
-    if not torch.isin(labels_cpu, torch.tensor([0, 1], dtype=labels_cpu.dtype)).all():
-        raise ValueError("labels must contain only 0 (real) and 1 (fake)")
+    trials, n = scores.shape
+    blurs, scalings = list(blurs), list(scalings)
+    if not (len(blurs) == len(scalings) == trials):
+        raise ValueError(f"need one blur and one scaling per row of scores ({trials}), got {len(blurs)} and {len(scalings)}")
+    for blur, scaling in zip(blurs, scalings):
+        check_blur_scaling(blur, scaling)
+    labels_cpu, groups_cpu = _checked_batch(labels, groups, n, min_group_size)
 
     scores32 = scores.float()
-    pairs = _pairs(labels_cpu.long(), groups_cpu.long(), min_group_size)
+    pairs = _pairs(labels_cpu, groups_cpu, min_group_size)
     if not pairs:
-        return scores32.sum() * 0
-
+        return scores32.sum(1) * 0
+    sets, set_of_pair = [], []  # a label's set is shared by all its groups' pairs
+    for _, label_set in pairs:
+        match = next((i for i, s in enumerate(sets) if s is label_set), None)
+        if match is None:
+            sets.append(label_set)
+            match = len(sets) - 1
+        set_of_pair.append(match)
+    n_pairs, n_sets = len(pairs), len(sets)
+    length = max(int(s.numel()) for s in sets)  # a group's members are part of its label's set
     device = scores.device
-    x_index, x_weight = (t.to(device, non_blocking=True) for t in _padded([members for members, _ in pairs]))
-    y_index, y_weight = (t.to(device, non_blocking=True) for t in _padded([label_set for _, label_set in pairs]))
-    loss = sinkhorn_loss(blur=blur, scaling=scaling, p=2, diameter=_DIAMETER)
+    x_index, x_weight = (t.to(device, non_blocking=True) for t in _padded([members for members, _ in pairs], length))
+    y_index, y_weight = (t.to(device, non_blocking=True) for t in _padded(sets, length))
+    # problems and sets of trial t are rows t * n_pairs ... and t * n_sets ...
+    set_of_problem = (torch.tensor(set_of_pair)[None, :] + n_sets * torch.arange(trials)[:, None]).flatten()
+    per_trial = [schedule(diameter=_DIAMETER, blur=b, scaling=s) for b, s in zip(blurs, scalings)]
+
+    def cloud(index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        values = scores32[:, index]  # [T, rows, length]; pads carry no gradient
+        return torch.where(weight > 0, values, values.detach()).flatten(0, 1)
+
     with torch.autocast(device_type=device.type, enabled=False):
-        per_pair = loss(
-            x_weight, _gather(scores32, x_index, x_weight), y_weight, _gather(scores32, y_index, y_weight)
+        per_pair = debiased_sinkhorn_1d(
+            cloud(x_index, x_weight), x_weight.repeat(trials, 1), cloud(y_index, y_weight), y_weight.repeat(trials, 1),
+            set_of_problem.to(device, non_blocking=True),
+            problem_schedules=[per_trial[t] for t in range(trials) for _ in range(n_pairs)],
+            set_schedules=[per_trial[t] for t in range(trials) for _ in range(n_sets)],
         )
-    return per_pair.mean()
+    return per_pair.view(trials, n_pairs).mean(1)

@@ -36,10 +36,9 @@ def check_blur_scaling(blur: float, scaling: float) -> None:
 
 
 def sinkhorn_loss(*, blur: float, scaling: float, p: int, diameter: float) -> SamplesLoss:
-    """The geomloss loss object shared by ``sinkhorn_divergence`` and ``fairness_loss``.
-
-    Called as ``loss(x, y)`` with (N, 1), (M, 1) clouds, or batched as ``loss(a, x, b, y)`` with
-    weights (B, N), (B, M) and clouds (B, N, 1), (B, M, 1).
+    """The geomloss loss object behind ``sinkhorn_divergence``, called as ``loss(x, y)`` with
+    (N, 1), (M, 1) clouds. (``fairness_loss`` solves its many small problems in one packed loop
+    with geomloss' schedule instead: objectives/_sinkhorn_packed.py.)
     """
     return SamplesLoss(
         "sinkhorn",

@@ -15,13 +15,13 @@ import objectives
 from model import load_train_config, prepare, train
 from model.config import ModelConfig
 from model.detector import AdapterDetector
-from model.fused import FusedDetector, _fairness_loss_multi, check_fusable, fusion_key, train_fused
+from model.fused import FusedDetector, check_fusable, fusion_key, train_fused
 
 DEMO_TRAIN = Path(__file__).parents[2] / "studies" / "demo_train.yaml"
 
 # One trial per row: every searched key varies, plus the edge cases (no fairness term, no dropout,
 # no clipping, a differential head lr). Blurs >= 1e-3 here: below that the float32 Sinkhorn gradient
-# is ill-conditioned (see test_batched_fairness_loss_has_the_per_trial_gradient), so any change of
+# is ill-conditioned (see tests/objectives_tests/test_fairness_loss.py), so any change of
 # rounding, fused or not, moves a run by more than 1e-5; small blurs are tested below through
 # objectives.fairness_loss itself (fuse_fairness=False).
 TRIALS = [
@@ -167,46 +167,6 @@ def test_trial_views_follow_the_stacked_weights_when_they_move_or_shrink():
     with torch.no_grad():
         gate_bias.add_(1.0)  # an optimizer step on the view lands in the stacked weights
     assert fused.p("fusion.gate.bias")[1].detach().item() == 3.0
-
-
-def fairness_case(n=40, seed=3):
-    torch.manual_seed(seed)
-    labels = (torch.rand(n) < 0.7).float()
-    groups = torch.randint(0, 5, (n,))
-    return labels, groups
-
-
-def test_batched_fairness_loss_equals_the_per_trial_loss():
-    labels, groups = fairness_case()
-    settings = [(1e-5, 0.95), (1e-4, 0.9), (3e-3, 0.7), (1e-2, 0.9)]  # schedules of different lengths
-    scores = torch.sigmoid(torch.randn(len(settings), len(labels)))
-    batched = _fairness_loss_multi(scores, labels, groups, blurs=[b for b, _ in settings],
-                                   scalings=[s for _, s in settings], min_group_size=2)
-    for t, (blur, scaling) in enumerate(settings):
-        single = objectives.fairness_loss(scores[t], labels, groups, blur=blur, scaling=scaling, min_group_size=2)
-        torch.testing.assert_close(batched[t], single, rtol=1e-5, atol=1e-9)
-    # no qualifying pair: zero, still in the graph
-    logits = torch.randn(2, 4, requires_grad=True)
-    empty = _fairness_loss_multi(torch.sigmoid(logits), torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.arange(4),
-                                 blurs=[1e-3, 1e-3], scalings=[0.9, 0.9], min_group_size=2)
-    assert empty.tolist() == [0.0, 0.0] and empty.requires_grad
-
-
-@pytest.mark.parametrize("blur", [1e-3, 1e-2])
-def test_batched_fairness_loss_has_the_per_trial_gradient(blur):
-    # Below blur ~1e-3 the float32 Sinkhorn gradient itself is ill-conditioned: geomloss' own
-    # gradient moves by 2% (blur 1e-4) to 50% (1e-5) when the scores move by 1e-7 relative, so
-    # only well-conditioned blurs can be compared tightly.
-    labels, groups = fairness_case()
-    logits = torch.randn(3, len(labels), requires_grad=True)
-    batched = _fairness_loss_multi(torch.sigmoid(logits), labels, groups, blurs=[blur, 2 * blur, blur],
-                                   scalings=[0.9, 0.9, 0.8], min_group_size=2)
-    (grad_batched,) = torch.autograd.grad(batched.sum(), logits)
-    for t, (b, s) in enumerate([(blur, 0.9), (2 * blur, 0.9), (blur, 0.8)]):
-        row = logits.detach()[t].clone().requires_grad_()
-        (grad_single,) = torch.autograd.grad(
-            objectives.fairness_loss(torch.sigmoid(row), labels, groups, blur=b, scaling=s, min_group_size=2), row)
-        assert float((grad_batched[t] - grad_single).norm() / grad_single.norm()) < 1e-3
 
 
 def test_configs_that_cannot_share_batches_are_refused(base, tmp_path):

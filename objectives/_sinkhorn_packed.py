@@ -1,0 +1,117 @@
+"""Many debiased Sinkhorn divergences between 1-D clouds, solved in one packed loop.
+
+The fairness loss needs, per batch, one divergence S_eps(x_p, y_s(p)) for every (label, group)
+pair p: x_p = the group's scores, y_s = the scores of its label's set s. geomloss'
+``SamplesLoss("sinkhorn", debias=True)`` solves each as four transport problems (x<->y, y<->x,
+x<->x, y<->y), and every epsilon-scaling iteration is several small kernels per problem: ~7,200
+kernel launches per training step at scaling 0.9, which is what bounds a GPU step at batch 32
+(bench/results/trial_scale.md). Here all four problems of all pairs are rows of ONE batch:
+
+    row block   row points  column points   partner block (its potential is read)
+    A  x->y     x_p         y_s(p)          B
+    C  x->x     x_p         x_p             C
+    B  y->x     y_s(p)      x_p             A
+    D  y->y     y_s         y_s             D      (once per set, not once per pair)
+
+so an iteration is one soft-min over a [rows, L, L] cost whatever the number of pairs, trials
+and groups (~12 kernels). Every cloud is padded to the same length L with zero-weight copies of
+its own first point: a copy gets the same potential as that point, and zero weight keeps it out
+of every sum, so padding changes no value (objectives/_fairness_loss.py pads the same way).
+
+The arithmetic is geomloss' own: the same epsilon schedule (its ``epsilon_schedule``), the same
+symmetric (Jacobi) updates averaged with the previous potentials, the same soft-min, and the same
+final "last extrapolation" step with detached potentials and a cost that carries the gradient of
+the row points only. Only float rounding differs (tests/objectives_tests compare with geomloss).
+Each row follows the schedule given for it and is frozen after its last step, so problems with
+different blur or scaling (the trials of a fused group) share the loop and still get exactly
+their own iterations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from geomloss._legacy.sinkhorn_divergence import epsilon_schedule
+
+__all__ = ["debiased_sinkhorn_1d", "schedule"]
+
+
+def schedule(*, diameter: float, blur: float, scaling: float) -> list[float]:
+    """geomloss' epsilon values (p=2) from diameter**2 down to blur**2, one per iteration."""
+    return [float(e) for e in epsilon_schedule(2, diameter, blur, scaling)]
+
+
+def _log_weights(w: torch.Tensor) -> torch.Tensor:
+    return torch.where(w <= 0, torch.full_like(w, -100000.0), w.log())  # geomloss' clamp, without a sync
+
+
+def _softmin(eps: torch.Tensor, neg_eps: torch.Tensor, neg_cost: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """-eps log sum_j exp(h_j - C_ij / eps), one eps per row: eps, neg_eps = -eps [R], neg_cost = -C [R, L, L], h [R, L].
+
+    geomloss' soft-min (a stabilised log-sum-exp), written out: torch.logsumexp adds guards for
+    infinite maxima (four more kernels per call) that finite costs and log-weights never need.
+    """
+    z = torch.addcdiv(h.unsqueeze(1), neg_cost, eps.view(-1, 1, 1))
+    peak = z.amax(dim=2, keepdim=True).detach()  # the shift cancels in value and gradient
+    return neg_eps.view(-1, 1) * ((z - peak).exp().sum(dim=2).log() + peak.squeeze(2))
+
+
+def debiased_sinkhorn_1d(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    y: torch.Tensor,
+    b: torch.Tensor,
+    set_of_problem: torch.Tensor,
+    *,
+    problem_schedules: Sequence[Sequence[float]],
+    set_schedules: Sequence[Sequence[float]],
+) -> torch.Tensor:
+    """S_eps(x_p, y_{set_of_problem[p]}) for every problem p, with cost |x - y|^2 / 2.
+
+    Args:
+        x: [P, L] float32 row clouds; a: [P, L] their weights (each row sums to 1, 0 on pads).
+        y: [S, L] float32 set clouds; b: [S, L] their weights.
+        set_of_problem: [P] long, the set each problem compares its cloud with.
+        problem_schedules: P epsilon schedules (``schedule``); the x->y, x->x and y->x problems of
+            p follow schedule p.
+        set_schedules: S schedules for the y->y problem of each set.
+
+    Returns:
+        [P] divergences; the gradient flows to x and y (give pads detached values if they must
+        not receive any).
+    """
+    problems, sets = x.shape[0], y.shape[0]
+    if len(problem_schedules) != problems or len(set_schedules) != sets:
+        raise ValueError(f"need {problems} problem and {sets} set schedules, got {len(problem_schedules)} and {len(set_schedules)}")
+    device = x.device
+    y_p, b_p = y[set_of_problem], b[set_of_problem]
+    rows = torch.cat([x, x, y_p, y])  # blocks A, C, B, D
+    columns = torch.cat([y_p, x, x, y]).detach()
+    log_w = _log_weights(torch.cat([b_p, a, a, b]))
+    neg_cost = -0.5 * (rows.unsqueeze(2) - columns.unsqueeze(1)) ** 2  # [R, L, L]; grad to row points only
+    p_range = torch.arange(problems)
+    partner = torch.cat([p_range + 2 * problems, p_range + problems, p_range, torch.arange(sets) + 3 * problems]).to(device, non_blocking=True)
+
+    schedules = [*problem_schedules, *problem_schedules, *problem_schedules, *set_schedules]
+    steps = max(len(s) for s in schedules)
+    # [steps, R]: row r's epsilon at each iteration, its last value repeated once its schedule is done
+    eps = torch.tensor([s + [s[-1]] * (steps - len(s)) for s in map(list, schedules)], dtype=torch.float32).T.contiguous()
+    lengths = torch.tensor([len(s) for s in schedules])
+    uniform = bool((lengths == steps).all())
+    active = (torch.arange(steps)[:, None] < lengths[None, :]).unsqueeze(-1)  # [steps, R, 1]
+    eps, neg_eps, active = (t.to(device, non_blocking=True) for t in (eps, -eps, active))
+
+    with torch.no_grad():
+        f = _softmin(eps[0], neg_eps[0], neg_cost, log_w)
+        for i in range(steps):
+            e = eps[i]
+            update = _softmin(e, neg_eps[i], neg_cost, torch.addcdiv(log_w, f[partner], e.view(-1, 1)))
+            averaged = torch.lerp(f, update, 0.5)  # geomloss' 0.5 * (f + update), one kernel
+            f = averaged if uniform else torch.where(active[i], averaged, f)
+    # each row's last step (its blur ** 2) again, now with the gradient of the cost (geomloss'
+    # "last extrapolation"); the potentials it reads are constants
+    e = eps[-1]
+    final = _softmin(e, neg_eps[-1], neg_cost, torch.addcdiv(log_w, f[partner], e.view(-1, 1)))
+    f_ba, f_aa, g_ab, g_bb = final.split([problems, problems, problems, sets])
+    return (a * (f_ba - f_aa)).sum(1) + (b_p * (g_ab - g_bb[set_of_problem])).sum(1)
