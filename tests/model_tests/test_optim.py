@@ -38,3 +38,28 @@ def test_optimizer_choice_and_differential_lr(name, cls):
     for group in opt.param_groups:
         assert group["weight_decay"] == (0.05 if all(p.ndim >= 2 for p in group["params"]) else 0.0)
     assert not math.isnan(lrs[0])
+
+
+@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD), ("radam", torch.optim.RAdam)])
+def test_updates_equal_torchs_plain_for_loop_optimizer(name, cls):
+    """build_optimizer picks torch's fused (or foreach) kernels for speed; the updates must be the
+    ones of torch's reference single-tensor implementation (foreach=False), step after step."""
+    torch.manual_seed(0)
+    adapter, head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+    cfg = TrainingConfig(optimizer=name, lr=1e-2, head_lr_mult=3.0, weight_decay=0.05, momentum=0.9)
+    params = [*adapter.parameters(), *head.parameters()]
+    start = [p.detach().clone() for p in params]
+    reference_params = [torch.nn.Parameter(p.clone()) for p in start]
+    fast = build_optimizer({"adapter": params[:2], "head": params[2:]}, cfg)
+    index = {id(p): i for i, p in enumerate(params)}
+    reference = cls([{"params": [reference_params[index[id(p)]] for p in g["params"]], "lr": g["lr"], "weight_decay": g["weight_decay"]}
+                     for g in fast.param_groups], **({"momentum": 0.9} if name == "sgd" else {}), foreach=False)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, reference_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fast.step()
+        reference.step()
+    for p, q in zip(params, reference_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    assert all(not torch.equal(p.detach(), p0) for p, p0 in zip(params, start))  # every tensor moved
