@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+# FAIRFRONT_BENCH_RESULTS: another folder for the tables (bench/device/gpu_session.sh writes them to $OUT)
+RESULTS = Path(os.environ.get("FAIRFRONT_BENCH_RESULTS") or REPO / "bench" / "results")
 WORK = REPO / "runs" / "bench"  # git-ignored: generated data, caches, CSVs of raw runs
 
 
@@ -64,6 +65,13 @@ def machine() -> dict[str, str]:
     return info
 
 
+def gpu_note() -> str:
+    """Where the GPU rows of a table came from (or that there were none)."""
+    if torch.cuda.is_available():
+        return f"GPU rows: measured on this machine's {torch.cuda.get_device_name(0)}."
+    return "GPU row: not measured, no GPU lent to this task."
+
+
 def sinkhorn_iterations(blur: float, scaling: float) -> int:
     """Sinkhorn iterations of the fairness loss: the length of geomloss' epsilon-scaling schedule
     (scores in [0, 1], so diameter 1; p = 2), the same schedule objectives/_sinkhorn_packed.py follows."""
@@ -99,7 +107,7 @@ def write_result(name: str, title: str, body: str, *, info: dict[str, str], note
     path = RESULTS / f"{name}.md"
     path.write_text(text)
     print(text)
-    print(f"written: {path.relative_to(REPO)}")
+    print(f"written: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return path
 
 
@@ -127,7 +135,8 @@ def synthetic_prepared(
 ):
     """A ``PreparedData`` whose feature cache holds random float16 tokens [N, tokens, width] in
     memory-mapped .npy files (the layout ``model/cache.py`` writes), with FF++-like labels and 8
-    demographic groups. The training loop reads it exactly as it reads a real cache."""
+    demographic groups. The training loop reads it exactly as it reads a real cache. For timing
+    only: the patch tokens repeat every 256 rows."""
     from model import BackboneConfig, DataConfig, ModelConfig, PreparedData, TrainRunConfig, TrainingConfig
     from model.cache import FeatureCache
     from model.detector import Stage1Adapter
@@ -144,9 +153,12 @@ def synthetic_prepared(
         cls = np.lib.format.open_memmap(cls_path, mode="w+", dtype=np.float16, shape=(n, width))
         patches = np.lib.format.open_memmap(patches_path, mode="w+", dtype=np.float16, shape=(n, tokens, width))
         cls[:] = rng.standard_normal((n, width), dtype=np.float32)
-        for start in range(0, n, 256):  # in chunks: ViT-L shapes are 0.5 MB per image
-            stop = min(n, start + 256)
-            patches[start:stop] = rng.standard_normal((stop - start, tokens, width), dtype=np.float32)
+        # A pool of 256 random images written again and again: drawing 100k x 256 x 1024 normals
+        # would take minutes, and a timing run does not care that rows repeat.
+        pool = rng.standard_normal((min(n, 256), tokens, width), dtype=np.float32).astype(np.float16)
+        for start in range(0, n, len(pool)):  # in chunks: ViT-L shapes are 0.5 MB per image
+            stop = min(n, start + len(pool))
+            patches[start:stop] = pool[: stop - start]
         cls.flush(), patches.flush()
         del cls, patches
     cache = FeatureCache(directory=directory, key="synthetic", cls=np.load(cls_path, mmap_mode="r"),

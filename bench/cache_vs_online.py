@@ -21,7 +21,7 @@ import statistics
 
 import torch
 
-from bench._common import WORK, demo_prepared, machine, markdown_table, set_threads, subset_manifest, timer, write_result
+from bench._common import WORK, demo_prepared, gpu_note, machine, markdown_table, set_threads, subset_manifest, timer, write_result
 
 
 def measure(config, manifest, backbone_config, *, epochs: int, root, label: str) -> dict:
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     notes = [
         f"Measured on the {device} through model.train (the real loop: AdapterDetector + fairness loss + AdamW), "
         "the same config in both modes; an epoch = training steps + validation; median over the timed epochs.",
-        "Target on GPU with ViT-L-14 shapes: >= 30x. GPU row: not measured, no GPU lent to this task.",
+        "Target on GPU with ViT-L-14 shapes: >= 30x. " + gpu_note(),
         "ViT-L-14 row: real 224-px forward of the full ViT-L-14 on CPU (fp32; bf16 autocast only on CUDA) on a few demo "
         "images, adapter at width 1024 (~9.4M trainable parameters). The online/cache ratio at real shapes is set by "
         "backbone FLOPs (~81 GMAC/image) vs adapter training FLOPs (~6.5 GMAC/image fwd+bwd), so ~10-15x on any "

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from bench._common import REPO, WORK, demo_prepared, machine, markdown_table, set_threads, timer, write_result
+from bench._common import REPO, WORK, demo_prepared, gpu_note, machine, markdown_table, set_threads, timer, write_result
 
 
 def sample_trials(k: int, seed: int) -> list[dict]:
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         "Target: K=8 gives >= 4x the trials/hour of serial (on one GPU).",
         "Both sides: the demo's data (1600 train / 400 val, tiny ViT tokens [64, 128], batch 32), the demo's search space, "
         "no degenerate early stop, outputs not written. Serial = model.train per trial (what one worker does without --fuse).",
-        "GPU row: not measured, no GPU lent to this task.",
+        gpu_note(),
         "Alternative without fusion: K worker processes on one device (`run_study.py optimize --workers K --devices 0,0,...`) "
         "overlap K trials' Python and kernel-launch overhead; fusion additionally batches the "
         "kernels themselves (one GEMM and one Sinkhorn loop for K trials).",

@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from bench._common import WORK, machine, markdown_table, set_threads, sinkhorn_iterations, synthetic_prepared, timer, write_result
+from bench._common import WORK, gpu_note, machine, markdown_table, set_threads, sinkhorn_iterations, synthetic_prepared, timer, write_result
 
 # ops that launch no kernel (views, metadata) and ops that wait for the device
 _NO_KERNEL = {"aten::view", "aten::reshape", "aten::as_strided", "aten::expand", "aten::t", "aten::transpose", "aten::permute",
@@ -112,7 +112,7 @@ def geomloss_fairness_loss(scores, labels, groups, *, blur: float, scaling: floa
         length = max(len(s) for s in sets)
         index = torch.stack([torch.cat([s, s[:1].expand(length - len(s))]) for s in sets])
         weight = torch.stack([torch.cat([torch.full((len(s),), 1 / len(s)), torch.zeros(length - len(s))]) for s in sets])
-        return scores[index][..., None], weight
+        return scores[index.to(scores.device)][..., None], weight.to(scores.device)
 
     (x, a), (y, b) = padded([m for m, _ in pairs]), padded([s for _, s in pairs])
     loss = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=True, diameter=1.0, backend="tensorized",
@@ -121,13 +121,16 @@ def geomloss_fairness_loss(scores, labels, groups, *, blur: float, scaling: floa
 
 
 def fairness_loss_rows(batch_sizes=(32, 128), scalings=(0.9, 0.7), blur=1e-4, groups=8) -> list[dict]:
-    """Kernel-launching ops and CPU time of the fairness loss alone (forward + backward)."""
+    """Kernel-launching ops and time of the fairness loss alone (forward + backward), on CUDA when
+    there is one (scores on the device; labels and groups on the host, as model.train keeps them)."""
     import objectives
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     gen = torch.Generator().manual_seed(0)
     for batch in batch_sizes:
-        logits = torch.randn(batch, generator=gen).requires_grad_()
+        logits = torch.randn(batch, generator=gen).to(device).requires_grad_()
         labels, group_ids = torch.randint(0, 2, (batch,), generator=gen), torch.randint(0, groups, (batch,), generator=gen)
         for scaling in scalings:
             for name, loss in (("geomloss SamplesLoss, pairs batched (before)", geomloss_fairness_loss),
@@ -137,12 +140,14 @@ def fairness_loss_rows(batch_sizes=(32, 128), scalings=(0.9, 0.7), blur=1e-4, gr
                     return 1
                 launches, _ = count_step_ops(step)
                 step()  # warm
+                sync()
                 with timer() as t:
                     repeats = 10
                     for _ in range(repeats):
                         step()
+                    sync()
                 rows.append({"batch": batch, "sinkhorn_scaling": scaling, "iterations": sinkhorn_iterations(blur, scaling),
-                             "implementation": name, "kernel launches": launches, "CPU ms": 1e3 * t() / repeats})
+                             "implementation": name, "kernel launches": launches, f"ms ({device.type})": 1e3 * t() / repeats})
     return rows
 
 
@@ -229,7 +234,7 @@ def main(argv=None) -> int:
         f"The last column is an EXTRAPOLATION from N={n_train} on this {device} to {args.target_images} training images "
         f"x {args.target_epochs} epochs (linear in images; validation scaled with it), not a measurement at that scale."
         + ("" if cuda else " On the CPU it says what a CPU would take, nothing about a GPU."),
-        "GPU row: not measured, no GPU lent to this task (run the command in the docstring on one).",
+        gpu_note() + ("" if cuda else " (run the command in the docstring on one)"),
         "FLOPs per step at ViT-L-14 shapes, batch 32: ~69 GMAC forward, ~207 GMAC forward+backward (Stage 2 MLP on "
         "8192 tokens x 2 blocks dominates): ~0.5-1 ms on an H100 in bf16. A step is therefore bound by kernel launches "
         "and host syncs, counted below with torch.profiler (runs of 6 and 2 steps, differenced; ops that launch a kernel "
@@ -245,11 +250,11 @@ def main(argv=None) -> int:
         "[rows, L, L] batch, so an iteration is ~11 kernels whatever the number of pairs; geomloss' SamplesLoss "
         "(what fairfront called before, all pairs in one batched call) launches ~75 per iteration. The price: every "
         "cloud is padded to the largest label set L, so the arithmetic per iteration grows with L^2 for all rows; "
-        "on a GPU that is noise at these sizes, on the CPU it makes the packed loop slower than geomloss from "
-        "batch ~128 up (the CPU ms column).",
+        "on a GPU that should be noise at these sizes; on the CPU it makes the packed loop slower than geomloss "
+        "from batch ~128 up (the ms column, measured on the CPU unless it says cuda).",
     ]
     body = (markdown_table(rows) + "\n\nPer training step (what bounds a GPU step at batch 32):\n\n" + markdown_table(ops)
-            + "\n\nThe fairness loss alone (forward + backward, 8 groups, blur 1e-4; CPU ms on this machine):\n\n"
+            + "\n\nThe fairness loss alone (forward + backward, 8 groups, blur 1e-4):\n\n"
             + markdown_table(fairness_loss_rows()))
     write_result("trial_scale", "Target 2: a trial at FF++ scale (ViT-L-14 token shapes)", body, info=info, notes=notes)
     return 0

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Run ON THE GPU MACHINE, in one device call (a task's lease is ~15 minutes, start-up included):
+#
+#   bash bench/device/fetch_wheels.sh                      # here first: the wheels the image lacks
+#   run(command="bash bench/device/gpu_session.sh", carry=[".whl"], timeout_s=600)
+#
+# Installs the carried wheels, runs the CUDA-only tests, then issue 5's GPU rows at sizes that
+# fit the lease (each step has its own time limit, so one slow step cannot eat the others), and
+# leaves those benchmarks' results tables (trial_scale.md, cache_build.md, cache_vs_online.md) and
+# the whole log under $OUT: copy the tables into bench/results/ here.
+# SMOKE=1 runs every step at tiny sizes: a check of this script on a machine without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/fairfront-gpu-session}
+mkdir -p "$OUT"
+SMOKE=${SMOKE:-0}
+
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/log"; }
+step() {  # step SECONDS command...: run it under a time limit, log its output and exit status
+  local seconds=$1; shift
+  log "$*"
+  timeout "$seconds" "$@" 2>&1 | grep -v -e '^USDT' -e 'gpuGetDeviceCount' | tee -a "$OUT/log"
+  log "exit ${PIPESTATUS[0]}"
+}
+
+if [ "$SMOKE" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then  # (a smoke run uses what is installed)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+export FAIRFRONT_BENCH_RESULTS=$OUT  # the tables land beside the log, not in bench/results/
+step 20 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,driver_version --format=csv
+step 20 python3 -c "import torch, optuna, open_clip, geomloss; print(torch.__version__, torch.cuda.is_available(), optuna.__version__, open_clip.__version__)"
+
+if [ "$SMOKE" = 1 ]; then  # ViT-L-14 on 2 CPU cores: ~1 s an image, so a few images and no online ViT-L epoch
+  n_train=64 n_val=32 fused=2 vitl_images=4 vitl_batch=4 workers=0 online=(--skip-vitl)
+else
+  n_train=20000 n_val=2000 fused=8 vitl_images=2000 vitl_batch=256 workers=8 online=(--vitl-train 512 --vitl-val 64 --vitl-batch 32)
+fi
+# The tests that skip without CUDA (fairness loss and Sinkhorn under CUDA autocast vs the CPU).
+step 90 python3 -m pytest -q -p no:cacheprovider tests/objectives_tests/test_fairness_loss.py tests/objectives_tests/test_sinkhorn.py -k cuda -rs
+# Targets 2 and 3: a serial and an 8-fused trial on ViT-L-14 token shapes, plus launches per step.
+step 210 python3 -m bench.trial_scale --n-train "$n_train" --n-val "$n_val" --epochs 2 --fused "$fused"
+# Target 4: cache build with ViT-L-14 in bf16 and a multi-worker loader.
+step 90 python3 -m bench.cache_build --workers 0 --vitl-images "$vitl_images" --vitl-batch "$vitl_batch" --vitl-workers "$workers"
+# Target 1: cache vs online epoch with ViT-L-14.
+step 90 python3 -m bench.cache_vs_online --tiny-epochs 1 "${online[@]}"
+log "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
