@@ -239,3 +239,34 @@ def test_multi_bad_arguments_raise(kwargs: dict, message: str) -> None:
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         fairness_loss_multi(args.pop("scores"), args.pop("labels"), args.pop("groups"), **args)
+
+
+# ---- the packed loop's launch count: what bounds a GPU step at batch 32 ------------------------
+
+def _ops(run) -> int:
+    """aten ops that would launch a kernel (leaves of the profiler tree, views excluded)."""
+    views = {"aten::view", "aten::reshape", "aten::as_strided", "aten::expand", "aten::t", "aten::transpose", "aten::select",
+             "aten::slice", "aten::unsqueeze", "aten::squeeze", "aten::detach", "aten::alias", "aten::empty", "aten::empty_strided",
+             "aten::_unsafe_view", "aten::split", "aten::split_with_sizes", "aten::lift_fresh", "aten::to", "aten::_to_copy", "aten::copy_",
+             "aten::resolve_conj", "aten::resolve_neg", "aten::empty_like", "aten::contiguous", "aten::numpy_T", "aten::permute"}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and not e.cpu_children and e.name not in views)
+
+
+def test_packed_loop_launches_a_fixed_number_of_kernels_per_iteration_whatever_the_pairs() -> None:
+    from objectives._sinkhorn_packed import debiased_sinkhorn_1d, schedule
+
+    def run(problems: int, sets: int, scaling: float):
+        gen = torch.Generator().manual_seed(problems)
+        x, y = torch.rand(problems, 12, generator=gen), torch.rand(sets, 12, generator=gen)
+        a, b = torch.full((problems, 12), 1 / 12), torch.full((sets, 12), 1 / 12)
+        eps = schedule(diameter=1.0, blur=1e-4, scaling=scaling)
+        return lambda: debiased_sinkhorn_1d(x, a, y, b, torch.arange(problems) % sets, problem_schedules=[eps] * problems,
+                                            set_schedules=[eps] * sets)
+
+    few, many = _ops(run(2, 1, 0.9)), _ops(run(64, 16, 0.9))
+    assert few == many  # 2 pairs or 64 (8 trials x 8 groups): the same kernels, only larger
+    iterations = len(schedule(diameter=1.0, blur=1e-4, scaling=0.9)) - len(schedule(diameter=1.0, blur=1e-4, scaling=0.7))
+    per_iteration = (few - _ops(run(2, 1, 0.7))) / iterations
+    assert per_iteration <= 12  # geomloss' SamplesLoss: ~75 per iteration (bench/results/trial_scale.md)
