@@ -47,3 +47,14 @@ def test_gpu_budget_is_free_memory_less_headroom(monkeypatch, free_gib, total_gi
     # An H100 holds FF++'s ~52 GB float16 ViT-L-14 train tokens; a busy or small card does not.
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), int(total_gib * 2**30)))
     assert tokens.preload_budget(torch.device("cuda:0")) / 2**30 == pytest.approx(budget_gib, abs=0.01)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_preload_matches_the_memory_map(cache):
+    rows = np.arange(0, 50, 2)
+    held = tokens.CachedTokens(cache, rows, torch.device("cuda"))
+    assert held.preloaded and held.patches.device.type == "cuda"  # a few KB: always fits
+    batch = np.array([3, 1, 4, 1, 5])
+    on_gpu = held.batch(batch)
+    mapped = tokens.CachedTokens(cache, rows, torch.device("cpu"), preload=False).batch(batch)
+    torch.testing.assert_close(on_gpu.patches.cpu(), mapped.patches, rtol=0, atol=0)
