@@ -52,8 +52,11 @@ class CachedTokens:
         self.device = device
         row_bytes = cache.cls[0].nbytes + cache.patches[0].nbytes
         size = row_bytes * len(self.rows)
-        budget = preload_budget(device) if preload is None else None
-        self.preloaded = size <= budget if preload is None else preload
+        budget = None
+        if preload is None:
+            budget = preload_budget(device)
+            preload = size <= budget
+        self.preloaded = preload
         if self.preloaded:
             chunk = max(1, _PRELOAD_CHUNK_BYTES // row_bytes)
             self.cls = _copy_rows(cache.cls, self.rows, device, chunk)

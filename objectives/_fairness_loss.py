@@ -38,18 +38,22 @@ def _as_1d(tensor: torch.Tensor, name: str) -> torch.Tensor:
     return tensor
 
 
-def _pairs(labels: torch.Tensor, groups: torch.Tensor, min_group_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(member indices of (c, g), indices of all label-c samples) for every qualifying pair."""
-    pairs = []
+def _pairs(labels: torch.Tensor, groups: torch.Tensor, min_group_size: int) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor]]:
+    """(members, set_of_pair, sets): the indices of every qualifying (c, g) pair, the label set each
+    pair is compared with, and the label sets (indices of all label-c samples; one per label present
+    in a pair, shared by all its groups)."""
+    members, set_of_pair, sets = [], [], []
     for c in (0, 1):
         same_label = torch.nonzero(labels == c).flatten()
         if same_label.numel() == 0:
             continue
         ids, counts = torch.unique(groups[same_label], return_counts=True)
-        for g, count in zip(ids.tolist(), counts.tolist()):
-            if count >= min_group_size:
-                pairs.append((same_label[groups[same_label] == g], same_label))
-    return pairs
+        qualifying = [g for g, count in zip(ids.tolist(), counts.tolist()) if count >= min_group_size]
+        if qualifying:
+            members += [same_label[groups[same_label] == g] for g in qualifying]
+            set_of_pair += [len(sets)] * len(qualifying)
+            sets.append(same_label)
+    return members, set_of_pair, sets
 
 
 def _padded(index_sets: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,24 +139,16 @@ def fairness_loss_multi(
     labels_cpu, groups_cpu = _checked_batch(labels, groups, n, min_group_size)
 
     scores32 = scores.float()
-    pairs = _pairs(labels_cpu, groups_cpu, min_group_size)
-    if not pairs:
+    members, set_of_pair, sets = _pairs(labels_cpu, groups_cpu, min_group_size)
+    if not members:
         return scores32.sum(1) * 0
-    sets, set_of_pair = [], []  # a label's set is shared by all its groups' pairs
-    for _, label_set in pairs:
-        match = next((i for i, s in enumerate(sets) if s is label_set), None)
-        if match is None:
-            sets.append(label_set)
-            match = len(sets) - 1
-        set_of_pair.append(match)
-    n_pairs, n_sets = len(pairs), len(sets)
+    n_pairs, n_sets = len(members), len(sets)
     length = max(int(s.numel()) for s in sets)  # a group's members are part of its label's set
     device = scores.device
-    x_index, x_weight = (t.to(device, non_blocking=True) for t in _padded([members for members, _ in pairs], length))
+    x_index, x_weight = (t.to(device, non_blocking=True) for t in _padded(members, length))
     y_index, y_weight = (t.to(device, non_blocking=True) for t in _padded(sets, length))
     # problems and sets of trial t are rows t * n_pairs ... and t * n_sets ...
     set_of_problem = (torch.tensor(set_of_pair)[None, :] + n_sets * torch.arange(trials)[:, None]).flatten()
-    per_trial = [schedule(diameter=_DIAMETER, blur=b, scaling=s) for b, s in zip(blurs, scalings)]
 
     def cloud(index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         values = scores32[:, index]  # [T, rows, length]; pads carry no gradient
@@ -162,7 +158,8 @@ def fairness_loss_multi(
         per_pair = debiased_sinkhorn_1d(
             cloud(x_index, x_weight), x_weight.repeat(trials, 1), cloud(y_index, y_weight), y_weight.repeat(trials, 1),
             set_of_problem.to(device, non_blocking=True),
-            problem_schedules=[per_trial[t] for t in range(trials) for _ in range(n_pairs)],
-            set_schedules=[per_trial[t] for t in range(trials) for _ in range(n_sets)],
+            schedules=[schedule(diameter=_DIAMETER, blur=b, scaling=s) for b, s in zip(blurs, scalings)],
+            problem_schedule=torch.arange(trials).repeat_interleave(n_pairs),
+            set_schedule=torch.arange(trials).repeat_interleave(n_sets),
         )
     return per_pair.view(trials, n_pairs).mean(1)

@@ -29,6 +29,7 @@ their own iterations.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -37,9 +38,10 @@ from geomloss._legacy.sinkhorn_divergence import epsilon_schedule
 __all__ = ["debiased_sinkhorn_1d", "schedule"]
 
 
-def schedule(*, diameter: float, blur: float, scaling: float) -> list[float]:
+@functools.lru_cache(maxsize=256)  # called every training step with a trial's fixed blur and scaling
+def schedule(*, diameter: float, blur: float, scaling: float) -> tuple[float, ...]:
     """geomloss' epsilon values (p=2) from diameter**2 down to blur**2, one per iteration."""
-    return [float(e) for e in epsilon_schedule(2, diameter, blur, scaling)]
+    return tuple(float(e) for e in epsilon_schedule(2, diameter, blur, scaling))
 
 
 def _log_weights(w: torch.Tensor) -> torch.Tensor:
@@ -64,8 +66,9 @@ def debiased_sinkhorn_1d(
     b: torch.Tensor,
     set_of_problem: torch.Tensor,
     *,
-    problem_schedules: Sequence[Sequence[float]],
-    set_schedules: Sequence[Sequence[float]],
+    schedules: Sequence[Sequence[float]],
+    problem_schedule: torch.Tensor,
+    set_schedule: torch.Tensor,
 ) -> torch.Tensor:
     """S_eps(x_p, y_{set_of_problem[p]}) for every problem p, with cost |x - y|^2 / 2.
 
@@ -73,17 +76,18 @@ def debiased_sinkhorn_1d(
         x: [P, L] float32 row clouds; a: [P, L] their weights (each row sums to 1, 0 on pads).
         y: [S, L] float32 set clouds; b: [S, L] their weights.
         set_of_problem: [P] long, the set each problem compares its cloud with.
-        problem_schedules: P epsilon schedules (``schedule``); the x->y, x->x and y->x problems of
-            p follow schedule p.
-        set_schedules: S schedules for the y->y problem of each set.
+        schedules: the distinct epsilon schedules (``schedule``), one per trial of a fused group.
+        problem_schedule: [P] long, on the CPU: the schedule that the x->y, x->x and y->x
+            problems of p follow.
+        set_schedule: [S] long, on the CPU: the schedule of each set's y->y problem.
 
     Returns:
         [P] divergences; the gradient flows to x and y (give pads detached values if they must
         not receive any).
     """
     problems, sets = x.shape[0], y.shape[0]
-    if len(problem_schedules) != problems or len(set_schedules) != sets:
-        raise ValueError(f"need {problems} problem and {sets} set schedules, got {len(problem_schedules)} and {len(set_schedules)}")
+    if problem_schedule.shape != (problems,) or set_schedule.shape != (sets,):
+        raise ValueError(f"need {problems} problem and {sets} set schedule indices, got {tuple(problem_schedule.shape)} and {tuple(set_schedule.shape)}")
     device = x.device
     y_p, b_p = y[set_of_problem], b[set_of_problem]
     rows = torch.cat([x, x, y_p, y])  # blocks A, C, B, D
@@ -93,11 +97,12 @@ def debiased_sinkhorn_1d(
     p_range = torch.arange(problems)
     partner = torch.cat([p_range + 2 * problems, p_range + problems, p_range, torch.arange(sets) + 3 * problems]).to(device, non_blocking=True)
 
-    schedules = [*problem_schedules, *problem_schedules, *problem_schedules, *set_schedules]
     steps = max(len(s) for s in schedules)
-    # [steps, R]: row r's epsilon at each iteration, its last value repeated once its schedule is done
-    eps = torch.tensor([s + [s[-1]] * (steps - len(s)) for s in map(list, schedules)], dtype=torch.float32).T.contiguous()
-    lengths = torch.tensor([len(s) for s in schedules])
+    # [schedules, steps]: each schedule's epsilon at each iteration, its last value repeated once it is done
+    table = torch.tensor([[*s, *[s[-1]] * (steps - len(s))] for s in schedules], dtype=torch.float32)
+    row_schedule = torch.cat([problem_schedule, problem_schedule, problem_schedule, set_schedule])  # blocks A, C, B, D
+    lengths = torch.tensor([len(s) for s in schedules])[row_schedule]
+    eps = table[row_schedule].T.contiguous()  # [steps, R]
     uniform = bool((lengths == steps).all())
     active = (torch.arange(steps)[:, None] < lengths[None, :]).unsqueeze(-1)  # [steps, R, 1]
     eps, neg_eps, active = (t.to(device, non_blocking=True) for t in (eps, -eps, active))

@@ -262,8 +262,9 @@ def test_packed_loop_launches_a_fixed_number_of_kernels_per_iteration_whatever_t
         x, y = torch.rand(problems, 12, generator=gen), torch.rand(sets, 12, generator=gen)
         a, b = torch.full((problems, 12), 1 / 12), torch.full((sets, 12), 1 / 12)
         eps = schedule(diameter=1.0, blur=1e-4, scaling=scaling)
-        return lambda: debiased_sinkhorn_1d(x, a, y, b, torch.arange(problems) % sets, problem_schedules=[eps] * problems,
-                                            set_schedules=[eps] * sets)
+        return lambda: debiased_sinkhorn_1d(x, a, y, b, torch.arange(problems) % sets, schedules=[eps],
+                                            problem_schedule=torch.zeros(problems, dtype=torch.long),
+                                            set_schedule=torch.zeros(sets, dtype=torch.long))
 
     few, many = _ops(run(2, 1, 0.9)), _ops(run(64, 16, 0.9))
     assert few == many  # 2 pairs or 64 (8 trials x 8 groups): the same kernels, only larger
