@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import resource
 import statistics
 import threading
@@ -86,12 +87,52 @@ def _launches(event) -> tuple[int, int]:
     return kernels, syncs
 
 
-def count_step_ops(train_fn) -> tuple[float, float]:
-    """(kernel-launching ops, host syncs) per training step, from one short run under the profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+@dataclasses.dataclass
+class StepOps:
+    """What one training step asks of the device, per step (see ``count_step_ops``)."""
+
+    launches: float  # aten ops that launch a kernel on CUDA, outside torch.compile'd code
+    syncs: float  # host syncs: item(), nonzero(), boolean-mask indexing
+    compiled_calls: float  # calls into torch.compile'd code (each runs a few fused kernels)
+    device_kernels: float | None  # kernels and copies the GPU ran (CUDA only): the ground truth
+
+    def __sub__(self, other: "StepOps") -> "StepOps":
+        device = None if self.device_kernels is None else self.device_kernels - other.device_kernels
+        return StepOps(self.launches - other.launches, self.syncs - other.syncs, self.compiled_calls - other.compiled_calls, device)
+
+    def __truediv__(self, n: float) -> "StepOps":
+        return StepOps(self.launches / n, self.syncs / n, self.compiled_calls / n, None if self.device_kernels is None else self.device_kernels / n)
+
+    def row(self) -> dict:
+        return {"kernel launches/step": self.launches, "compiled calls/step": self.compiled_calls,
+                "CUDA kernels/step (measured)": "n/a (no CUDA)" if self.device_kernels is None else self.device_kernels,
+                "host syncs/step": self.syncs}
+
+
+def _device_kernels(events) -> int:
+    """Kernels (and memcpy/memset) the CUDA device ran, from the profiler's device-side events."""
+    cuda = torch.autograd.DeviceType.CUDA
+    on_device = sum(1 for e in events if getattr(e, "device_type", None) == cuda)
+    return on_device or sum(len(getattr(e, "kernels", [])) for e in events)  # older layouts attach them to CPU ops
+
+
+def count_step_ops(train_fn) -> StepOps:
+    """Per training step, from one short run under the profiler (``train_fn`` returns its steps).
+
+    Compiled code's fused kernels are not aten ops: on the CPU they are counted as calls into
+    compiled code; on CUDA the device-side events count every kernel, compiled or not.
+    """
+    cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
         steps = train_fn()
-    totals = [_launches(event) for event in prof.events() if event.cpu_parent is None]
-    return sum(k for k, _ in totals) / steps, sum(s for _, s in totals) / steps
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    totals = [_launches(event) for event in events if event.cpu_parent is None and getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA]
+    compiled = sum(1 for e in events if e.name.startswith("Torch-Compiled Region"))
+    ops = StepOps(sum(k for k, _ in totals), sum(s for _, s in totals), compiled, _device_kernels(events) if cuda else None)
+    return ops / steps
 
 
 def geomloss_fairness_loss(scores, labels, groups, *, blur: float, scaling: float) -> torch.Tensor:
@@ -120,25 +161,29 @@ def geomloss_fairness_loss(scores, labels, groups, *, blur: float, scaling: floa
     return loss(a, x, b, y).mean()
 
 
-def fairness_loss_rows(batch_sizes=(32, 128), scalings=(0.9, 0.7), blur=1e-4, groups=8) -> list[dict]:
+def fairness_loss_rows(batch_sizes=(32, 128), scalings=(0.9, 0.7), blur=1e-4, groups=8, compiled=True) -> list[dict]:
     """Kernel-launching ops and time of the fairness loss alone (forward + backward), on CUDA when
-    there is one (scores on the device; labels and groups on the host, as model.train keeps them)."""
+    there is one (scores on the device; labels and groups on the host, as model.train keeps them);
+    ``compiled``: also the loss with compile_sinkhorn (compiled beforehand, see ``try_compile``)."""
     import objectives
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     gen = torch.Generator().manual_seed(0)
+    implementations = [("geomloss SamplesLoss, pairs batched (before)", geomloss_fairness_loss),
+                       ("packed loop (objectives.fairness_loss)", objectives.fairness_loss)]
+    if compiled:
+        implementations.append(("packed loop, compiled (compile_sinkhorn)", functools.partial(objectives.fairness_loss, compiled=True)))
     for batch in batch_sizes:
         logits = torch.randn(batch, generator=gen).to(device).requires_grad_()
         labels, group_ids = torch.randint(0, 2, (batch,), generator=gen), torch.randint(0, groups, (batch,), generator=gen)
         for scaling in scalings:
-            for name, loss in (("geomloss SamplesLoss, pairs batched (before)", geomloss_fairness_loss),
-                               ("packed loop (objectives.fairness_loss)", objectives.fairness_loss)):
+            for name, loss in implementations:
                 def step():
                     loss(torch.sigmoid(logits), labels, group_ids, blur=blur, scaling=scaling).backward()
                     return 1
-                launches, _ = count_step_ops(step)
+                ops = count_step_ops(step)
                 step()  # warm
                 sync()
                 with timer() as t:
@@ -147,8 +192,23 @@ def fairness_loss_rows(batch_sizes=(32, 128), scalings=(0.9, 0.7), blur=1e-4, gr
                         step()
                     sync()
                 rows.append({"batch": batch, "sinkhorn_scaling": scaling, "iterations": sinkhorn_iterations(blur, scaling),
-                             "implementation": name, "kernel launches": launches, f"ms ({device.type})": 1e3 * t() / repeats})
+                             "implementation": name, "kernel launches": ops.launches, "compiled calls": ops.compiled_calls,
+                             "CUDA kernels (measured)": "n/a" if ops.device_kernels is None else ops.device_kernels,
+                             f"ms ({device.type})": 1e3 * t() / repeats})
     return rows
+
+
+def try_compile(device: torch.device) -> tuple[float | None, str | None]:
+    """(seconds, None) once the compiled Sinkhorn iterations are ready on ``device``, or (None, why
+    not): a machine that cannot compile still gets every other row."""
+    from model.runtime import CompileError, compile_sinkhorn
+
+    try:
+        with timer() as t:
+            compile_sinkhorn(True, device)  # once per process (seconds when inductor's disk cache has it)
+    except CompileError as err:
+        return None, str(err)
+    return t(), None
 
 
 def main(argv=None) -> int:
@@ -192,11 +252,20 @@ def main(argv=None) -> int:
         })
 
     timed("serial (model.train)", 0, lambda: [train(config, prepared=prepared, progress=False, write_outputs=False)])
+    compile_seconds, compile_error = try_compile(torch.device("cuda" if cuda else "cpu"))
+    can_compile = compile_error is None
+    if can_compile:
+        compiled = config.with_training(compile_sinkhorn=True)
+        timed("serial, compile_sinkhorn", 0, lambda: [train(compiled, prepared=prepared, progress=False, write_outputs=False)])
     if args.fused:
         configs = [dataclasses.replace(config.with_training(lr=3e-4 * (0.7 ** i), lambda_fair=0.05 * (1.5 ** i),
                                                             sinkhorn_blur=1e-4 * (2 ** (i % 4))), output_dir=WORK / "trial-scale" / f"f{i}")
                    for i in range(args.fused)]
         timed(f"{args.fused} fused (model.fused)", args.fused, lambda: train_fused(configs, prepared, progress=False, write_outputs=False))
+        if can_compile:
+            compiled_group = [c.with_training(compile_sinkhorn=True) for c in configs]
+            timed(f"{args.fused} fused, compile_sinkhorn", args.fused,
+                  lambda: train_fused(compiled_group, prepared, progress=False, write_outputs=False))
 
     # kernels and syncs per training step: runs of 2 and 6 steps under the profiler, differenced
     # (so model set-up and the validation pass, which every run has once, drop out)
@@ -205,29 +274,33 @@ def main(argv=None) -> int:
                                    width=1024 if cuda else 64, tokens=256 if cuda else 16, training=dataclasses.asdict(small.training))
              for n in (2, 6)}
 
-    def per_step(run) -> tuple[float, float]:
-        (k2, s2), (k6, s6) = (count_step_ops(lambda n=n: (run(sizes[n]), 1)[1]) for n in (2, 6))
-        return (k6 - k2) / 4, (s6 - s2) / 4
+    def per_step(run) -> StepOps:
+        two, six = (count_step_ops(lambda n=n: (run(sizes[n]), 1)[1]) for n in (2, 6))
+        return (six - two) / 4
 
     def serial(**training):
         return lambda prep: train(prep.config.with_training(**training), prepared=prep, progress=False, write_outputs=False)
 
-    k_serial, s_serial = per_step(serial())
     scaling = small.training.sinkhorn_scaling
-    ops = [{"run": f"serial (sinkhorn_scaling {scaling:g})", "kernel launches/step": k_serial, "host syncs/step": s_serial}]
-    k_07, s_07 = per_step(serial(sinkhorn_scaling=0.7))
-    ops.append({"run": "serial (sinkhorn_scaling 0.7, as the CPU demo)", "kernel launches/step": k_07, "host syncs/step": s_07})
-    k_nofair, s_nofair = per_step(serial(lambda_fair=0.0))
-    ops.append({"run": "serial, lambda_fair 0 (no fairness loss: model, loss, optimizer)", "kernel launches/step": k_nofair,
-                "host syncs/step": s_nofair})
+    serial_ops = per_step(serial())
+    ops = [{"run": f"serial (sinkhorn_scaling {scaling:g})", **serial_ops.row()}]
+    if can_compile:
+        ops.append({"run": f"serial, compile_sinkhorn (sinkhorn_scaling {scaling:g})", **per_step(serial(compile_sinkhorn=True)).row()})
+    ops.append({"run": "serial (sinkhorn_scaling 0.7, as the CPU demo)", **per_step(serial(sinkhorn_scaling=0.7)).row()})
+    ops.append({"run": "serial, lambda_fair 0 (no fairness loss: model, loss, optimizer)", **per_step(serial(lambda_fair=0.0)).row()})
     if args.fused:
-        def fused(prep):
-            configs = [dataclasses.replace(prep.config.with_training(sinkhorn_blur=1e-4 * (2 ** i)), output_dir=WORK / "ops" / f"f{i}")
+        def fused(prep, **training):
+            configs = [dataclasses.replace(prep.config.with_training(sinkhorn_blur=1e-4 * (2 ** i), **training), output_dir=WORK / "ops" / f"f{i}")
                        for i in range(args.fused)]
             return train_fused(configs, prep, progress=False, write_outputs=False)
-        k_fused, s_fused = per_step(fused)
-        ops.append({"run": f"{args.fused} fused", "kernel launches/step": k_fused, "host syncs/step": s_fused,
-                    "per trial": f"{k_fused / args.fused:.0f} launches, {s_fused / args.fused:.1f} syncs"})
+        runs = [(f"{args.fused} fused", fused)]
+        if can_compile:
+            runs.append((f"{args.fused} fused, compile_sinkhorn", functools.partial(fused, compile_sinkhorn=True)))
+        for name, run in runs:
+            fused_ops = per_step(run)
+            ops.append({"run": name, **fused_ops.row(),
+                        "per trial": f"{fused_ops.launches / args.fused:.0f} launches, {fused_ops.compiled_calls / args.fused:.1f} compiled calls"})
+    k_serial = serial_ops.launches
     device = "CUDA" if cuda else "CPU"
     notes = [
         "Target: < 5 min per 30-epoch trial on one H100 at ~100k images, ViT-L-14 token shapes.",
@@ -250,12 +323,21 @@ def main(argv=None) -> int:
         "[rows, L, L] batch, so an iteration is ~11 kernels whatever the number of pairs; geomloss' SamplesLoss "
         "(what fairfront called before, all pairs in one batched call) launches ~75 per iteration. The price: every "
         "cloud is padded to the largest label set L, so the arithmetic per iteration grows with L^2 for all rows; "
-        "on a GPU that should be noise at these sizes; on the CPU it makes the packed loop slower than geomloss "
-        "from batch ~128 up (the ms column, measured on the CPU unless it says cuda).",
+        "on a GPU that should be noise at these sizes; on the CPU it makes the eager packed loop slower than "
+        "geomloss from batch ~128 up (the ms column, measured on the CPU unless it says cuda); the compiled rows show what inductor's fused "
+        "kernels make of it.",
     ]
+    loss_rows = fairness_loss_rows(compiled=can_compile)
+    notes.append(
+        "compile_sinkhorn (training.compile_sinkhorn, off by default): the Sinkhorn iterations through torch.compile, "
+        + (f"8 per compiled call, each call a few fused kernels. Compiling took {compile_seconds:.1f} s in this process "
+           "(once per process and device; ~20 s on 2 CPU cores with an empty inductor cache, a few s with a warm one), "
+           "outside the timed epochs. On the CPU the 'kernel launches' of compiled rows count only the aten ops left "
+           "outside compiled code; on CUDA the measured CUDA-kernel column counts everything."
+           if can_compile else f"NOT measured: {compile_error}"))
     body = (markdown_table(rows) + "\n\nPer training step (what bounds a GPU step at batch 32):\n\n" + markdown_table(ops)
             + "\n\nThe fairness loss alone (forward + backward, 8 groups, blur 1e-4):\n\n"
-            + markdown_table(fairness_loss_rows()))
+            + markdown_table(loss_rows))
     write_result("trial_scale", "Target 2: a trial at FF++ scale (ViT-L-14 token shapes)", body, info=info, notes=notes)
     return 0
 

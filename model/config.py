@@ -131,6 +131,10 @@ class TrainingConfig:
     # (the reference saw 5 degenerate epochs as normal, 11 as pathological). None: never stop.
     stop_if_degenerate_after: int | None = None
     feature_mode: Literal["cache", "online"] = "cache"
+    # torch.compile the fairness loss's Sinkhorn iterations (objectives/_sinkhorn_packed.py): a few
+    # fused kernels per 8 iterations instead of ~12 ops each; the first step of a process compiles
+    # (~20 s on 2 CPU cores). Off by default until a GPU has measured it (bench/results/trial_scale.md).
+    compile_sinkhorn: bool = False
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     seed: int = 0
 

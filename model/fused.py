@@ -50,15 +50,16 @@ from model.config import TrainRunConfig
 from model.detector import AdapterDetector
 from model.optim import build_optimizer, lr_factor, set_lr
 from model.prepare import PreparedData, prepare
-from model.runtime import autocast, resolve_device, seed_everything
+from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_everything
 from model.train import EpochCallback, EpochRecord, TrainResult, _token_source, _write_outputs, degenerate_stop_reason
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FusedDetector", "check_fusable", "fusion_key", "train_fused"]
 
-# Training keys that must be equal inside a group: they decide the batches every trial reads.
-_SHARED_TRAINING_KEYS = ("batch_size", "seed", "device", "feature_mode")
+# Training keys that must be equal inside a group: they decide the batches every trial reads, or
+# how the group's one pass runs.
+_SHARED_TRAINING_KEYS = ("batch_size", "seed", "device", "feature_mode", "compile_sinkhorn")
 
 
 def fusion_key(config: TrainRunConfig) -> str:
@@ -299,8 +300,8 @@ def train_fused(
     """Train ``configs`` as one fused group; result k is what ``train(configs[k])`` returns.
 
     The configs must share data, backbone, model, Stage 1 and ``training.batch_size, seed, device,
-    feature_mode`` (``check_fusable`` says which key differs; ``fusion_key`` groups a batch of
-    trials). ``callbacks[k]`` sees trial k's epoch records and may stop it.
+    feature_mode, compile_sinkhorn`` (``check_fusable`` says which key differs; ``fusion_key``
+    groups a batch of trials). ``callbacks[k]`` sees trial k's epoch records and may stop it.
     ``EpochRecord.seconds`` is the wall time of the fused epoch, shared by the group.
     """
     configs = list(configs)
@@ -312,6 +313,7 @@ def train_fused(
     prepared = prepared or prepare(first, progress=progress, with_test_caches=False)
     shared = first.training
     device = resolve_device(shared.device)
+    compile_sinkhorn(shared.compile_sinkhorn and any(c.training.lambda_fair > 0 for c in configs), device)
 
     frame = prepared.manifest.frame
     train_rows, val_rows = (np.flatnonzero(frame["split"].to_numpy() == s) for s in ("train", "val"))
@@ -377,11 +379,13 @@ def train_fused(
                         values = objectives.fairness_loss_multi(
                             probabilities[index], y_cpu, g_cpu, blurs=[trials[k].cfg.sinkhorn_blur for k in members],
                             scalings=[trials[k].cfg.sinkhorn_scaling for k in members], min_group_size=size,
+                            compiled=shared.compile_sinkhorn,
                         )
                     else:
                         values = torch.stack([objectives.fairness_loss(
                             probabilities[k], y_cpu, g_cpu, blur=trials[k].cfg.sinkhorn_blur,
-                            scaling=trials[k].cfg.sinkhorn_scaling, min_group_size=size) for k in members])
+                            scaling=trials[k].cfg.sinkhorn_scaling, min_group_size=size,
+                            compiled=shared.compile_sinkhorn) for k in members])
                     fair = fair.index_put((index,), lambdas[index] * values)
             loss = bce + fair
             model.zero_grad_stacked()

@@ -1,12 +1,18 @@
-"""Device choice, seeding and autocast: the few lines every entry point needs the same way."""
+"""Device choice, seeding, autocast and compilation: the few lines every entry point needs the same way."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
+import time
 
 import numpy as np
 import torch
+
+import objectives
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,3 +35,30 @@ def autocast(device: torch.device, enabled: bool = True):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class CompileError(ValueError):
+    """training.compile_sinkhorn is on, and torch.compile cannot run on this machine.
+
+    A ValueError: the setting is what the user changes, and the CLI prints such errors as one line.
+    """
+
+
+_compiled_for: set[torch.device] = set()
+
+
+def compile_sinkhorn(enabled: bool, device: torch.device) -> None:
+    """Compile the fairness loss's Sinkhorn iterations before a run spends anything (training.compile_sinkhorn).
+
+    Once per process and device: the compiled code serves every later run. A failure names the key.
+    """
+    if not enabled or device in _compiled_for:
+        return
+    start = time.perf_counter()
+    try:
+        objectives.compile_fairness_loss(device)
+    except Exception as err:  # inductor and Triton raise many types; all mean "cannot compile here"
+        raise CompileError(f"training.compile_sinkhorn: torch.compile failed on {device} ({type(err).__name__}: {err}); "
+                           "set it to false to run the Sinkhorn loop uncompiled") from err
+    _compiled_for.add(device)
+    log.info("compile_sinkhorn: Sinkhorn iterations compiled for %s in %.1f s", device, time.perf_counter() - start)

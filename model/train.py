@@ -28,7 +28,7 @@ from model.config import TrainRunConfig, train_config_to_yaml_dict
 from model.detector import AdapterDetector
 from model.optim import build_optimizer, lr_factor, set_lr
 from model.prepare import PreparedData, prepare
-from model.runtime import autocast, resolve_device, seed_everything
+from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_everything
 from model.tokens import CachedTokens, OnlineTokens, TokenSource
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def train(
     prepared = prepared or prepare(config, progress=progress, with_test_caches=False)
     cfg = config.training
     device = resolve_device(cfg.device)
+    compile_sinkhorn(cfg.compile_sinkhorn and cfg.lambda_fair > 0, device)
     seed_everything(cfg.seed)
     frame = prepared.manifest.frame
     train_rows, val_rows = (np.flatnonzero(frame["split"].to_numpy() == s) for s in ("train", "val"))
@@ -144,7 +145,8 @@ def train(
             target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
             bce = F.binary_cross_entropy_with_logits(logits, target)
             fair = cfg.lambda_fair * objectives.fairness_loss(
-                torch.sigmoid(logits), y_train_cpu[batch], g_train_cpu[batch], blur=cfg.sinkhorn_blur, scaling=cfg.sinkhorn_scaling, min_group_size=cfg.fair_min_group_size
+                torch.sigmoid(logits), y_train_cpu[batch], g_train_cpu[batch], blur=cfg.sinkhorn_blur, scaling=cfg.sinkhorn_scaling, min_group_size=cfg.fair_min_group_size,
+                compiled=cfg.compile_sinkhorn,
             ) if cfg.lambda_fair > 0 else logits.sum() * 0
             loss = bce + fair
             optimizer.zero_grad(set_to_none=True)

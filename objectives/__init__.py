@@ -7,7 +7,8 @@ geomloss only, never on the rest of fairfront.
   F_OAE, F_DP, F_MEO of one scored set.
 - ``sinkhorn_divergence``: debiased Sinkhorn divergence between two 1-D sample sets.
 - ``fairness_loss``: the label-conditioned, group-vs-batch Sinkhorn fairness term of training;
-  ``fairness_loss_multi``: the same for T score vectors of one batch (fused trials) at once.
+  ``fairness_loss_multi``: the same for T score vectors of one batch (fused trials) at once;
+  ``compile_fairness_loss``: compiles their ``compiled=True`` path ahead of a run.
 """
 
 from objectives._evaluation import (
@@ -18,7 +19,7 @@ from objectives._evaluation import (
     evaluate,
     evaluate_detailed,
 )
-from objectives._fairness_loss import fairness_loss, fairness_loss_multi
+from objectives._fairness_loss import compile_fairness_loss, fairness_loss, fairness_loss_multi
 from objectives._sinkhorn import sinkhorn_divergence
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "METRIC_NAMES",
     "Evaluation",
     "GroupRates",
+    "compile_fairness_loss",
     "evaluate",
     "evaluate_detailed",
     "fairness_loss",

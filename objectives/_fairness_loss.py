@@ -23,7 +23,7 @@ import torch
 from objectives._sinkhorn import check_blur_scaling
 from objectives._sinkhorn_packed import debiased_sinkhorn_1d, schedule
 
-__all__ = ["fairness_loss", "fairness_loss_multi"]
+__all__ = ["compile_fairness_loss", "fairness_loss", "fairness_loss_multi"]
 
 _DIAMETER = 1.0  # scores are probabilities: no two differ by more than 1
 
@@ -88,6 +88,7 @@ def fairness_loss(
     blur: float,
     scaling: float = 0.9,
     min_group_size: int = 2,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Mean debiased Sinkhorn divergence between each (label, group)'s scores and its label's scores.
 
@@ -100,13 +101,16 @@ def fairness_loss(
         scaling: epsilon-scaling ratio in (0, 1); see ``sinkhorn_divergence``.
         min_group_size: a (label, group) pair needs this many samples in the batch to take part;
             smaller ones give too noisy a distribution to compare.
+        compiled: run the Sinkhorn iterations through ``torch.compile`` (the training setting
+            ``compile_sinkhorn``; objectives/_sinkhorn_packed.py says what it changes).
 
     Returns:
         A float32 scalar on ``scores``' device. If no pair qualifies, ``scores.sum() * 0``: zero but
         still part of the graph, so ``backward()`` on a total loss keeps working.
     """
     scores = _as_1d(scores, "scores")
-    return fairness_loss_multi(scores[None], labels, groups, blurs=[blur], scalings=[scaling], min_group_size=min_group_size)[0]
+    return fairness_loss_multi(scores[None], labels, groups, blurs=[blur], scalings=[scaling], min_group_size=min_group_size,
+                               compiled=compiled)[0]
 
 
 def fairness_loss_multi(
@@ -117,6 +121,7 @@ def fairness_loss_multi(
     blurs: Sequence[float],
     scalings: Sequence[float],
     min_group_size: int = 2,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """``fairness_loss`` of T score vectors on the same batch at once: scores [T, n] -> [T].
 
@@ -161,5 +166,18 @@ def fairness_loss_multi(
             schedules=[schedule(diameter=_DIAMETER, blur=b, scaling=s) for b, s in zip(blurs, scalings)],
             problem_schedule=torch.arange(trials).repeat_interleave(n_pairs),
             set_schedule=torch.arange(trials).repeat_interleave(n_sets),
+            compiled=compiled,
         )
     return per_pair.view(trials, n_pairs).mean(1)
+
+
+def compile_fairness_loss(device: torch.device | str) -> None:
+    """Compile the Sinkhorn iterations of ``compiled=True`` for ``device`` now, on a tiny batch.
+
+    A run calls it before its first step so that a machine where torch.compile cannot work (no C
+    compiler for inductor, no Triton) fails at once with torch's reason; the compiled code then
+    serves every batch size (dynamic shapes), so the first real step compiles nothing more.
+    """
+    scores = torch.linspace(0.1, 0.9, 8, device=device)
+    labels, groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    fairness_loss(scores, labels, groups, blur=0.1, scaling=0.5, compiled=True)

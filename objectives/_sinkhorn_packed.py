@@ -25,6 +25,12 @@ the row points only. Only float rounding differs (tests/objectives_tests compare
 Each row follows the schedule given for it and is frozen after its last step, so problems with
 different blur or scaling (the trials of a fused group) share the loop and still get exactly
 their own iterations.
+
+``compiled=True`` runs the iterations through ``torch.compile`` in chunks of ``CHUNK``: one
+compiled call does ``CHUNK`` iterations with their ~12 ops fused into a few kernels (dynamic
+shapes, so one compilation serves every batch, trial and schedule). Rounding the loop up to whole
+chunks adds frozen iterations that change nothing. Same arithmetic, other rounding (inductor's
+fused exp and sums); bench/results/trial_scale.md has what it saves.
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ from collections.abc import Sequence
 import torch
 from geomloss._legacy.sinkhorn_divergence import epsilon_schedule
 
-__all__ = ["debiased_sinkhorn_1d", "schedule"]
+__all__ = ["CHUNK", "debiased_sinkhorn_1d", "schedule"]
+
+# Iterations per compiled call: a compiled call costs ~50 us of host time before any kernel runs
+# (guards, wrapper), so one call per iteration would cost as much as the ops it fuses; 8 measured
+# ~5x less host time per iteration than eager at tiny sizes (CPU), without a long compilation.
+CHUNK = 8
 
 
 @functools.lru_cache(maxsize=256)  # called every training step with a trial's fixed blur and scaling
@@ -59,6 +70,24 @@ def _softmin(eps: torch.Tensor, neg_eps: torch.Tensor, neg_cost: torch.Tensor, h
     return neg_eps.view(-1, 1) * ((z - peak).exp().sum(dim=2).log() + peak.squeeze(2))
 
 
+def _iteration(f, partner, log_w, neg_cost, e, neg_e):
+    """One symmetric Sinkhorn update of every row's potential f [R, L], averaged with the old one."""
+    update = _softmin(e, neg_e, neg_cost, torch.addcdiv(log_w, f[partner], e.view(-1, 1)))
+    return torch.lerp(f, update, 0.5)  # geomloss' 0.5 * (f + update), one kernel
+
+
+def _chunk(f, partner, log_w, neg_cost, eps, neg_eps, active):
+    """CHUNK iterations (eps, neg_eps [CHUNK, R], active [CHUNK, R, 1]); inactive rows keep f."""
+    for i in range(CHUNK):
+        f = torch.where(active[i], _iteration(f, partner, log_w, neg_cost, eps[i], neg_eps[i]), f)
+    return f
+
+
+@functools.cache  # torch.compile's wrapper is lazy: nothing compiles before the first call
+def _compiled_chunk():
+    return torch.compile(_chunk, dynamic=True, fullgraph=True)
+
+
 def debiased_sinkhorn_1d(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -69,6 +98,7 @@ def debiased_sinkhorn_1d(
     schedules: Sequence[Sequence[float]],
     problem_schedule: torch.Tensor,
     set_schedule: torch.Tensor,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """S_eps(x_p, y_{set_of_problem[p]}) for every problem p, with cost |x - y|^2 / 2.
 
@@ -80,6 +110,9 @@ def debiased_sinkhorn_1d(
         problem_schedule: [P] long, on the CPU: the schedule that the x->y, x->x and y->x
             problems of p follow.
         set_schedule: [S] long, on the CPU: the schedule of each set's y->y problem.
+        compiled: run the iterations through ``torch.compile`` (see the module docstring); the
+            first call in a process compiles (~20 s on 2 CPU cores, seconds once inductor's
+            on-disk cache holds it).
 
     Returns:
         [P] divergences; the gradient flows to x and y (give pads detached values if they must
@@ -98,22 +131,27 @@ def debiased_sinkhorn_1d(
     partner = torch.cat([p_range + 2 * problems, p_range + problems, p_range, torch.arange(sets) + 3 * problems]).to(device, non_blocking=True)
 
     steps = max(len(s) for s in schedules)
-    # [schedules, steps]: each schedule's epsilon at each iteration, its last value repeated once it is done
-    table = torch.tensor([[*s, *[s[-1]] * (steps - len(s))] for s in schedules], dtype=torch.float32)
+    total = steps + (-steps % CHUNK if compiled else 0)  # the compiled loop runs whole chunks
+    # [schedules, total]: each schedule's epsilon at each iteration, its last value repeated once it is done
+    table = torch.tensor([[*s, *[s[-1]] * (total - len(s))] for s in schedules], dtype=torch.float32)
     row_schedule = torch.cat([problem_schedule, problem_schedule, problem_schedule, set_schedule])  # blocks A, C, B, D
     lengths = torch.tensor([len(s) for s in schedules])[row_schedule]
-    eps = table[row_schedule].T.contiguous()  # [steps, R]
-    uniform = bool((lengths == steps).all())
-    active = (torch.arange(steps)[:, None] < lengths[None, :]).unsqueeze(-1)  # [steps, R, 1]
+    eps = table[row_schedule].T.contiguous()  # [total, R]
+    uniform = bool((lengths == total).all())
+    active = (torch.arange(total)[:, None] < lengths[None, :]).unsqueeze(-1)  # [total, R, 1]
     eps, neg_eps, active = (t.to(device, non_blocking=True) for t in (eps, -eps, active))
 
     with torch.no_grad():
         f = _softmin(eps[0], neg_eps[0], neg_cost, log_w)
-        for i in range(steps):
-            e = eps[i]
-            update = _softmin(e, neg_eps[i], neg_cost, torch.addcdiv(log_w, f[partner], e.view(-1, 1)))
-            averaged = torch.lerp(f, update, 0.5)  # geomloss' 0.5 * (f + update), one kernel
-            f = averaged if uniform else torch.where(active[i], averaged, f)
+        if compiled:
+            chunk, cost = _compiled_chunk(), neg_cost.detach()  # detached: guards on requires_grad would recompile
+            for start in range(0, total, CHUNK):
+                window = slice(start, start + CHUNK)
+                f = chunk(f, partner, log_w, cost, eps[window], neg_eps[window], active[window])
+        else:
+            for i in range(steps):
+                averaged = _iteration(f, partner, log_w, neg_cost, eps[i], neg_eps[i])
+                f = averaged if uniform else torch.where(active[i], averaged, f)
     # each row's last step (its blur ** 2) again, now with the gradient of the cost (geomloss'
     # "last extrapolation"); the potentials it reads are constants
     e = eps[-1]

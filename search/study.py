@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from model import prepare
+from model.runtime import compile_sinkhorn, resolve_device
 from search.config import StudyConfig
 from search.dashboard import TrialAnnotator
 from search.objective import TrialDiverged, TrialObjective
@@ -111,6 +112,8 @@ def optimize(config: StudyConfig, *, n_trials: int | None = None, timeout: float
     """
     target = n_trials or config.budget.n_trials
     study = open_study(config)  # first: an unreachable storage fails before minutes of preparation
+    base = config.base_run_config().training
+    compile_sinkhorn(base.compile_sinkhorn, resolve_device(base.device))  # and a machine that cannot compile
     prepared = prepared or prepare(config.base_run_config(), progress=progress, with_test_caches=False)
     warm_start(study, config)
     done = finished_count(study)

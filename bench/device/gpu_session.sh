@@ -37,12 +37,14 @@ if [ "$SMOKE" = 1 ]; then  # ViT-L-14 on 2 CPU cores: ~1 s an image, so a few im
 else
   n_train=20000 n_val=2000 fused=8 vitl_images=2000 vitl_batch=256 workers=8 online=(--vitl-train 512 --vitl-val 64 --vitl-batch 32)
 fi
-# The tests that skip without CUDA: the losses under CUDA autocast vs the CPU, tokens held on the
-# GPU, fused vs serial trials in bf16.
-step 90 python3 -m pytest -q -p no:cacheprovider -rs -k cuda tests/objectives_tests/test_fairness_loss.py \
-  tests/objectives_tests/test_sinkhorn.py tests/model_tests/test_tokens.py tests/model_tests/test_fused.py
-# Targets 2 and 3: a serial and an 8-fused trial on ViT-L-14 token shapes, plus launches per step.
-step 210 python3 -m bench.trial_scale --n-train "$n_train" --n-val "$n_val" --epochs 2 --fused "$fused"
+# The tests that skip without CUDA: the losses under CUDA autocast vs the CPU, the compiled Sinkhorn
+# loop on CUDA (Triton), tokens held on the GPU, fused vs serial trials in bf16.
+step 120 python3 -m pytest -q -p no:cacheprovider -rs -k cuda tests/objectives_tests/test_fairness_loss.py \
+  tests/objectives_tests/test_compiled_sinkhorn.py tests/objectives_tests/test_sinkhorn.py tests/model_tests/test_tokens.py \
+  tests/model_tests/test_fused.py
+# Targets 2 and 3: serial and 8-fused trials on ViT-L-14 token shapes, each also with compile_sinkhorn,
+# plus launches per step (and the CUDA kernels the profiler saw).
+step 240 python3 -m bench.trial_scale --n-train "$n_train" --n-val "$n_val" --epochs 2 --fused "$fused"
 # Target 4: cache build with ViT-L-14 in bf16 and a multi-worker loader.
 step 90 python3 -m bench.cache_build --workers 0 --vitl-images "$vitl_images" --vitl-batch "$vitl_batch" --vitl-workers "$workers"
 # Target 1: cache vs online epoch with ViT-L-14.

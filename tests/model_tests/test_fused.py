@@ -127,6 +127,22 @@ def test_small_blurs_through_the_per_trial_fairness_loss(base, tmp_path):
     assert_same_runs(serial, fused)
 
 
+def test_compiled_sinkhorn_changes_only_rounding_serial_and_fused(base, tmp_path):
+    # training.compile_sinkhorn runs the same iterations through torch.compile: the runs match the
+    # uncompiled ones within float32 rounding, and a compiled fused group matches its compiled
+    # serial runs (the first call in this process compiles, ~20 s on 2 cores).
+    config, prepared = base
+    trials = [dict(t, compile_sinkhorn=True) for t in TRIALS[:2]]
+    configs = configs_for(config, trials, tmp_path / "fused")
+    fused = train_fused(configs, prepared, progress=False)
+    compiled = [train(dataclasses.replace(c, output_dir=tmp_path / "compiled" / c.run_dir.name), prepared=prepared, progress=False)
+                for c in configs]
+    uncompiled = [train(dataclasses.replace(c.with_training(compile_sinkhorn=False), output_dir=tmp_path / "eager" / c.run_dir.name),
+                        prepared=prepared, progress=False) for c in configs]
+    assert_same_runs(compiled, fused)
+    assert_same_runs(uncompiled, compiled)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fused_trials_match_their_serial_runs_on_cuda_within_bf16_noise(base, tmp_path):
     # On CUDA both sides train under bf16 autocast, and a batched bf16 GEMM rounds differently
@@ -195,6 +211,8 @@ def test_configs_that_cannot_share_batches_are_refused(base, tmp_path):
         check_fusable(configs)
     with pytest.raises(ValueError, match="seed"):
         check_fusable(configs_for(config, [{}, {"seed": 1}], tmp_path))
+    with pytest.raises(ValueError, match="compile_sinkhorn"):  # one pass runs the loop one way
+        check_fusable(configs_for(config, [{}, {"compile_sinkhorn": True}], tmp_path))
     with pytest.raises(ValueError, match="output_dir"):
         check_fusable([configs[0], configs[0]])
     lr_only = configs_for(config, [{}, {"lr": 1e-3, "dropout": 0.0}], tmp_path)

@@ -163,3 +163,22 @@ def test_non_finite_loss_ends_the_trial_failed_and_the_study_goes_on(tmp_path, m
     failed = study.get_trials(states=[TrialState.FAIL])
     assert len(failed) == 1 and "non-finite loss" in failed[0].user_attrs["fail_reason"]
     assert len(study.get_trials(states=[TrialState.COMPLETE])) == 1
+
+
+def test_a_machine_that_cannot_compile_stops_the_study_before_preparing_anything(tmp_path, monkeypatch, capsys):
+    path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="nocompile", n_trials=1)
+    data = yaml.safe_load(path.read_text())
+    data["training"]["compile_sinkhorn"] = True
+    path.write_text(yaml.safe_dump(data))
+
+    def broken(device):
+        raise OSError("no C compiler found")
+
+    from model import runtime
+
+    monkeypatch.setattr(objectives, "compile_fairness_loss", broken)
+    monkeypatch.setattr(runtime, "_compiled_for", set())  # as in a fresh process: earlier tests compiled for the CPU
+    assert run_study.main(["-q", "optimize", "--study", str(path)]) == 2
+    assert "training.compile_sinkhorn: torch.compile failed on cpu (OSError: no C compiler found)" in capsys.readouterr().err
+    assert not (tmp_path / "work" / "data").exists()  # no synthetic data, cache or Stage 1 was built
+    assert open_study(load_study_config(path), create=False).trials == []
