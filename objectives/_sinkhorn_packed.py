@@ -132,13 +132,16 @@ def debiased_sinkhorn_1d(
 
     steps = max(len(s) for s in schedules)
     total = steps + (-steps % CHUNK if compiled else 0)  # the compiled loop runs whole chunks
-    # [schedules, total]: each schedule's epsilon at each iteration, its last value repeated once it is done
-    table = torch.tensor([[*s, *[s[-1]] * (total - len(s))] for s in schedules], dtype=torch.float32)
+    # The compiled loop reads slices of the tables: dynamo guards on whether a slice covers its whole
+    # tensor, so one spare chunk (never run) keeps one-chunk schedules on the same compiled graph.
+    allocated = total + (CHUNK if compiled else 0)
+    # [schedules, allocated]: each schedule's epsilon at each iteration, its last value repeated once it is done
+    table = torch.tensor([[*s, *[s[-1]] * (allocated - len(s))] for s in schedules], dtype=torch.float32)
     row_schedule = torch.cat([problem_schedule, problem_schedule, problem_schedule, set_schedule])  # blocks A, C, B, D
     lengths = torch.tensor([len(s) for s in schedules])[row_schedule]
-    eps = table[row_schedule].T.contiguous()  # [total, R]
+    eps = table[row_schedule].T.contiguous()  # [allocated, R]
     uniform = bool((lengths == total).all())
-    active = (torch.arange(total)[:, None] < lengths[None, :]).unsqueeze(-1)  # [total, R, 1]
+    active = (torch.arange(allocated)[:, None] < lengths[None, :]).unsqueeze(-1)  # [allocated, R, 1]
     eps, neg_eps, active = (t.to(device, non_blocking=True) for t in (eps, -eps, active))
 
     with torch.no_grad():

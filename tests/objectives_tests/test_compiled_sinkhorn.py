@@ -13,12 +13,14 @@ from objectives._sinkhorn_packed import CHUNK, schedule
 from .test_fairness_loss import SETTINGS, batch, fused_batch, loop_reference
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compiled_once():
-    objectives.compile_fairness_loss("cpu")  # the first compilation in this process, ~20 s on 2 cores
+@pytest.fixture(scope="module")
+def on_cpu():
+    # the first compilation in this process, ~20 s on 2 cores (not for the CUDA test: a GPU image
+    # may have Triton but no C++ compiler for the CPU)
+    objectives.compile_fairness_loss("cpu")
 
 
-def test_schedules_of_every_length_are_rounded_up_to_whole_chunks_that_change_nothing() -> None:
+def test_schedules_of_every_length_are_rounded_up_to_whole_chunks_that_change_nothing(on_cpu) -> None:
     lengths = {len(schedule(diameter=1.0, blur=b, scaling=s)) for b, s in SETTINGS}
     assert any(n % CHUNK for n in lengths)  # the frozen iterations of the last chunk are exercised
     scores, labels, groups = fused_batch(0)
@@ -29,7 +31,7 @@ def test_schedules_of_every_length_are_rounded_up_to_whole_chunks_that_change_no
 
 
 @pytest.mark.parametrize("blur", [1e-3, 1e-2])
-def test_compiled_gradient_is_geomloss_gradient(blur: float) -> None:
+def test_compiled_gradient_is_geomloss_gradient(on_cpu, blur: float) -> None:
     scores, labels, groups = batch(2)
     logits = torch.logit(scores).requires_grad_()
     (grad,) = torch.autograd.grad(fairness_loss(torch.sigmoid(logits), labels, groups, blur=blur, compiled=True), logits)
@@ -37,16 +39,25 @@ def test_compiled_gradient_is_geomloss_gradient(blur: float) -> None:
     assert float((grad - reference).norm() / reference.norm()) < 1e-3
 
 
-def test_one_compilation_serves_every_batch_size() -> None:
+def test_one_compilation_serves_every_batch_size_and_schedule() -> None:
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
+    from objectives import _sinkhorn_packed
+
+    torch._dynamo.reset()  # as in a fresh process, whatever ran before (inductor's disk cache keeps it quick)
+    _sinkhorn_packed._compiled_chunk.cache_clear()
+    objectives.compile_fairness_loss("cpu")  # what a run does first: one chunk of a short schedule
     graphs = counters["stats"]["unique_graphs"]
-    for seed, n in enumerate((16, 33, 96, 200)):
+    assert graphs >= 1
+    # one chunk (blur 3e-2 at 0.5: 8 iterations) or many; 16 to 200 scores; with and without gradient
+    for seed, (n, blur, scaling) in enumerate([(16, 3e-2, 0.5), (33, 1e-4, 0.9), (96, 1e-2, 0.7), (200, 1e-4, 0.9), (40, 3e-2, 0.5)]):
+        assert (len(schedule(diameter=1.0, blur=blur, scaling=scaling)) <= CHUNK) == (blur == 3e-2)
         scores, labels, groups = batch(seed, n=n)
-        scores.requires_grad_(seed % 2 == 0)  # as in training, and without a gradient
-        compiled = fairness_loss(scores, labels, groups, blur=1e-4, compiled=True)
-        assert compiled.item() == pytest.approx(fairness_loss(scores, labels, groups, blur=1e-4).item(), rel=1e-5), n
-    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation after the warm-up batch
+        scores.requires_grad_(seed % 2 == 0)
+        compiled = fairness_loss(scores, labels, groups, blur=blur, scaling=scaling, compiled=True)
+        assert compiled.item() == pytest.approx(fairness_loss(scores, labels, groups, blur=blur, scaling=scaling).item(), rel=1e-5), n
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation after the warm-up
 
 
 def test_a_machine_that_cannot_compile_fails_before_the_run_naming_the_key(monkeypatch) -> None:
