@@ -112,9 +112,9 @@ def optimize(config: StudyConfig, *, n_trials: int | None = None, timeout: float
     """
     target = n_trials or config.budget.n_trials
     study = open_study(config)  # first: an unreachable storage fails before minutes of preparation
-    base = config.base_run_config().training
-    compile_sinkhorn(base.compile_sinkhorn, resolve_device(base.device))  # and a machine that cannot compile
-    prepared = prepared or prepare(config.base_run_config(), progress=progress, with_test_caches=False)
+    base = config.base_run_config()
+    compile_sinkhorn(base.training.compile_sinkhorn, resolve_device(base.training.device))  # and a machine that cannot compile
+    prepared = prepared or prepare(base, progress=progress, with_test_caches=False)
     warm_start(study, config)
     done = finished_count(study)
     if done >= target:
