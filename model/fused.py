@@ -51,7 +51,8 @@ from model.detector import AdapterDetector
 from model.optim import build_optimizer, lr_factor, set_lr
 from model.prepare import PreparedData, prepare
 from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_everything
-from model.train import EpochCallback, EpochRecord, TrainResult, _token_source, _write_outputs, degenerate_stop_reason
+from model.tokens import read_batches
+from model.train import EpochCallback, EpochRecord, TrainResult, _eval_batches, _token_source, _write_outputs, degenerate_stop_reason
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +280,7 @@ def _predict_fused(model: FusedDetector, source, batch_size: int, device: torch.
     """Scores [K, N] (float64) and gates [K, N] of every row of a source, in row order."""
     model.eval()
     scores, gates = [], []
-    for batch in np.array_split(np.arange(len(source)), max(1, -(-len(source) // batch_size))):
-        tokens = source.batch(batch)
+    for tokens in read_batches(source, _eval_batches(len(source), batch_size)):
         with autocast(device):
             logits, gate = model(tokens.cls, tokens.patches)
         scores.append(torch.sigmoid(logits.float()).cpu())
@@ -360,10 +360,10 @@ def train_fused(
             members = [k for k in fair_trials if trials[k].cfg.fair_min_group_size == size]
             fair_groups.append((size, members, torch.tensor(members).to(device, non_blocking=True)))
         dropout = _dropout(trials, model.dropout_p, device)
-        for step, batch in enumerate(torch.randperm(len(train_rows), generator=shuffle).split(shared.batch_size)):
+        order = torch.randperm(len(train_rows), generator=shuffle).split(shared.batch_size)
+        for step, (tokens, batch) in enumerate(zip(read_batches(train_source, (b.numpy() for b in order)), order)):
             for trial in trials:
                 set_lr(trial.optimizer, lr_factor(epoch - 1 + step / steps, trial.cfg))
-            tokens = train_source.batch(batch.numpy())
             batch_dev = batch.to(device, non_blocking=True)
             y, g = y_train_dev[batch_dev], g_train_dev[batch_dev]
             y_cpu, g_cpu = y_train[batch], g_train[batch]

@@ -1,13 +1,19 @@
 """Where a training run gets its frozen tokens: the cache, or the backbone on the fly.
 
 Both sources hand out the same FrozenTokens for the same rows, so ``feature_mode: online`` trains
-the same model as ``cache`` for the same seed (up to the cache's storage precision).
+the same model as ``cache`` for the same seed (up to the cache's storage precision). The loops
+take an epoch's batches through :func:`read_batches`, which reads a memory-mapped cache ahead in a
+background thread.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import itertools
 import logging
-from typing import Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +34,9 @@ PRELOAD_MAX_BYTES = 8 << 30
 # milliseconds per step, as much as the whole step's compute at batch 32.
 GPU_HEADROOM_BYTES = 8 << 30
 _PRELOAD_CHUNK_BYTES = 256 << 20  # copied in slices, so no host copy of the whole cache is made
+# Batches a memory-mapped source reads ahead of the one training. Two keep the reader busy through
+# one slow read (a page-cache miss) without holding more than a few batches of host memory.
+PREFETCH_BATCHES = 2
 
 
 def preload_budget(device: torch.device) -> int:
@@ -63,7 +72,7 @@ class CachedTokens:
             self.patches = _copy_rows(cache.patches, self.rows, device, chunk)
         else:
             self.cache = cache
-        where = f"held on {device}" if self.preloaded else "read from the memory map every batch"
+        where = f"held on {device}" if self.preloaded else f"read from the memory map, {PREFETCH_BATCHES} batches ahead"
         reason = "" if budget is None else f" (budget {budget / 2**30:.1f} GiB)"
         log.info("%d cached rows, %.2f GiB: %s%s", len(self.rows), size / 2**30, where, reason)
 
@@ -73,20 +82,69 @@ class CachedTokens:
     def batch(self, indices: np.ndarray) -> FrozenTokens:
         if self.preloaded:
             index = torch.as_tensor(indices).to(self.device, non_blocking=True)  # no stream sync on CUDA
-            cls, patches = self.cls[index], self.patches[index]
-        else:
-            rows = self.rows[indices]
-            order = np.argsort(rows)  # read the memory map in file order, then restore batch order
-            inverse = np.argsort(order)
-            cls = torch.from_numpy(self.cache.cls[rows[order]][inverse]).to(self.device, non_blocking=True)
-            patches = torch.from_numpy(self.cache.patches[rows[order]][inverse]).to(self.device, non_blocking=True)
-        return FrozenTokens(cls=cls.float(), patches=patches.float())
+            return FrozenTokens(cls=self.cls[index].float(), patches=self.patches[index].float())
+        return self.upload(self.read(indices))
+
+    def read(self, indices: np.ndarray) -> FrozenTokens:
+        """A batch's rows from the memory map into host tensors, in batch order: pinned when they go
+        to a GPU (so the copy is asynchronous), float32 already when they stay on the CPU. Needs only
+        numpy and torch.empty, so it runs in :func:`read_batches`' thread."""
+        rows = self.rows[indices]
+        pin = self.device.type == "cuda"
+        host = FrozenTokens(*(torch.empty((len(rows), *array.shape[1:]), dtype=_torch_dtype(array), pin_memory=pin)
+                              for array in (self.cache.cls, self.cache.patches)))
+        cls, patches = host.cls.numpy(), host.patches.numpy()
+        # Row by row in file order, straight into place: numpy copies a row without holding the GIL,
+        # and a fancy-indexed read would make a second copy to restore the batch order.
+        for position in np.argsort(rows, kind="stable"):
+            cls[position] = self.cache.cls[rows[position]]
+            patches[position] = self.cache.patches[rows[position]]
+        return host if pin else FrozenTokens(cls=host.cls.float(), patches=host.patches.float())
+
+    def upload(self, host: FrozenTokens) -> FrozenTokens:
+        """What :meth:`read` returned, on the device in float32 (cast there: half the bytes over PCIe).
+        The pinned buffers go back to torch's host allocator, which reuses them only after the copy ran."""
+        return FrozenTokens(*(t.to(self.device, non_blocking=True).float() for t in (host.cls, host.patches)))
+
+
+def read_batches(source: TokenSource, batches: Iterable[np.ndarray]) -> Iterator[FrozenTokens]:
+    """``source.batch(b)`` for each of ``batches``, in order.
+
+    A memory-mapped cache (one that did not fit where the run trains, e.g. the 2nd..Kth worker
+    process on a GPU, or a dataset larger than the card) is read PREFETCH_BATCHES batches ahead in
+    a background thread, so a step waits neither for the page cache nor for the disk, and on CUDA
+    the copy from pinned memory overlaps the previous step's kernels. Preloaded and online
+    sources are read in the calling thread. A read's error is raised here, at its batch; leaving
+    the loop early stops the reader.
+    """
+    if not isinstance(source, CachedTokens) or source.preloaded or PREFETCH_BATCHES == 0:
+        yield from (source.batch(indices) for indices in batches)
+        return
+    remaining = iter(batches)
+    device = source.device
+    # A new thread's current CUDA device is 0: pinning memory there would open a context on GPU 0
+    # in a worker process that trains on another one.
+    set_device = None
+    if device.type == "cuda":
+        set_device = functools.partial(torch.cuda.set_device, torch.cuda.current_device() if device.index is None else device.index)
+    reader = ThreadPoolExecutor(1, thread_name_prefix="fairfront-prefetch", initializer=set_device)
+    try:
+        pending = collections.deque(reader.submit(source.read, b) for b in itertools.islice(remaining, PREFETCH_BATCHES))
+        while pending:
+            host = pending.popleft().result()
+            pending.extend(reader.submit(source.read, b) for b in itertools.islice(remaining, 1))
+            yield source.upload(host)
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+
+
+def _torch_dtype(array: np.ndarray) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
 
 
 def _copy_rows(array: np.ndarray, rows: np.ndarray, device: torch.device, chunk: int) -> torch.Tensor:
     """array[rows] as a tensor on ``device``, copied ``chunk`` rows at a time (storage dtype kept)."""
-    dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
-    out = torch.empty((len(rows), *array.shape[1:]), dtype=dtype, device=device)
+    out = torch.empty((len(rows), *array.shape[1:]), dtype=_torch_dtype(array), device=device)
     for start in range(0, len(rows), chunk):
         # split rows come in file order (np.flatnonzero), so each slice is a near-contiguous read
         out[start : start + chunk] = torch.from_numpy(np.ascontiguousarray(array[rows[start : start + chunk]]))

@@ -29,7 +29,7 @@ from model.detector import AdapterDetector
 from model.optim import build_optimizer, lr_factor, set_lr
 from model.prepare import PreparedData, prepare
 from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_everything
-from model.tokens import CachedTokens, OnlineTokens, TokenSource
+from model.tokens import CachedTokens, OnlineTokens, TokenSource, read_batches
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,9 @@ def train(
         detector.train()
         sums = torch.zeros(3, device=device)  # total, bce, lambda * fair; one host sync per epoch
         finite = torch.ones((), dtype=torch.bool, device=device)
-        for step, batch in enumerate(torch.randperm(len(train_rows), generator=shuffle).split(cfg.batch_size)):
+        order = torch.randperm(len(train_rows), generator=shuffle).split(cfg.batch_size)
+        for step, (tokens, batch) in enumerate(zip(read_batches(train_source, (b.numpy() for b in order)), order)):
             set_lr(optimizer, lr_factor(epoch - 1 + step / steps, cfg))
-            tokens = train_source.batch(batch.numpy())
             index = batch.to(device, non_blocking=True)  # no stream sync on CUDA
             y, g = y_train[index], g_train[index]
             with autocast(device):
@@ -202,13 +202,17 @@ def _predict(detector: AdapterDetector, source: TokenSource, batch_size: int, de
     """Scores (sigmoid) and gate values for every row of a source, in row order."""
     detector.eval()
     scores, gates = [], []
-    for batch in np.array_split(np.arange(len(source)), max(1, -(-len(source) // batch_size))):
-        tokens = source.batch(batch)
+    for tokens in read_batches(source, _eval_batches(len(source), batch_size)):
         with autocast(device):
             out = detector(tokens.cls, tokens.patches)
         scores.append(torch.sigmoid(out.logits.float()).cpu())
         gates.append(out.gate.float().cpu())
     return torch.cat(scores).numpy().astype(np.float64), torch.cat(gates).numpy()
+
+
+def _eval_batches(n: int, batch_size: int) -> list[np.ndarray]:
+    """Row indices 0..n-1 in order, in near-equal batches of at most ``batch_size``."""
+    return np.array_split(np.arange(n), max(1, -(-n // batch_size)))
 
 
 def predict_scores(detector: AdapterDetector, source: TokenSource, *, device: torch.device, batch_size: int = 256) -> np.ndarray:

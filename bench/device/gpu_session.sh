@@ -6,8 +6,8 @@
 #
 # Installs the carried wheels, runs the CUDA-only tests, then issue 5's GPU rows at sizes that
 # fit the lease (each step has its own time limit, so one slow step cannot eat the others), and
-# leaves those benchmarks' results tables (trial_scale.md, cache_build.md, cache_vs_online.md) and
-# the whole log under $OUT: copy the tables into bench/results/ here.
+# leaves those benchmarks' results tables (trial_scale.md, cache_build.md, cache_vs_online.md,
+# memmap_reads.md) and the whole log under $OUT: copy the tables into bench/results/ here.
 # SMOKE=1 runs every step at tiny sizes: a check of this script on a machine without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,9 +33,10 @@ step 20 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,driver_ve
 step 20 python3 -c "import torch, optuna, open_clip, geomloss; print(torch.__version__, torch.cuda.is_available(), optuna.__version__, open_clip.__version__)"
 
 if [ "$SMOKE" = 1 ]; then  # ViT-L-14 on 2 CPU cores: ~1 s an image, so a few images and no online ViT-L epoch
-  n_train=64 n_val=32 fused=2 vitl_images=4 vitl_batch=4 workers=0 online=(--skip-vitl)
+  n_train=64 n_val=32 fused=2 vitl_images=4 vitl_batch=4 workers=0 online=(--skip-vitl) mapped=(--n-train 64 --n-val 32 --epochs 1 --repeats 2)
 else
   n_train=20000 n_val=2000 fused=8 vitl_images=2000 vitl_batch=256 workers=8 online=(--vitl-train 512 --vitl-val 64 --vitl-batch 32)
+  mapped=(--n-train 4096 --n-val 512 --epochs 2)
 fi
 # The tests that skip without CUDA: the losses under CUDA autocast vs the CPU, the compiled Sinkhorn
 # loop on CUDA (Triton), tokens held on the GPU, fused vs serial trials in bf16.
@@ -49,4 +50,7 @@ step 240 python3 -m bench.trial_scale --n-train "$n_train" --n-val "$n_val" --ep
 step 90 python3 -m bench.cache_build --workers 0 --vitl-images "$vitl_images" --vitl-batch "$vitl_batch" --vitl-workers "$workers"
 # Target 1: cache vs online epoch with ViT-L-14.
 step 90 python3 -m bench.cache_vs_online --tiny-epochs 1 "${online[@]}"
+# Target 2 when the tokens are not held on the GPU: pinned read-ahead vs reading in the step (last:
+# the step limits add up to more than a 600 s call, and this one matters least).
+step 60 python3 -m bench.memmap_reads "${mapped[@]}"
 log "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

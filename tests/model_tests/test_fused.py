@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+import model.tokens as tokens
 import objectives
 from model import load_train_config, prepare, train
 from model.config import ModelConfig
@@ -90,6 +91,15 @@ def test_fused_trials_equal_their_serial_runs(base, tmp_path):
     assert_same_runs(serial, fused)
     # The trials really differ from each other (the comparison is not vacuous).
     assert len({r.epochs[-1].train_loss for r in fused}) == len(TRIALS)
+
+
+def test_fused_trials_read_from_the_memory_map_equal_those_read_from_memory(base, tmp_path, monkeypatch):
+    config, prepared = base
+    held = train_fused(configs_for(config, TRIALS[:2], tmp_path / "held"), prepared, progress=False)
+    monkeypatch.setattr(tokens, "PRELOAD_MAX_BYTES", 0)  # read ahead from the memory map
+    mapped = train_fused(configs_for(config, TRIALS[:2], tmp_path / "mapped"), prepared, progress=False)
+    for h, m in zip(held, mapped):
+        assert [r.flat() | {"seconds": 0} for r in m.epochs] == [r.flat() | {"seconds": 0} for r in h.epochs]
 
 
 def test_a_trial_stopped_early_leaves_the_group_and_the_others_are_unchanged(base, tmp_path):

@@ -1,5 +1,8 @@
 """CachedTokens: preloaded (in slices) and memory-mapped reads give the same batches; where the
-tokens are held is decided by the device's free memory."""
+tokens are held is decided by the device's free memory; read_batches reads a memory map ahead in
+a background thread and gives the same batches as reading each in turn."""
+
+import threading
 
 import numpy as np
 import pytest
@@ -58,3 +61,83 @@ def test_cuda_preload_matches_the_memory_map(cache):
     on_gpu = held.batch(batch)
     mapped = tokens.CachedTokens(cache, rows, torch.device("cpu"), preload=False).batch(batch)
     torch.testing.assert_close(on_gpu.patches.cpu(), mapped.patches, rtol=0, atol=0)
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("fairfront-prefetch")]
+
+
+def _uneven_batches():
+    # uneven sizes, repeated rows, rows out of file order
+    return [np.array(b) for b in ([3, 1, 2], [0], [9, 8, 7, 6, 5], [4, 4], [10, 15, 11], [12, 13, 14, 16])]
+
+
+def test_read_ahead_gives_each_batch_as_reading_it_in_turn(cache, monkeypatch):
+    rows = np.flatnonzero(np.arange(50) % 3 != 0)
+    mapped = tokens.CachedTokens(cache, rows, torch.device("cpu"), preload=False)
+    held = tokens.CachedTokens(cache, rows, torch.device("cpu"), preload=True)
+    readers = []
+    read = mapped.read
+    monkeypatch.setattr(mapped, "read", lambda indices: (readers.append(threading.current_thread().name), read(indices))[1])
+    batches = _uneven_batches()
+    ahead = list(tokens.read_batches(mapped, batches))
+    assert len(ahead) == len(batches) and len(readers) == len(batches)
+    assert all(name.startswith("fairfront-prefetch") for name in readers)  # not the calling thread
+    for indices, got in zip(batches, ahead):
+        expected = held.batch(indices)
+        assert got.patches.dtype == torch.float32 and got.patches.shape == (len(indices), 5, 8)
+        torch.testing.assert_close(got.patches, expected.patches, rtol=0, atol=0)
+        torch.testing.assert_close(got.cls, expected.cls, rtol=0, atol=0)
+    assert not _prefetch_threads()  # the reader is gone once the batches are
+
+
+def test_preloaded_sources_are_read_in_the_calling_thread(cache, monkeypatch):
+    held = tokens.CachedTokens(cache, np.arange(50), torch.device("cpu"), preload=True)
+    readers = []
+    batch = held.batch
+    monkeypatch.setattr(held, "batch", lambda indices: (readers.append(threading.current_thread()), batch(indices))[1])
+    assert len(list(tokens.read_batches(held, _uneven_batches()))) == 6
+    assert readers == [threading.current_thread()] * 6
+
+
+def test_a_failed_read_is_raised_at_its_batch_and_stops_the_reader(cache, monkeypatch):
+    mapped = tokens.CachedTokens(cache, np.arange(50), torch.device("cpu"), preload=False)
+    read = mapped.read
+
+    def failing(indices):
+        if 9 in indices:
+            raise OSError("patches.npy: Input/output error")
+        return read(indices)
+
+    monkeypatch.setattr(mapped, "read", failing)
+    got = []
+    with pytest.raises(OSError, match="patches.npy: Input/output error"):
+        for batch in tokens.read_batches(mapped, _uneven_batches()):
+            got.append(batch)
+    assert len(got) == 2  # the two batches before the failing one
+    assert not _prefetch_threads()
+
+
+def test_leaving_the_loop_early_stops_reading(cache, monkeypatch):
+    mapped = tokens.CachedTokens(cache, np.arange(50), torch.device("cpu"), preload=False)
+    calls = []
+    read = mapped.read
+    monkeypatch.setattr(mapped, "read", lambda indices: (calls.append(1), read(indices))[1])
+    batches = [np.array([i]) for i in range(40)]
+    stream = tokens.read_batches(mapped, batches)
+    next(stream)
+    stream.close()
+    assert not _prefetch_threads()
+    assert len(calls) <= 1 + tokens.PREFETCH_BATCHES + 1  # read ahead, not through the epoch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_read_ahead_pins_host_memory_and_matches_the_cpu(cache):
+    rows = np.arange(0, 50, 2)
+    mapped = tokens.CachedTokens(cache, rows, torch.device("cuda"), preload=False)
+    host = mapped.read(np.array([2, 0, 1]))
+    assert host.patches.is_pinned() and host.patches.dtype == torch.float16  # cast on the GPU, after the copy
+    on_cpu = tokens.CachedTokens(cache, rows, torch.device("cpu"), preload=False)
+    for indices, got in zip(_uneven_batches()[:4], tokens.read_batches(mapped, _uneven_batches()[:4])):
+        assert got.patches.device.type == "cuda" and got.patches.dtype == torch.float32
+        torch.testing.assert_close(got.patches.cpu(), on_cpu.batch(indices).patches, rtol=0, atol=0)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
+import model.tokens as tokens
 import objectives
 import run_study
 from model import load_train_config, prepare, train
@@ -70,6 +71,19 @@ def test_online_mode_matches_the_cache_up_to_storage_precision(tmp_path):
         for metric in ("auc", "f_meo", "f_fpr"):
             assert a.val[metric] == pytest.approx(b.val[metric], abs=1e-4)
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
+
+
+def test_training_from_the_memory_map_equals_training_from_memory(tmp_path, monkeypatch):
+    config = load_train_config(tiny_config(tmp_path, num_epochs=2))
+    prepared = prepare(config, progress=False, with_test_caches=False)
+    held = train(config, prepared=prepared, progress=False, write_outputs=False)
+    monkeypatch.setattr(tokens, "PRELOAD_MAX_BYTES", 0)  # every split now reads the memory map, ahead
+    reads = []
+    read = tokens.CachedTokens.read
+    monkeypatch.setattr(tokens.CachedTokens, "read", lambda self, indices: (reads.append(len(indices)), read(self, indices))[1])
+    mapped = train(config, prepared=prepared, progress=False, write_outputs=False)
+    assert sum(reads) == 2 * (160 + 80)  # two epochs of training and validation rows, all from the map
+    assert [r.flat() | {"seconds": 0} for r in mapped.epochs] == [r.flat() | {"seconds": 0} for r in held.epochs]
 
 
 def test_zero_learning_rate_stays_degenerate_and_is_stopped(tmp_path):
