@@ -44,6 +44,10 @@ def preload_budget(device: torch.device) -> int:
     if device.type != "cuda":
         return PRELOAD_MAX_BYTES
     free, total = torch.cuda.mem_get_info(device)
+    # Blocks this process's caching allocator holds without a tensor in them (the previous trial's
+    # tokens, above all) are not free to the driver, but torch reuses or releases them for the next
+    # allocation: without them every trial after a process's first would fall back to the memory map.
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return max(0, free - max(GPU_HEADROOM_BYTES, total // 10))
 
 
@@ -65,13 +69,22 @@ class CachedTokens:
         if preload is None:
             budget = preload_budget(device)
             preload = size <= budget
-        self.preloaded = preload
-        if self.preloaded:
+        self.cache = cache
+        self.preloaded = False
+        if preload:
             chunk = max(1, _PRELOAD_CHUNK_BYTES // row_bytes)
-            self.cls = _copy_rows(cache.cls, self.rows, device, chunk)
-            self.patches = _copy_rows(cache.patches, self.rows, device, chunk)
-        else:
-            self.cache = cache
+            try:
+                self.cls = _copy_rows(cache.cls, self.rows, device, chunk)
+                self.patches = _copy_rows(cache.patches, self.rows, device, chunk)
+                self.preloaded = True
+            except torch.OutOfMemoryError:
+                if budget is None:  # preloading was asked for, not decided here
+                    raise
+                # The memory was there when the budget was read: another process on the card (a
+                # worker starting at the same moment) took it since. Train from the memory map.
+                self.cls = self.patches = None
+                log.warning("%d cached rows, %.2f GiB: out of memory on %s while preloading; reading the memory map instead",
+                            len(self.rows), size / 2**30, device)
         where = f"held on {device}" if self.preloaded else f"read from the memory map, {PREFETCH_BATCHES} batches ahead"
         reason = "" if budget is None else f" (budget {budget / 2**30:.1f} GiB)"
         log.info("%d cached rows, %.2f GiB: %s%s", len(self.rows), size / 2**30, where, reason)
