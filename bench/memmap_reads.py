@@ -104,7 +104,7 @@ def read_rows(prepared, batch_sizes, repeats: int, cuda: bool) -> list[dict]:
 
 @contextlib.contextmanager
 def waits_recorded(into: list[float]):
-    """Time every batch the training loop takes from read_batches (how long the step waited)."""
+    """Time every batch the training loop takes from read_batches (how long the host waited)."""
     loop = importlib.import_module("model.train")  # (the package's ``model.train`` is the function)
     original = loop.read_batches
 
@@ -117,8 +117,6 @@ def waits_recorded(into: list[float]):
                     tokens = next(stream)
                 except StopIteration:
                     return
-                if tokens.patches.is_cuda:
-                    torch.cuda.synchronize()  # a pageable copy's cost shows here, not in a later kernel
                 into.append(time.perf_counter() - start)
                 yield tokens
         finally:
@@ -192,9 +190,10 @@ def main(argv=None) -> int:
         "copy (half the bytes over PCIe), so a CUDA read is the host copy alone.",
         "Cold reads: the cache files' pages dropped from the page cache before every read, so they come from this "
         "machine's disk; a cache larger than RAM reads like that all the time, one that fits reads warm after the first epoch.",
-        "The wait per batch is the time the training loop spent in next() on read_batches (the step's own compute is "
-        "not in it); on CUDA it includes the copy to the GPU (synchronised), which from pageable memory also waits "
-        "for the stream's earlier kernels (CUDA stages pageable copies), from pinned memory does not.",
+        "The wait per batch is the host time the training loop spent in next() on read_batches (the step's own "
+        "compute is not in it). On CUDA nothing is synchronised to measure it: a copy from pageable memory blocks "
+        "the host until the stream's earlier kernels are done (CUDA stages pageable copies), so that wait shows "
+        "here; a copy from pinned memory returns at once.",
         "All three runs train the same model on the same batches (tests/model_tests/test_train_e2e.py checks that the "
         "memory-mapped run's metrics equal the preloaded run's); the val auc column shows it here.",
         gpu_note() + ("" if cuda else " (run the command in the docstring on one)"),
