@@ -20,6 +20,7 @@ from model.manifest import Manifest, load_manifest
 from model.runtime import resolve_device
 from model.stage1 import load_stage1_state, save_stage1, stage1_key, train_stage1
 from model.synthetic import generate
+from model.tokens import HeldTokens
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class PreparedData:
     stage1_checkpoint: Path
     stage1_state: dict[str, torch.Tensor]
     test_caches: dict[str, FeatureCache] = field(default_factory=dict)
+    # the token sources its runs preloaded, for the next run to reuse (a study's trials share them)
+    held_tokens: HeldTokens = field(default_factory=HeldTokens, repr=False, compare=False)
 
 
 def data_paths(config: TrainRunConfig, *, progress: bool = True) -> tuple[Path, dict[str, Path]]:

@@ -29,7 +29,7 @@ from model.detector import AdapterDetector
 from model.optim import build_optimizer, lr_factor, set_lr
 from model.prepare import PreparedData, prepare
 from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_everything
-from model.tokens import CachedTokens, OnlineTokens, TokenSource, read_batches
+from model.tokens import OnlineTokens, TokenSource, read_batches
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def train(
 def _token_source(prepared: PreparedData, rows: np.ndarray, device: torch.device) -> TokenSource:
     if prepared.config.training.feature_mode == "online":
         return OnlineTokens(prepared.backbone, list(prepared.manifest.frame["path"].iloc[rows]), device)
-    return CachedTokens(prepared.cache, rows, device)
+    return prepared.held_tokens.get(prepared.cache, rows, device)
 
 
 @torch.no_grad()

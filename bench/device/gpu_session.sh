@@ -7,7 +7,7 @@
 # Installs the carried wheels, runs the CUDA-only tests, then issue 5's GPU rows at sizes that
 # fit the lease (each step has its own time limit, so one slow step cannot eat the others), and
 # leaves those benchmarks' results tables (trial_scale.md, cache_build.md, cache_vs_online.md,
-# memmap_reads.md) and the whole log under $OUT: copy the tables into bench/results/ here.
+# token_sources.md) and the whole log under $OUT: copy the tables into bench/results/ here.
 # SMOKE=1 runs every step at tiny sizes: a check of this script on a machine without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -52,5 +52,5 @@ step 90 python3 -m bench.cache_build --workers 0 --vitl-images "$vitl_images" --
 step 90 python3 -m bench.cache_vs_online --tiny-epochs 1 "${online[@]}"
 # Target 2 when the tokens are not held on the GPU: pinned read-ahead vs reading in the step (last:
 # the step limits add up to more than a 600 s call, and this one matters least).
-step 60 python3 -m bench.memmap_reads "${mapped[@]}"
+step 60 python3 -m bench.token_sources "${mapped[@]}"
 log "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -97,7 +97,9 @@ def test_fused_trials_read_from_the_memory_map_equal_those_read_from_memory(base
     config, prepared = base
     held = train_fused(configs_for(config, TRIALS[:2], tmp_path / "held"), prepared, progress=False)
     monkeypatch.setattr(tokens, "PRELOAD_MAX_BYTES", 0)  # read ahead from the memory map
-    mapped = train_fused(configs_for(config, TRIALS[:2], tmp_path / "mapped"), prepared, progress=False)
+    unheld = dataclasses.replace(prepared, held_tokens=tokens.HeldTokens())  # not the sources earlier runs kept
+    mapped = train_fused(configs_for(config, TRIALS[:2], tmp_path / "mapped"), unheld, progress=False)
+    assert len(unheld.held_tokens) == 0
     for h, m in zip(held, mapped):
         assert [r.flat() | {"seconds": 0} for r in m.epochs] == [r.flat() | {"seconds": 0} for r in h.epochs]
 

@@ -1,5 +1,6 @@
 """End to end through the real entry point on a reduced copy of the demo: prepare + train."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -81,9 +82,29 @@ def test_training_from_the_memory_map_equals_training_from_memory(tmp_path, monk
     reads = []
     read = tokens.CachedTokens.read
     monkeypatch.setattr(tokens.CachedTokens, "read", lambda self, indices: (reads.append(len(indices)), read(self, indices))[1])
-    mapped = train(config, prepared=prepared, progress=False, write_outputs=False)
+    unheld = dataclasses.replace(prepared, held_tokens=tokens.HeldTokens())  # not the sources the first run kept
+    mapped = train(config, prepared=unheld, progress=False, write_outputs=False)
     assert sum(reads) == 2 * (160 + 80)  # two epochs of training and validation rows, all from the map
     assert [r.flat() | {"seconds": 0} for r in mapped.epochs] == [r.flat() | {"seconds": 0} for r in held.epochs]
+
+
+def test_a_later_run_reuses_the_tokens_an_earlier_one_preloaded(tmp_path, monkeypatch):
+    config = load_train_config(tiny_config(tmp_path, num_epochs=1, warmup_epochs=0))
+    prepared = prepare(config, progress=False, with_test_caches=False)
+    copies = []
+    copy_rows = tokens._copy_rows
+    monkeypatch.setattr(tokens, "_copy_rows", lambda array, *args: (copies.append(len(array)), copy_rows(array, *args))[1])
+    first = train(config, prepared=prepared, progress=False, write_outputs=False)
+    assert len(copies) == 4 and len(prepared.held_tokens) == 2  # cls + patches of the train and val splits
+    other = train(config.with_training(lr=1e-2, seed=1), prepared=prepared, progress=False, write_outputs=False)
+    again = train(config, prepared=prepared, progress=False, write_outputs=False)
+    assert len(copies) == 4  # nothing copied again
+    assert other.epochs[0].train_loss != first.epochs[0].train_loss
+    assert again.epochs[0].flat() | {"seconds": 0} == first.epochs[0].flat() | {"seconds": 0}  # as good as new
+    monkeypatch.setattr(tokens, "PRELOAD_MAX_BYTES", 0)
+    unheld = dataclasses.replace(prepared, held_tokens=tokens.HeldTokens())
+    train(config, prepared=unheld, progress=False, write_outputs=False)
+    assert len(unheld.held_tokens) == 0  # memory-mapped sources are not kept
 
 
 def test_zero_learning_rate_stays_degenerate_and_is_stopped(tmp_path):
