@@ -107,12 +107,8 @@ class CachedTokens:
         pin = self.device.type == "cuda"
         host = FrozenTokens(*(torch.empty((len(rows), *array.shape[1:]), dtype=_torch_dtype(array), pin_memory=pin)
                               for array in (self.cache.cls, self.cache.patches)))
-        cls, patches = host.cls.numpy(), host.patches.numpy()
-        # Row by row in file order, straight into place: numpy copies a row without holding the GIL,
-        # and a fancy-indexed read would make a second copy to restore the batch order.
-        for position in np.argsort(rows, kind="stable"):
-            cls[position] = self.cache.cls[rows[position]]
-            patches[position] = self.cache.patches[rows[position]]
+        _gather(self.cache.cls, rows, host.cls.numpy())
+        _gather(self.cache.patches, rows, host.patches.numpy())
         return host if pin else FrozenTokens(cls=host.cls.float(), patches=host.patches.float())
 
     def upload(self, host: FrozenTokens) -> FrozenTokens:
@@ -184,12 +180,27 @@ def _torch_dtype(array: np.ndarray) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
 
 
+def _gather(array: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = array[rows[i]], row by row in file order, straight into place: numpy copies a row
+    without holding the GIL, and a fancy-indexed read would make a second copy (to a temporary)."""
+    for position in np.argsort(rows, kind="stable"):
+        out[position] = array[rows[position]]
+
+
 def _copy_rows(array: np.ndarray, rows: np.ndarray, device: torch.device, chunk: int) -> torch.Tensor:
-    """array[rows] as a tensor on ``device``, copied ``chunk`` rows at a time (storage dtype kept)."""
+    """array[rows] as a tensor on ``device`` (storage dtype kept). To a GPU through pinned buffers of
+    ``chunk`` rows, so no host copy of the whole split is made and each buffer's copy to the
+    device runs while the next one is gathered."""
     out = torch.empty((len(rows), *array.shape[1:]), dtype=_torch_dtype(array), device=device)
+    if device.type != "cuda":
+        _gather(array, rows, out.numpy())
+        return out
     for start in range(0, len(rows), chunk):
-        # split rows come in file order (np.flatnonzero), so each slice is a near-contiguous read
-        out[start : start + chunk] = torch.from_numpy(np.ascontiguousarray(array[rows[start : start + chunk]]))
+        part = rows[start : start + chunk]
+        staging = torch.empty((len(part), *array.shape[1:]), dtype=out.dtype, pin_memory=True)
+        _gather(array, part, staging.numpy())
+        # torch's host allocator hands this buffer out again only after the copy has run
+        out[start : start + len(part)].copy_(staging, non_blocking=True)
     return out
 
 
