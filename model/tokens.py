@@ -3,7 +3,7 @@
 Both sources hand out the same FrozenTokens for the same rows, so ``feature_mode: online`` trains
 the same model as ``cache`` for the same seed (up to the cache's storage precision). The loops
 take an epoch's batches through :func:`read_batches`, which reads a memory-mapped cache ahead in a
-background thread.
+background thread; :class:`HeldTokens` keeps preloaded tokens from one trial to the next.
 """
 
 from __future__ import annotations
