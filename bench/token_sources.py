@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     n_val = args.n_val or (1024 if cuda else 32)
     info = machine()
     training = dict(batch_size=args.batch_size, num_epochs=args.epochs, warmup_epochs=0, stop_if_degenerate_after=None, device="auto")
-    prepared = synthetic_prepared(WORK / "memmap-reads", n_train=n_train, n_val=n_val, width=1024, tokens=256, training=training)
+    prepared = synthetic_prepared(WORK / "token-sources", n_train=n_train, n_val=n_val, width=1024, tokens=256, training=training)
     held = held_rows(prepared, 3, cuda, target_gb=52.6)
     reads = read_rows(prepared, (args.batch_size, 4 * args.batch_size), args.repeats, cuda)
     epochs = training_rows(prepared, args.epochs)
