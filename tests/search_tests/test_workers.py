@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import optuna
 import pytest
@@ -46,24 +47,30 @@ def _study_yaml(directory: Path, name: str, *, epochs: int) -> Path:
     return path
 
 
+class StudyFiles(NamedTuple):
+    short: Path  # 2 epochs: studies that run to their budget
+    long: Path  # 24 epochs (~2 s a trial here): a trial SIGKILLed mid-way, the study still finishes
+    endless: Path  # 1000 epochs: no trial can finish before a Ctrl-C arrives, however loaded the machine
+
+
 @pytest.fixture(scope="module")
-def study_files(tmp_path_factory):
-    """Two study YAMLs on one prepared workdir (data, caches, Stage 1 built once per module):
-    short trials, and long ones to be killed or interrupted mid-trial."""
+def study_files(tmp_path_factory) -> StudyFiles:
+    """Study YAMLs on one prepared workdir (data, caches, Stage 1 built once per module)."""
     import torch
 
     from model import prepare
     from search import load_study_config
 
     directory = tmp_path_factory.mktemp("workers")
-    short, long = _study_yaml(directory, "short", epochs=2), _study_yaml(directory, "long", epochs=8)
+    files = StudyFiles(*(_study_yaml(directory, name, epochs=epochs)
+                         for name, epochs in (("short", 2), ("long", 24), ("endless", 1000))))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        prepare(load_study_config(short).base_run_config(), progress=False, with_test_caches=False)
+        prepare(load_study_config(files.short).base_run_config(), progress=False, with_test_caches=False)
     finally:
         torch.set_num_threads(threads)
-    return short, long
+    return files
 
 
 class Run:
@@ -125,7 +132,7 @@ def _states(study: optuna.Study) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_four_workers_finish_exactly_the_budget_without_printing_the_password(study_files, postgres, postgres_url):
-    short, _ = study_files
+    short = study_files.short
     run = Run(short, "four", postgres_url, "--workers", "4", "--n-trials", "16")
     assert run.wait() == 0, run.output
     study = _load(postgres_url, "four")
@@ -152,7 +159,7 @@ def test_four_workers_finish_exactly_the_budget_without_printing_the_password(st
 def test_the_study_files_worker_count_is_the_default_on_sqlite(study_files, tmp_path):
     """distributed.workers: 2 (as in studies/demo.yaml) starts two processes without --workers,
     sharing a SQLite study; --workers 1 overrides it."""
-    short, _ = study_files
+    short = study_files.short
     data = yaml.safe_load(short.read_text())
     data["distributed"] = {**data["distributed"], "workers": 2}
     two = short.with_name("two.yaml")
@@ -170,8 +177,7 @@ def test_the_study_files_worker_count_is_the_default_on_sqlite(study_files, tmp_
 
 @pytest.mark.slow
 def test_sigkilled_worker_loses_no_trial_and_its_trial_is_retried(study_files, postgres_url):
-    _, long = study_files
-    run = Run(long, "kill", postgres_url, "--workers", "3", "--n-trials", "6")
+    run = Run(study_files.long, "kill", postgres_url, "--workers", "3", "--n-trials", "6")
     study = _load(postgres_url, "kill")
     victim = _running_trial(study, run)
     completed_before = {t.number for t in study.get_trials(states=[TrialState.COMPLETE])}
@@ -192,8 +198,7 @@ def test_sigkilled_worker_loses_no_trial_and_its_trial_is_retried(study_files, p
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(study_files, postgres_url):
-    _, long = study_files
-    run = Run(long, "interrupt", postgres_url, "--workers", "2", "--n-trials", "8")
+    run = Run(study_files.endless, "interrupt", postgres_url, "--workers", "2", "--n-trials", "8")
     study = _load(postgres_url, "interrupt")
     interrupted = _running_trial(study, run)
     os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
@@ -207,7 +212,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(study_files, postg
 
 @pytest.mark.parametrize("where", ["bad password from the environment", "unreachable host given literally"])
 def test_a_storage_that_cannot_be_opened_is_one_masked_error(study_files, postgres, where, monkeypatch, capfd, caplog):
-    short, _ = study_files
+    short = study_files.short
     secret = "Wr0ng-" + os.urandom(4).hex()
     if where.startswith("bad password"):
         monkeypatch.setenv("FAIRFRONT_STORAGE", postgres.url("postgres", password=secret))
