@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,9 +121,12 @@ class PostgresServer:
             pass
         shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 
-    def restart(self, down_seconds: float = 0.0) -> None:
-        """Stop the server (dropping every connection), wait, start it again on the same port."""
+    def restart(self, down_seconds: float = 0.0, stopped: threading.Event | None = None) -> None:
+        """Stop the server (dropping every connection; ``stopped`` is set then), wait, start it
+        again on the same port."""
         self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
+        if stopped is not None:
+            stopped.set()
         time.sleep(down_seconds)
         self._start()
 

@@ -88,10 +88,11 @@ def test_transient_outage_during_a_study_is_retried(postgres, postgres_url, capl
     storage = make_storage(postgres_url, FAST)
     study = optuna.create_study(study_name="outage", storage=storage)
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
-    outage = threading.Thread(target=postgres.restart, kwargs={"down_seconds": 3.0})
+    stopped = threading.Event()
+    outage = threading.Thread(target=postgres.restart, kwargs={"down_seconds": 3.0, "stopped": stopped})
     with caplog.at_level(logging.WARNING, logger="search.storage"):
         outage.start()
-        time.sleep(1.0)  # the server is down now
+        assert stopped.wait(60)  # the server is down now, for 3 s
         study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
         outage.join()
     assert len(study.get_trials(states=[TrialState.COMPLETE])) == 3
