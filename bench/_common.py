@@ -129,6 +129,17 @@ def set_threads(threads: int | None) -> None:
 
 # ---- a PreparedData of random tokens with real shapes ------------------------------------------
 
+# ViT-L-14's frozen tokens at 224 px: 256 patch tokens (and the CLS token), each 1024 wide.
+VITL14_TOKENS, VITL14_WIDTH = 256, 1024
+
+
+def vitl14_prepared(workdir: Path, *, n_train: int, n_val: int, batch_size: int, epochs: int):
+    """``synthetic_prepared`` with ViT-L-14 token shapes and a timing run's training settings:
+    ``epochs`` epochs at ``batch_size``, no warm-up, no early stop, CUDA when there is one."""
+    training = dict(batch_size=batch_size, num_epochs=epochs, warmup_epochs=0, stop_if_degenerate_after=None, device="auto")
+    return synthetic_prepared(workdir, n_train=n_train, n_val=n_val, width=VITL14_WIDTH, tokens=VITL14_TOKENS, training=training)
+
+
 def synthetic_prepared(
     workdir: Path, *, n_train: int, n_val: int, width: int, tokens: int, training: dict, seed: int = 0,
     fake_share: float = 0.8, n_groups: int = 8,

@@ -37,7 +37,8 @@ import time
 import numpy as np
 import torch
 
-from bench._common import WORK, gpu_note, machine, markdown_table, set_threads, synthetic_prepared, timer, write_result
+from bench._common import (VITL14_TOKENS, VITL14_WIDTH, WORK, gpu_note, machine, markdown_table, set_threads, timer, vitl14_prepared,
+                           write_result)
 
 
 def evict(cache) -> None:
@@ -210,13 +211,12 @@ def main(argv=None) -> int:
     n_train = args.n_train or (8192 if cuda else 192)
     n_val = args.n_val or (1024 if cuda else 32)
     info = machine()
-    training = dict(batch_size=args.batch_size, num_epochs=args.epochs, warmup_epochs=0, stop_if_degenerate_after=None, device="auto")
-    prepared = synthetic_prepared(WORK / "token-sources", n_train=n_train, n_val=n_val, width=1024, tokens=256, training=training)
+    prepared = vitl14_prepared(WORK / "token-sources", n_train=n_train, n_val=n_val, batch_size=args.batch_size, epochs=args.epochs)
     held = held_rows(prepared, 3, cuda, target_gb=52.6)
     reads = read_rows(prepared, (args.batch_size, 4 * args.batch_size), args.repeats, cuda)
     epochs = training_rows(prepared, args.epochs)
     notes = [
-        f"Random float16 tokens with ViT-L-14 shapes ([256, 1024] patches + [1024] CLS: "
+        f"Random float16 tokens with ViT-L-14 shapes ([{VITL14_TOKENS}, {VITL14_WIDTH}] patches + [{VITL14_WIDTH}] CLS: "
         f"{(prepared.cache.cls[0].nbytes + prepared.cache.patches[0].nbytes) / 2**10:.0f} KiB an image), "
         f"{n_train} training / {n_val} validation images, batch {args.batch_size} (validation reads 4x that).",
         "Holding: FF++'s ~100k training images are 52.6 GB of float16 ViT-L-14 tokens; the last column of the first "

@@ -23,7 +23,8 @@ import threading
 
 import torch
 
-from bench._common import WORK, gpu_note, machine, markdown_table, set_threads, sinkhorn_iterations, synthetic_prepared, timer, write_result
+from bench._common import (VITL14_TOKENS, VITL14_WIDTH, WORK, gpu_note, machine, markdown_table, set_threads, sinkhorn_iterations,
+                           synthetic_prepared, timer, vitl14_prepared, write_result)
 
 # ops that launch no kernel (views, metadata) and ops that wait for the device
 _NO_KERNEL = {"aten::view", "aten::reshape", "aten::as_strided", "aten::expand", "aten::t", "aten::transpose", "aten::permute",
@@ -231,8 +232,7 @@ def main(argv=None) -> int:
     from model import train
     from model.fused import train_fused
 
-    training = dict(batch_size=args.batch_size, num_epochs=args.epochs, warmup_epochs=0, stop_if_degenerate_after=None, device="auto")
-    prepared = synthetic_prepared(WORK / "trial-scale", n_train=n_train, n_val=n_val, width=1024, tokens=256, training=training)
+    prepared = vitl14_prepared(WORK / "trial-scale", n_train=n_train, n_val=n_val, batch_size=args.batch_size, epochs=args.epochs)
     config = prepared.config
     steps = -(-n_train // args.batch_size)
     rows = []
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     # (so model set-up and the validation pass, which every run has once, drop out)
     small = dataclasses.replace(config, training=dataclasses.replace(config.training, num_epochs=1))
     sizes = {n: synthetic_prepared(WORK / f"trial-scale-ops-{n}", n_train=n * args.batch_size, n_val=args.batch_size,
-                                   width=1024 if cuda else 64, tokens=256 if cuda else 16, training=dataclasses.asdict(small.training))
+                                   width=VITL14_WIDTH if cuda else 64, tokens=VITL14_TOKENS if cuda else 16, training=dataclasses.asdict(small.training))
              for n in (2, 6)}
 
     def per_step(run) -> StepOps:
