@@ -52,7 +52,10 @@ from model.optim import build_optimizer, lr_factor, set_lr
 from model.prepare import PreparedData, prepare
 from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_everything
 from model.tokens import read_batches
-from model.train import EpochCallback, EpochRecord, TrainResult, _eval_batches, _token_source, _write_outputs, degenerate_stop_reason
+from model.train import (
+    EpochCallback, EpochRecord, TrainResult, _eval_batches, _token_source, _write_outputs, degenerate_stop_reason, is_better_epoch,
+    non_finite_scores_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +238,6 @@ class _Trial:
     cuda_rng: torch.Tensor | None  # and of the CUDA one (dropout on CUDA)
     result: TrainResult = dataclasses.field(default_factory=lambda: TrainResult(status="completed", stop_reason=None))
     best_state: dict | None = None
-    best_auc: float = -np.inf
 
     @property
     def cfg(self):
@@ -319,7 +321,7 @@ def train_fused(
     train_rows, val_rows = (np.flatnonzero(frame["split"].to_numpy() == s) for s in ("train", "val"))
     labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
     groups = torch.tensor(frame["group"].to_numpy(), dtype=torch.long)
-    train_source, val_source = (_token_source(prepared, rows, device) for rows in (train_rows, val_rows))
+    train_source, val_source = (_token_source(prepared, rows, device, shared.feature_mode) for rows in (train_rows, val_rows))
     prior_fake = float(labels[train_rows].mean())
 
     detectors, rng_states, cuda_states = [], [], []
@@ -416,6 +418,11 @@ def train_fused(
         keep, postfix = [], {}
         for k, trial in enumerate(trials):
             cfg = trial.cfg
+            result = trial.result
+            if reason := non_finite_scores_reason(scores[k], epoch):  # this trial only: the others train on
+                result.status, result.stop_reason = "diverged", reason
+                log.warning("trial %d stopped: %s", everyone.index(trial), reason)
+                continue
             total, bce_sum, fair_sum = (sums[k] / len(train_rows)).tolist()
             metrics = objectives.evaluate(y_val, scores[k], g_val, threshold=cfg.threshold)
             predicted = scores[k] >= cfg.threshold
@@ -425,11 +432,10 @@ def train_fused(
                 gate_mean=float(gates[k].mean()), gate_min=float(gates[k].min()), gate_max=float(gates[k].max()),
                 degenerate=bool(predicted.all() or not predicted.any()), seconds=seconds,
             )
-            result = trial.result
-            result.epochs.append(record)
-            if metrics["auc"] > trial.best_auc:
-                trial.best_auc, result.best_epoch = metrics["auc"], epoch
+            if is_better_epoch(record, result.best):
+                result.best_epoch = epoch
                 trial.best_state = model.state_dict_of(k)
+            result.epochs.append(record)
             reason = degenerate_stop_reason(result.epochs, cfg.stop_if_degenerate_after) or (trial.callback(record) if trial.callback else None)
             if reason:
                 result.status, result.stop_reason = "stopped", reason

@@ -67,6 +67,11 @@ class TrainResult:
     def best(self) -> EpochRecord | None:
         return None if self.best_epoch is None else self.epochs[self.best_epoch - 1]
 
+    @property
+    def degenerate(self) -> bool:
+        """No epoch of the run was anything but degenerate (its best epoch is one: see is_better_epoch)."""
+        return self.best is not None and self.best.degenerate
+
     def summary(self) -> dict:
         """The deterministic summary written to metrics.json (no timings: reruns must match)."""
         best = self.best
@@ -79,10 +84,29 @@ class TrainResult:
             "gate": None if best is None else {"mean": best.gate_mean, "min": best.gate_min, "max": best.gate_max},
             "fair_share": None if best is None else best.fair_share,
             "degenerate_epochs": [r.epoch for r in self.epochs if r.degenerate],
+            "degenerate": self.degenerate,
         }
 
 
 EpochCallback = Callable[[EpochRecord], "str | None"]
+
+
+def is_better_epoch(record: EpochRecord, best: EpochRecord | None) -> bool:
+    """Whether ``record`` replaces ``best`` as the run's best epoch: the highest validation AUC
+    among the epochs that are not degenerate. A degenerate epoch (every prediction one class) has
+    every threshold-based fairness gap 0 whatever the model, so picking one by its AUC would give
+    the trial perfect fairness it does not have; it is the best epoch only while no epoch of the
+    run has been anything else, and the run then counts as degenerate."""
+    if best is None:
+        return True
+    return (not record.degenerate, record.val["auc"]) > (not best.degenerate, best.val["auc"])
+
+
+def non_finite_scores_reason(scores: np.ndarray, epoch: int) -> str | None:
+    """A run whose weights became nan/inf although its loss stayed finite (a non-finite gradient
+    in an epoch's last step reaches the weights without passing through a loss value)."""
+    bad = int((~np.isfinite(scores)).sum())
+    return f"non-finite validation scores (nan/inf) in epoch {epoch}: {bad} of {len(scores)}" if bad else None
 
 
 def degenerate_stop_reason(epochs: list[EpochRecord], after: int | None) -> str | None:
@@ -109,7 +133,7 @@ def train(
     train_rows, val_rows = (np.flatnonzero(frame["split"].to_numpy() == s) for s in ("train", "val"))
     labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
     groups = torch.tensor(frame["group"].to_numpy(), dtype=torch.long)
-    train_source, val_source = (_token_source(prepared, rows, device) for rows in (train_rows, val_rows))
+    train_source, val_source = (_token_source(prepared, rows, device, cfg.feature_mode) for rows in (train_rows, val_rows))
 
     detector = AdapterDetector(
         prepared.backbone.width, config.model, dropout=cfg.dropout, gate_init_bias=cfg.gate_init_bias,
@@ -128,7 +152,7 @@ def train(
     steps = -(-len(train_rows) // cfg.batch_size)
 
     result = TrainResult(status="completed", stop_reason=None)
-    best_state, best_auc = None, -np.inf
+    best_state = None
     bar = tqdm(range(1, cfg.num_epochs + 1), desc="epochs", unit="epoch", disable=not progress)
     for epoch in bar:
         start = time.perf_counter()
@@ -162,6 +186,10 @@ def train(
             break
         total, bce_sum, fair_sum = (sums / len(train_rows)).tolist()
         scores, gates = _predict(detector, val_source, cfg.batch_size * 4, device)
+        if reason := non_finite_scores_reason(scores, epoch):
+            result.status, result.stop_reason = "diverged", reason
+            log.warning("run stopped: %s", reason)
+            break
         metrics = objectives.evaluate(y_val, scores, g_val, threshold=cfg.threshold)
         predicted = scores >= cfg.threshold
         record = EpochRecord(
@@ -170,10 +198,10 @@ def train(
             gate_mean=float(gates.mean()), gate_min=float(gates.min()), gate_max=float(gates.max()),
             degenerate=bool(predicted.all() or not predicted.any()), seconds=time.perf_counter() - start,
         )
-        result.epochs.append(record)
-        if metrics["auc"] > best_auc:
-            best_auc, result.best_epoch = metrics["auc"], epoch
+        if is_better_epoch(record, result.best):
+            result.best_epoch = epoch
             best_state = copy.deepcopy(detector.state_dict())
+        result.epochs.append(record)
         bar.set_postfix(auc=f"{metrics['auc']:.3f}", f_meo=f"{metrics['f_meo']:.3f}", gate=f"{record.gate_mean:.2f}", degenerate=record.degenerate)
         log.info(
             "epoch %d/%d  loss %.4f (fair share %.1f%%)  val auc %.4f f_meo %.4f f_fpr %.4f  gate %.2f [%.2f, %.2f]%s  %.1fs",
@@ -191,8 +219,8 @@ def train(
     return result
 
 
-def _token_source(prepared: PreparedData, rows: np.ndarray, device: torch.device) -> TokenSource:
-    if prepared.config.training.feature_mode == "online":
+def _token_source(prepared: PreparedData, rows: np.ndarray, device: torch.device, feature_mode: str) -> TokenSource:
+    if feature_mode == "online":
         return OnlineTokens(prepared.backbone, list(prepared.manifest.frame["path"].iloc[rows]), device)
     return prepared.held_tokens.get(prepared.cache, rows, device)
 

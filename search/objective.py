@@ -7,11 +7,15 @@ curve (metrics, gate statistics, fair-term share); and, if it was stopped, why.
 How a stopped trial is recorded teaches the sampler (Optuna 5 has no pruners for
 multi-objective studies, so the training run stops itself):
 
-* degenerate, ``record_degenerate_as: infeasible`` -> COMPLETE with the metrics at the stop and
+* degenerate (stopped in the degenerate phase, or no epoch ever out of it),
+  ``record_degenerate_as: infeasible`` -> COMPLETE with the metrics at the stop and
   a violated ``degenerate`` constraint (GP and NSGA-II learn to avoid the region; the Pareto
   front leaves the trial out);
 * degenerate, ``record_degenerate_as: pruned`` -> PRUNED (only TPE learns from those);
-* non-finite loss -> FAIL, reason in ``fail_reason``.
+* non-finite loss or validation scores -> FAIL, reason in ``fail_reason``.
+
+A trial's values are its best epoch's: the highest validation AUC among its non-degenerate epochs
+(``model.train.is_better_epoch``).
 """
 
 from __future__ import annotations
@@ -139,8 +143,10 @@ def finish_trial(trial: optuna.Trial, config: StudyConfig, result: TrainResult, 
     if result.status == "diverged":
         trial.set_user_attr("fail_reason", result.stop_reason)
         return TrialOutcome(TrialState.FAIL, reason=result.stop_reason)
-    degenerate = result.status == "stopped" and result.stop_reason.startswith("degenerate")
+    # Stopped in its degenerate phase, or never out of it: the metrics are those of a model that
+    # predicts one class (every fairness gap 0), so the trial must not reach the Pareto front.
+    degenerate = result.degenerate
     trial.set_user_attr(DEGENERATE_ATTR, degenerate)
     if degenerate and config.stopping.record_degenerate_as == "pruned":
-        return TrialOutcome(TrialState.PRUNED, reason=result.stop_reason)
+        return TrialOutcome(TrialState.PRUNED, reason=result.stop_reason or "degenerate: every validation prediction was one class in every epoch")
     return TrialOutcome(TrialState.COMPLETE, [result.best.val[metric] for metric in config.metric_names])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 import model.tokens as tokens
@@ -17,6 +18,8 @@ from model import load_train_config, prepare, train
 from model.config import ModelConfig
 from model.detector import AdapterDetector
 from model.fused import FusedDetector, check_fusable, fusion_key, train_fused
+
+from _run_patches import nan_gradient_at_call
 
 DEMO_TRAIN = Path(__file__).parents[2] / "studies" / "demo_train.yaml"
 
@@ -116,6 +119,43 @@ def test_a_trial_stopped_early_leaves_the_group_and_the_others_are_unchanged(bas
     assert [len(r.epochs) for r in fused] == [3, 2, 1, 2]
     assert fused[2].status == "stopped" and fused[2].stop_reason.startswith("degenerate")
     assert fused[3].stop_reason == "callback says stop"
+    assert_same_runs(serial, fused)
+
+
+def test_each_trial_picks_its_best_epoch_among_its_non_degenerate_ones(base, tmp_path):
+    config, prepared = base
+    trials = [dict(TRIALS[0], lr=1e-2), dict(TRIALS[1], lr=3e-3)]  # each leaves the one-class phase once
+    configs = configs_for(config, trials, tmp_path / "fused")
+    fused = train_fused(configs, prepared, progress=False)
+    serial = [train(dataclasses.replace(c, output_dir=tmp_path / "serial" / c.run_dir.name), prepared=prepared, progress=False)
+              for c in configs]
+    assert_same_runs(serial, fused)
+    for result in fused:
+        assert not result.best.degenerate
+        # a degenerate epoch with a higher AUC was passed over: the rule mattered here
+        assert any(r.degenerate and r.val["auc"] > result.best.val["auc"] for r in result.epochs)
+
+
+def test_a_trial_whose_weights_become_non_finite_leaves_the_group_and_the_others_train_on(base, tmp_path, monkeypatch):
+    config, prepared = base
+    configs = configs_for(config, TRIALS, tmp_path / "fused")
+    real, calls = objectives.fairness_loss_multi, []
+
+    def poisoned(probabilities, *args, **kwargs):  # what nan_gradient_at_call does, to trial 0 alone
+        calls.append(1)
+        values = real(probabilities, *args, **kwargs)
+        if len(calls) != 8:
+            return values
+        return values + F.one_hot(torch.tensor(0), len(values)) * torch.sqrt(probabilities[0] * 0).sum()
+
+    monkeypatch.setattr(objectives, "fairness_loss_multi", poisoned)
+    fused = train_fused(configs, prepared, progress=False)  # 64 rows / 16: call 8 is epoch 2's last step
+    serial = [train(dataclasses.replace(c, output_dir=tmp_path / "serial" / c.run_dir.name), prepared=prepared, progress=False)
+              for c in configs[1:]]
+    nan_gradient_at_call(8, monkeypatch)
+    serial.insert(0, train(dataclasses.replace(configs[0], output_dir=tmp_path / "serial" / "trial-0"), prepared=prepared, progress=False))
+    assert fused[0].status == "diverged" and "non-finite validation scores" in fused[0].stop_reason
+    assert [r.status for r in fused[1:]] == ["completed"] * 3
     assert_same_runs(serial, fused)
 
 

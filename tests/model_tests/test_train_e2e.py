@@ -6,12 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import model.tokens as tokens
 import objectives
 import run_study
 from model import load_train_config, prepare, train
+
+from _run_patches import nan_gradient_at_call, predict_one_class_in
 
 DEMO_TRAIN = Path(__file__).parents[2] / "studies" / "demo_train.yaml"
 
@@ -58,16 +61,17 @@ def test_best_epoch_is_the_best_validation_auc(tmp_path):
     assert result.summary()["val"]["auc"] == max(aucs)
 
 
-def test_online_mode_matches_the_cache_up_to_storage_precision(tmp_path):
+def test_online_mode_matches_the_cache_up_to_storage_precision(tmp_path, monkeypatch):
     config = load_train_config(tiny_config(tmp_path, num_epochs=2))
-    import dataclasses
-
     config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, cache_dtype="float32"))
     prepared = prepare(config, progress=False, with_test_caches=False)
     cached = train(config, prepared=prepared, progress=False, write_outputs=False)
-    online_config = config.with_training(feature_mode="online")
-    prepared.config = online_config
-    online = train(online_config, prepared=prepared, progress=False, write_outputs=False)
+    images = []
+    batch = tokens.OnlineTokens.batch
+    monkeypatch.setattr(tokens.OnlineTokens, "batch", lambda self, indices: (images.append(len(indices)), batch(self, indices))[1])
+    # the run's own feature_mode decides, not the one `prepared` was made with
+    online = train(config.with_training(feature_mode="online"), prepared=prepared, progress=False, write_outputs=False)
+    assert sum(images) == 2 * (160 + 80)  # every image through the backbone, every epoch
     for a, b in zip(cached.epochs, online.epochs):
         for metric in ("auc", "f_meo", "f_fpr"):
             assert a.val[metric] == pytest.approx(b.val[metric], abs=1e-4)
@@ -126,7 +130,6 @@ def test_callback_can_stop_a_run(tmp_path):
 
 def test_non_finite_loss_stops_the_run_with_a_reason(tmp_path, monkeypatch):
     config = load_train_config(tiny_config(tmp_path))
-    import torch
 
     monkeypatch.setattr(objectives, "fairness_loss", lambda scores, *a, **k: scores.sum() * torch.tensor(float("nan")))
     result = train(config, progress=False, write_outputs=False)
@@ -144,3 +147,37 @@ def test_train_cli_refuses_a_bad_config_before_any_compute(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "lamda_fair" in err and str(path) in err
     assert not (tmp_path / "work").exists()  # nothing generated, nothing written
+
+
+def test_the_best_epoch_is_the_best_auc_among_the_epochs_that_are_not_degenerate(tmp_path, monkeypatch):
+    config = load_train_config(tiny_config(tmp_path, num_epochs=4, lr=3e-3))  # leaves the degenerate phase
+    prepared = prepare(config, progress=False, with_test_caches=False)
+    honest = train(config, prepared=prepared, progress=False, write_outputs=False)
+    aucs = [r.val["auc"] for r in honest.epochs]
+    squashed = int(np.argmax(aucs)) + 1  # the epoch AUC alone would pick, made one-class
+    others = [e for e, r in enumerate(honest.epochs, 1) if e != squashed and not r.degenerate]
+    assert others, "the test needs a non-degenerate epoch besides the best one"
+    predict_one_class_in({squashed}, monkeypatch)
+    result = train(config, prepared=prepared, progress=False, write_outputs=False)
+    assert result.epochs[squashed - 1].degenerate and result.epochs[squashed - 1].val["f_meo"] == 0.0
+    assert [r.val["auc"] for r in result.epochs] == pytest.approx(aucs)
+    assert result.best_epoch == max(others, key=lambda e: aucs[e - 1])
+    assert not result.degenerate and not result.summary()["degenerate"]
+
+
+def test_a_run_never_out_of_its_degenerate_phase_is_degenerate_even_without_a_stop_rule(tmp_path, monkeypatch):
+    config = load_train_config(tiny_config(tmp_path, num_epochs=3, stop_if_degenerate_after=None))
+    predict_one_class_in({1, 2, 3}, monkeypatch)
+    result = train(config, progress=False, write_outputs=False)
+    assert result.status == "completed" and all(r.degenerate for r in result.epochs)
+    assert result.degenerate and result.summary()["degenerate"]
+    assert result.best_epoch == int(np.argmax([r.val["auc"] for r in result.epochs])) + 1  # still a checkpoint
+
+
+def test_weights_made_non_finite_by_a_finite_loss_end_the_run_diverged(tmp_path, monkeypatch):
+    config = load_train_config(tiny_config(tmp_path, num_epochs=3))  # 160 rows / 32: 5 steps an epoch
+    nan_gradient_at_call(10, monkeypatch)  # the last step of epoch 2: no later loss sees the NaN
+    result = train(config, progress=False, write_outputs=False)
+    assert result.status == "diverged"
+    assert result.stop_reason.startswith("non-finite validation scores (nan/inf) in epoch 2")
+    assert len(result.epochs) == 1 and result.best_epoch == 1

@@ -1,6 +1,6 @@
 """A tiny real study shared by the dashboard, report and evaluate tests.
 
-It is studies/demo.yaml shrunk (96 train / 48 val / 32 per held-out set, 2 epochs, 4 random
+It is studies/demo.yaml shrunk (96 train / 48 val / 32 per held-out set, half fakes, 2 epochs, 4 random
 trials) and run once per test session through the real ``search.optimize``, so every test
 reads the same study: real trials, user attributes, notes, artifacts and checkpoints.
 """
@@ -23,7 +23,9 @@ def write_tiny_study_yaml(directory: Path, *, name: str = "tiny", n_trials: int 
     data = yaml.safe_load(DEMO.read_text())
     data["name"] = name
     data["workdir"] = str(directory / "work")
-    data["data"] = {"synthetic": {"seed": 0, "n_train": 96, "n_val": 48, "n_test": 32}}
+    # Half fakes: with the demo's 80% and 2 epochs every trial stays one-class (infeasible), and
+    # these tests need a Pareto front.
+    data["data"] = {"synthetic": {"seed": 0, "n_train": 96, "n_val": 48, "n_test": 32, "fake_share": 0.5}}
     data["stage1"] = {**data.get("stage1", {}), "epochs": 1}
     data["training"] = {**data["training"], "num_epochs": 2, "batch_size": 16, "warmup_epochs": 0}
     data["sampler"] = {"name": "random", "seed": 0}

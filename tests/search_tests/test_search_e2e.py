@@ -144,6 +144,24 @@ def test_forced_degenerate_trials_are_stopped_recorded_and_never_exported(tmp_pa
         pick_trial(study, f"trial:{trials[0].number}")
 
 
+def test_a_trial_never_out_of_the_degenerate_phase_is_infeasible_without_a_stop_rule(tmp_path):
+    # No stop rule, so the trial runs all 3 epochs, each one-class (F_MEO 0 at every epoch):
+    # counted as feasible it would dominate every honest trial on fairness.
+    path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="degenerate-unstopped", n_trials=1,
+                           stopping={"degenerate_after_epochs": None})
+    data = yaml.safe_load(path.read_text())
+    data["training"]["lr"] = 0.0
+    del data["search_space"]["lr"]
+    path.write_text(yaml.safe_dump(data))
+    assert run_study.main(["-q", "optimize", "--study", str(path)]) == 0
+    study = open_study(load_study_config(path), create=False)
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["status"] == "completed"
+    assert trial.user_attrs["epochs_run"] == 3 and "stop_reason" not in trial.user_attrs
+    assert trial.user_attrs["degenerate"] is True and trial.user_attrs["val_f_meo"] == 0.0
+    assert study.best_trials == []
+
+
 def test_non_finite_loss_ends_the_trial_failed_and_the_study_goes_on(tmp_path, monkeypatch):
     path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="nan", n_trials=1)
     import torch
