@@ -66,6 +66,11 @@ def from_dict(cls: type[T], data: Any, *, where: str = "", base_dir: Path | None
     return _convert(cls, data, where, base_dir)
 
 
+def convert(tp: Any, value: Any, where: str) -> Any:
+    """One value in type ``tp`` (a field's type hint), strictly, as :func:`from_dict` converts fields."""
+    return _convert(tp, value, where, None)
+
+
 def to_dict(obj: Any, *, relative_to: Path | None = None) -> Any:
     """The inverse of :func:`from_dict`: plain YAML-able data; paths relative to ``relative_to``."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -179,4 +184,4 @@ def _convert_dataclass(cls: Any, value: Any, where: str, base_dir: Path | None) 
     except ConfigError:
         raise
     except ValueError as err:  # __post_init__ checks raise ValueError naming the field
-        raise ConfigError(f"{where or 'top level'}: {err}") from None
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from None  # a top-level check names its key

@@ -6,14 +6,17 @@ ranges touching 0 are errors that name the key, raised before anything is prepar
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import objectives
 from model.config import BackboneConfig, DataConfig, ModelConfig, Stage1Config, TrainingConfig, TrainRunConfig
-from model.typed_config import ConfigError, expand_env, from_dict, load_yaml
+from model.typed_config import ConfigError, convert, expand_env, from_dict, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +24,8 @@ log = logging.getLogger(__name__)
 # sinkhorn_blur 10x shrank the fair loss ~8x and cancelled a 10x raise of lambda_fair).
 COUPLED_PARAMS = ("lr", "weight_decay", "lambda_fair", "sinkhorn_blur")
 _TRAINING_FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
-_NOT_SEARCHABLE = {"device", "feature_mode", "stop_if_degenerate_after", "seed"}
+_TRAINING_HINTS = typing.get_type_hints(TrainingConfig)
+_NOT_SEARCHABLE = {"device", "feature_mode", "stop_if_degenerate_after", "seed", "compile_sinkhorn"}  # run settings
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class ParamSpec:
     high: float | None = None
     log: bool = False
     step: float | None = None
-    choices: list[str | float | int | bool] | None = None
+    choices: list[Any] | None = None  # typed by the training key they are for (StudyConfig)
 
     def __post_init__(self) -> None:
         if self.choices is not None:
@@ -68,9 +72,9 @@ class ObjectiveSpec:
 @dataclass(frozen=True)
 class SamplerConfig:
     # GP by default: on our benchmark (bench/results/sampler_efficiency.md, 8 seeds) its median
-    # reached random search's 100-trial hypervolume in 29 trials; NSGA-II took 83 (its first
-    # generation is random), multivariate TPE did not within 100. Its own cost grows with the study
-    # (~0.9 s/trial at 30 trials, ~2.6 s at 100 on one CPU core): small next to a GPU trial.
+    # reached random search's 100-trial hypervolume in 26 trials; multivariate TPE took 55 and
+    # NSGA-II 83 (its first generation is random). Its own cost grows with the study (~0.7 s/trial
+    # at 30 trials, ~3.2 s at 100 on one CPU core): small next to a GPU trial.
     name: Literal["gp", "tpe", "nsga2", "random"] = "gp"
     seed: int | None = 0
     n_startup_trials: int = 10  # gp and tpe: random trials before the model takes over
@@ -181,6 +185,12 @@ class StudyConfig:
                 raise ValueError(f"search_space.{name}: not a searchable training key; valid: {', '.join(searchable)}")
             if name in COUPLED_PARAMS and spec.choices is None and not spec.log:
                 raise ValueError(f"search_space.{name}: must be sampled on a log scale (log: true)")
+        for name, spec in self.search_space.items():
+            self.search_space[name] = _typed_spec(name, spec)
+        _check_range_ends(self.training, self.search_space)
+        if self.stopping.record_degenerate_as == "pruned" and self.sampler.name in ("gp", "nsga2"):
+            raise ValueError(f"stopping.record_degenerate_as: pruned trials teach the {self.sampler.name} sampler nothing "
+                             "(it learns from COMPLETE trials and their constraints); use infeasible, or sampler tpe")
         if not self.objectives:
             raise ValueError("objectives: give at least one")
         metrics = [o.metric for o in self.objectives]
@@ -212,6 +222,70 @@ class StudyConfig:
             workdir=self.workdir, data=self.data, backbone=self.backbone, model=self.model,
             stage1=self.stage1, training=training, output_dir=None,
         )
+
+
+def _value_type(hint: Any) -> Any:
+    """``int`` for ``int | None`` and so on: the type a non-null value of the key has."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint
+
+
+def _typed_spec(name: str, spec: ParamSpec) -> ParamSpec:
+    """``spec`` in the training key's own type, so that a bad value fails here, not in a trial:
+    choices are converted as the key itself would be (YAML's 16 stays an int, "1e-4" becomes a
+    float, an optimizer that does not exist is refused); a range needs a numeric key, and
+    integer bounds for an integer key."""
+    where, value_type = f"search_space.{name}", _value_type(_TRAINING_HINTS[name])
+    if spec.choices is not None:
+        return dataclasses.replace(spec, choices=[
+            convert(_TRAINING_HINTS[name], choice, f"{where}.choices[{i}]") for i, choice in enumerate(spec.choices)])
+    if value_type not in (int, float):
+        raise ValueError(f"{where}: {name} is not numeric; give choices instead of low/high")
+    if value_type is int:
+        for key in ("low", "high", "step"):
+            bound = getattr(spec, key)
+            if bound is not None and not float(bound).is_integer():
+                raise ValueError(f"{where}.{key}: {name} is an integer, got {bound}")
+    return spec
+
+
+_MAX_END_COMBINATIONS = 4096
+
+
+def _check_range_ends(training: TrainingConfig, space: dict[str, ParamSpec]) -> None:
+    """Every combination of the ends of the ranges and of the choices makes a valid training
+    config (for the bounds a config checks, the ends are where a trial can break them): a
+    pairing such as warmup_epochs up to 5 with num_epochs from 4 fails here, not in trial 37."""
+    ends = {}
+    for name, spec in space.items():
+        if spec.choices is not None:
+            ends[name] = spec.choices
+        else:
+            cast = int if _value_type(_TRAINING_HINTS[name]) is int else float
+            ends[name] = sorted({cast(spec.low), cast(spec.high)})
+
+    def invalid(values: dict[str, Any]) -> str | None:
+        try:
+            dataclasses.replace(training, **values)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    for combination in itertools.islice(itertools.product(*ends.values()), _MAX_END_COMBINATIONS):
+        values = dict(zip(ends, combination))
+        if (error := invalid(values)) is None:
+            continue
+        for size in (1, 2):  # name the fewest keys that break it
+            for keys in itertools.combinations(values, size):
+                if (error := invalid({k: values[k] for k in keys})) is not None:
+                    values = {k: values[k] for k in keys}
+                    break
+            else:
+                continue
+            break
+        given = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        raise ValueError(f"search_space: a trial with {given} would be an invalid training config ({error})")
 
 
 def load_study_config(path: str | Path, *, storage: str | None = None, study_name: str | None = None) -> StudyConfig:

@@ -70,6 +70,14 @@ def mutate(path_keys, value):
         (["sampler", "name"], "cmaes", r"sampler.name: 'cmaes' is not one of"),
         (["stopping", "degenerate_after_epochs"], 0, r"stopping: degenerate_after_epochs must be >= 1"),
         (["distributed", "workers"], 0, r"distributed: workers must be >= 1"),
+        (["search_space", "optimizer"], {"choices": ["adamw", "lion"]}, r"search_space.optimizer.choices\[1\]: 'lion' is not one of"),
+        (["search_space", "batch_size"], {"choices": [16, "big"]}, r"search_space.batch_size.choices\[1\]: expected an integer, got 'big'"),
+        (["search_space", "T_0"], {"low": 1.5, "high": 4}, r"search_space.T_0.low: T_0 is an integer, got 1.5"),
+        (["search_space", "optimizer"], {"low": 1, "high": 2}, r"search_space.optimizer: optimizer is not numeric; give choices"),
+        (["search_space", "compile_sinkhorn"], {"choices": [True, False]}, r"search_space.compile_sinkhorn: not a searchable training key"),
+        (["search_space", "batch_size"], {"choices": [1, 32]}, r"search_space: a trial with batch_size=1 would be an invalid training config \(batch_size must be >= 2"),
+        (["search_space", "warmup_epochs"], {"low": 1, "high": 12}, r"search_space: a trial with warmup_epochs=12 would be an invalid training config \(warmup_epochs must be < num_epochs"),
+        (["stopping", "record_degenerate_as"], "pruned", r"stopping.record_degenerate_as: pruned trials teach the gp sampler nothing"),
         (["name"], KeyError, r"name: required key is missing"),
         (["storage"], "${FAIRFRONT_UNSET_STORAGE}", r"storage: environment variable \$\{FAIRFRONT_UNSET_STORAGE\} is not set"),
     ],
@@ -80,6 +88,24 @@ def test_bad_study_yaml_names_the_key(tmp_path, monkeypatch, keys, value, messag
     with pytest.raises(ConfigError, match=message) as err:
         load_study_config(path)
     assert str(path) in str(err.value)
+
+
+def test_search_space_values_take_the_type_of_their_training_key(tmp_path):
+    data = demo_data()
+    data["search_space"] |= {"batch_size": {"choices": [16, 32]}, "head_lr_mult": {"choices": ["1", "2.5e0"]},
+                             "T_0": {"low": 2, "high": 4}}
+    space = load_study_config(write(tmp_path, data)).search_space
+    assert space["batch_size"].choices == [16, 32] and all(type(c) is int for c in space["batch_size"].choices)
+    assert space["head_lr_mult"].choices == [1.0, 2.5]
+
+
+def test_a_combination_of_range_ends_that_breaks_the_config_names_both_keys(tmp_path):
+    data = demo_data()
+    data["search_space"] |= {"warmup_epochs": {"low": 0, "high": 5}, "num_epochs": {"low": 4, "high": 10}}
+    with pytest.raises(ConfigError, match=r"a trial with num_epochs=4, warmup_epochs=5 would be an invalid training config"):
+        load_study_config(write(tmp_path, data))
+    data["search_space"]["warmup_epochs"]["high"] = 3
+    assert load_study_config(write(tmp_path, data)).search_space["num_epochs"].low == 4
 
 
 def test_storage_comes_from_the_environment(tmp_path, monkeypatch):
