@@ -92,6 +92,8 @@ def open_cache(directory: Path, key: str) -> FeatureCache:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CacheError(f"{meta_path}: unreadable ({err})") from None
+    if not all(isinstance(meta.get(part), dict) and set(_ARRAYS) <= set(meta[part]) for part in ("shapes", "checksums")):
+        raise CacheError(f"{meta_path}: no shapes or checksums of {', '.join(_ARRAYS)} (not written by fairfront's cache build)")
     if meta.get("key") != key:
         raise CacheError(f"{directory}: built for other inputs (key {str(meta.get('key'))[:12]} != {key[:12]})")
     arrays = {}
@@ -156,8 +158,15 @@ def _build(manifest: Manifest, backbone: FrozenBackbone, directory: Path, key: s
         with autocast(device, backbone.config.precision == "bf16"):
             tokens = backbone(images.to(device, non_blocking=True))
         end = offset + images.shape[0]
-        cls[offset:end] = tokens.cls.cpu().numpy().astype(dtype)
-        patches[offset:end] = tokens.patches.cpu().numpy().astype(dtype)
+        # in the storage dtype on the device: half the copy for float16, and an overflow (a token
+        # beyond float16's 65504 becomes inf) is caught here, not as a NaN loss in every trial
+        batch_cls, batch_patches = (t.to(getattr(torch, dtype.name)) for t in (tokens.cls, tokens.patches))
+        if not bool(torch.isfinite(batch_cls).all() & torch.isfinite(batch_patches).all()):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CacheError(f"{manifest.path}: images {offset}-{end - 1} (rows of the manifest in order) give tokens that are "
+                             f"not finite in {dtype.name} (nan, or beyond its range); try backbone.cache_dtype: float32")
+        cls[offset:end] = batch_cls.cpu().numpy()
+        patches[offset:end] = batch_patches.cpu().numpy()
         offset = end
         bar.update(images.shape[0])
         bar.set_postfix(img_per_s=f"{offset / (time.perf_counter() - start):.0f}")
@@ -176,12 +185,18 @@ def _build(manifest: Manifest, backbone: FrozenBackbone, directory: Path, key: s
         "seconds": round(time.perf_counter() - start, 2),
     }
     (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(directory, ignore_errors=True)
     try:
-        staging.rename(directory)
+        staging.rename(directory)  # fails while `directory` exists (and is not empty)
     except OSError:
-        # Another worker finished the same cache first; theirs is as good as ours.
-        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            open_cache(directory, key)  # another worker (a node on the shared workdir) finished first:
+            shutil.rmtree(staging, ignore_errors=True)  # keep theirs, which its readers may hold open
+        except CacheError:  # a stale or broken cache in the way: replace it
+            shutil.rmtree(directory, ignore_errors=True)
+            try:
+                staging.rename(directory)
+            except OSError:  # and lost the race to replace it
+                shutil.rmtree(staging, ignore_errors=True)
     log.info("feature cache built: %s (%d images, %.1f s)", directory, len(paths), meta["seconds"])
 
 

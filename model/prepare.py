@@ -79,12 +79,12 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
 
 def _stage1(config: TrainRunConfig, manifest: Manifest, cache: FeatureCache, width: int, device: torch.device):
     if config.stage1.checkpoint is not None:
-        return config.stage1.checkpoint, load_stage1_state(config.stage1.checkpoint, width)
+        return config.stage1.checkpoint, load_stage1_state(config.stage1.checkpoint, width, config.model)
     key = stage1_key(cache.key, config.model, config.stage1)
     path = config.workdir / "stage1" / f"stage1-{key[:16]}.pt"
     if path.is_file():
         try:
-            state = load_stage1_state(path, width)
+            state = load_stage1_state(path, width, config.model)
             log.info("stage 1 adapter reused: %s", path)
             return path, state
         except ValueError as err:
@@ -97,4 +97,4 @@ def _stage1(config: TrainRunConfig, manifest: Manifest, cache: FeatureCache, wid
     )
     save_stage1(path, adapter, key=key, width=width, val_auc=auc)
     log.info("stage 1 adapter trained: val AUC %.4f -> %s", auc, path)
-    return path, load_stage1_state(path, width)
+    return path, load_stage1_state(path, width, config.model)

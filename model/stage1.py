@@ -68,8 +68,9 @@ def save_stage1(path: Path, adapter: Stage1Adapter, *, key: str, width: int, val
     tmp.replace(path)
 
 
-def load_stage1_state(path: Path, width: int) -> dict[str, torch.Tensor]:
-    """The Stage 1 weights from a checkpoint, checked against the backbone width."""
+def load_stage1_state(path: Path, width: int, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """The Stage 1 weights from a checkpoint, checked against the backbone width and the adapter
+    shape that ``model.stage1_hidden_ratio`` gives (so a mismatch fails in prepare, not in every trial)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as err:
@@ -79,4 +80,11 @@ def load_stage1_state(path: Path, width: int) -> dict[str, torch.Tensor]:
         raise Stage1Error(f"stage1.checkpoint: {path} holds no Stage 1 adapter state (keys norm.*, fc1.*, fc2.*)")
     if state["fc1.weight"].shape[1] != width:
         raise Stage1Error(f"stage1.checkpoint: {path} is for width {state['fc1.weight'].shape[1]}, the backbone has {width}")
+    try:
+        Stage1Adapter(width, model).load_state_dict(state)
+    except RuntimeError as err:
+        hidden = state["fc1.weight"].shape[0]
+        raise Stage1Error(f"stage1.checkpoint: {path} has hidden size {hidden} (stage1_hidden_ratio {hidden / width:g}), "
+                          f"model.stage1_hidden_ratio {model.stage1_hidden_ratio:g} needs {round(width * model.stage1_hidden_ratio)}"
+                          if "size mismatch" in str(err) else f"stage1.checkpoint: {path} does not fit the Stage 1 adapter: {err}") from None
     return state

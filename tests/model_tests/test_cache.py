@@ -111,9 +111,59 @@ def test_corrupted_bytes_are_detected(manifest, backbone, tmp_path):
         open_cache(cache.directory, cache.key)
 
 
+def test_a_meta_file_without_shapes_is_a_cache_error_and_the_cache_is_rebuilt(manifest, backbone, tmp_path):
+    import json
+
+    cache = build(manifest, backbone, tmp_path)
+    meta = json.loads((cache.directory / "meta.json").read_text())
+    del meta["shapes"]
+    (cache.directory / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="no shapes or checksums"):
+        open_cache(cache.directory, cache.key)
+    assert len(build(manifest, backbone, tmp_path)) == len(manifest.frame)
+
+
 def test_partial_build_without_meta_is_not_used(manifest, backbone, tmp_path):
     cache = build(manifest, backbone, tmp_path)
     (cache.directory / "meta.json").unlink()
     with pytest.raises(CacheError, match="never finished"):
         open_cache(cache.directory, cache.key)
     assert len(build(manifest, backbone, tmp_path)) == len(manifest.frame)
+
+
+def test_tokens_beyond_float16_are_refused_naming_the_manifest_rows_and_the_fix(manifest, tmp_path):
+    from model.backbone import FrozenTokens
+
+    backbone = FrozenBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", batch_size=8, cache_dtype="float16"))
+    forward = backbone.forward
+    calls = []
+
+    def overflowing(images):  # the second batch has a token of 1e5 (float16 stops at 65504)
+        tokens = forward(images)
+        calls.append(1)
+        if len(calls) == 2:
+            tokens = FrozenTokens(cls=tokens.cls, patches=tokens.patches.index_fill(1, torch.tensor([3]), 1e5))
+        return tokens
+
+    backbone.forward = overflowing
+    with pytest.raises(CacheError, match=r"manifest.csv: images 8-15 .* not finite in float16 .*backbone.cache_dtype: float32"):
+        build(manifest, backbone, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no partial cache left behind
+    backbone.forward = forward
+    assert np.isfinite(build(manifest, backbone, tmp_path).patches).all()
+
+
+def test_a_cache_another_worker_finished_first_is_kept_not_replaced(manifest, backbone, tmp_path, monkeypatch):
+    import model.cache as cache_module
+
+    theirs = build(manifest, backbone, tmp_path)
+    stamp = (theirs.directory / "patches.npy").stat().st_mtime_ns
+    # this worker looked before theirs was there, so it builds too and finds the directory taken
+    open_cache = cache_module.open_cache
+    looks = []
+    monkeypatch.setattr(cache_module, "open_cache", lambda d, k: open_cache(d, k) if looks.append(1) or len(looks) > 1
+                        else (_ for _ in ()).throw(CacheError("not there yet")))
+    ours = build(manifest, backbone, tmp_path)
+    assert ours.directory == theirs.directory
+    assert (theirs.directory / "patches.npy").stat().st_mtime_ns == stamp  # their files, untouched
+    assert [p.name for p in tmp_path.iterdir()] == [theirs.directory.name]  # our staging copy removed

@@ -181,3 +181,16 @@ def test_weights_made_non_finite_by_a_finite_loss_end_the_run_diverged(tmp_path,
     assert result.status == "diverged"
     assert result.stop_reason.startswith("non-finite validation scores (nan/inf) in epoch 2")
     assert len(result.epochs) == 1 and result.best_epoch == 1
+
+
+def test_a_stage1_checkpoint_of_another_shape_is_refused_by_prepare_naming_both_keys(tmp_path):
+    from model.stage1 import Stage1Error
+
+    config = load_train_config(tiny_config(tmp_path))
+    checkpoint = prepare(config, progress=False, with_test_caches=False).stage1_checkpoint
+    other = dataclasses.replace(config, stage1=dataclasses.replace(config.stage1, checkpoint=checkpoint),
+                                model=dataclasses.replace(config.model, stage1_hidden_ratio=2 * config.model.stage1_hidden_ratio))
+    with pytest.raises(Stage1Error, match=r"stage1.checkpoint: .* has hidden size \d+ .* model.stage1_hidden_ratio 2 needs \d+"):
+        prepare(other, progress=False, with_test_caches=False)
+    same = dataclasses.replace(other, model=config.model)
+    assert prepare(same, progress=False, with_test_caches=False).stage1_checkpoint == checkpoint
