@@ -35,7 +35,9 @@ def test_real_study_loads_with_its_placeholders(monkeypatch, tmp_path):
     monkeypatch.setenv("FAIRFRONT_STORAGE", "postgresql+psycopg://u:secret@db:5432/fairfront")
     monkeypatch.setenv("FAIRFRONT_DATA", str(tmp_path))
     monkeypatch.setenv("CLIP_WEIGHTS", str(tmp_path / "ViT-L-14.pt"))
+    monkeypatch.setenv("FAIRFRONT_WORKDIR", str(tmp_path / "work"))
     config = load_study_config(DEMO.parent / "ffpp_clip_vitl14.yaml")
+    assert config.workdir == tmp_path / "work"
     assert config.backbone.name == "ViT-L-14-quickgelu"
     assert set(config.data.test_manifests) == {"celebdf", "dfd", "dfdc"}
     assert config.training.num_epochs == 30

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -270,6 +271,24 @@ def test_compose_has_db_dashboard_and_gpu_workers_with_secrets_from_a_git_ignore
     assert ignored and (DOCKER / "env.example").is_file()
     example = (DOCKER / "env.example").read_text()
     assert "FAIRFRONT_STORAGE=" in example and "POSTGRES_PASSWORD=" in example
+
+
+def test_the_real_study_resolves_inside_the_containers_to_the_data_mount_and_a_writable_workdir(monkeypatch):
+    from search import load_study_config
+
+    example = dict(line.split("=", 1) for line in (DOCKER / "env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    worker = _compose()["services"]["worker"]
+    # "source:target[:mode]", where a source may be "${VAR:-default}"
+    mounts = {target: (source, mode) for source, target, mode in
+              (re.fullmatch(r"(\$\{[^}]*\}|[^:]+):([^:]+)(?::(ro|rw))?", volume).groups() for volume in worker["volumes"])}
+    assert mounts["/data"] == ("${FAIRFRONT_DATA_HOST:-../data}", "ro") and mounts["/opt/fairfront/runs"][1] is None
+    for name, value in {**example, **worker["environment"]}.items():  # compose: environment over env_file
+        monkeypatch.setenv(name, value)
+    config = load_study_config(REPO / "studies" / "ffpp_clip_vitl14.yaml")
+    assert str(config.data.manifest).startswith("/data/")
+    assert str(config.backbone.weights).startswith("/data/")
+    assert str(config.workdir).startswith("/opt/fairfront/runs/")  # the writable volume
 
 
 def test_every_command_the_image_runs_is_a_valid_run_study_invocation(capsys):
