@@ -76,6 +76,27 @@ def _print_front(study, config) -> None:
         print(table.to_string(index=False))
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _window_size(text: str) -> tuple[int, int]:
+    width, sep, height = text.partition("x")
+    if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 1400x1000, got {text!r}")
+    return int(width), int(height)
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
     from search import optimize
     from search.storage import mask_url
@@ -107,10 +128,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         study, code = run.study, run.exit_code
     else:
         study = optimize(config, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
+    target, finished = args.n_trials or config.budget.n_trials, len(study.get_trials(deepcopy=False, states=FINISHED))
+    if finished < target and code == 0:  # failed trials, a timeout: the same exit status as with --workers
+        print(f"optimize: the study has {finished} of its {target} finished trials (see the failed ones above)", file=sys.stderr)
+        code = 1
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     infeasible = sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if t.user_attrs.get("degenerate"))
     print(f"\nstudy {config.name!r} in {mask_url(config.storage_url)}: " + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
-          + f" ({infeasible} stopped as degenerate)")
+          + f" ({infeasible} degenerate)")
     _print_front(study, config)
     # the storage as the user gave it: "${VAR}" stays a reference, a literal password is masked
     storage = args.storage if args.storage and "${" in args.storage else mask_url(config.storage_url)
@@ -148,9 +173,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     config = _load_study(args)
     if args.screenshot:
-        width, _, height = args.window.partition("x")
         png, _ = dashboard.screenshot_study(config, args.screenshot, page=args.page, annotate=not args.no_annotate,
-                                            window=(int(width), int(height)))
+                                            window=args.window)
         print(f"screenshot of study {config.name!r}{args.page}: {png}")
         return 0
     return dashboard.serve(config, host=args.host, port=args.port, annotate=not args.no_annotate)
@@ -212,14 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("optimize", cmd_optimize, "run (or continue) the multi-objective study until its trial budget is met")
     study_args(p)
-    p.add_argument("--n-trials", type=int, help="finished trials the study should reach (default: budget.n_trials)")
-    p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    p.add_argument("--n-trials", type=_positive_int, help="finished trials the study should reach (default: budget.n_trials)")
+    p.add_argument("--timeout", type=_positive_float, help="stop starting new trials after this many seconds")
     p.add_argument("--warm-start", action="store_true", help="enqueue the reference report's Exp1-3 configurations first")
-    p.add_argument("--workers", type=int, help="worker processes on this node sharing the study "
+    p.add_argument("--workers", type=_positive_int, help="worker processes on this node sharing the study "
                                                "(default: the study's distributed.workers, 1 unless set)")
     p.add_argument("--devices", help="devices for the workers, round-robin: GPU indices (0,1,...), cuda:N or cpu "
                                      "(default: the study's distributed.devices, else every visible GPU, the CPU when none)")
-    p.add_argument("--fuse", type=int, metavar="K", help="train K trials at a time in one fused pass over the cached batches "
+    p.add_argument("--fuse", type=_positive_int, metavar="K", help="train K trials at a time in one fused pass over the cached batches "
                                                          "(one process, one device; see search/fused_batch.py)")
 
     p = add("show", cmd_show, "print the study's feasible Pareto front as a table")
@@ -229,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("export", cmd_export, "write one trial as a training-config YAML that `train` accepts")
     study_args(p)
-    p.add_argument("--pick", default="knee", help=PICK_HELP)
+    p.add_argument("--pick", default="knee", help=PICK_HELP + " (default: knee)")
     p.add_argument("--out", type=Path, required=True, help="YAML file to write")
 
     p = add("dashboard", cmd_dashboard, "serve optuna-dashboard on the study's storage and artifacts (notes, plots, Pareto front)")
@@ -239,12 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-annotate", action="store_true", help="do not back-fill missing trial notes and study plots first")
     p.add_argument("--screenshot", type=Path, help="instead of serving: save a headless-Chromium screenshot of the study page to this PNG")
     p.add_argument("--page", default="", help="with --screenshot: a sub-page of the study, e.g. '/trials?numbers=3'")
-    p.add_argument("--window", default="1400x1000", help="with --screenshot: browser window WIDTHxHEIGHT (default 1400x1000)")
+    p.add_argument("--window", default=(1400, 1000), type=_window_size, help="with --screenshot: browser window WIDTHxHEIGHT (default 1400x1000)")
 
     p = add("evaluate", cmd_evaluate, "score trials on the study's test sets (per dataset and mean) and store the results in the study")
     study_args(p)
     p.add_argument("--trials", default="pareto", help="pareto (default) | all | trial numbers, e.g. 3,7,12")
-    p.add_argument("--batch-size", type=int, default=256, help="scoring batch size")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="scoring batch size")
     p.add_argument("--no-tune-threshold", action="store_true", help="skip the validation-tuned threshold (balanced accuracy)")
 
     p = add("report", cmd_report, "write the study report: HTML, markdown tables and PNG plots of the trade-off")

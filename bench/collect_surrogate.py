@@ -53,9 +53,8 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t
         rows = []
         for params, result in zip(group, results):
-            degenerate = result.status == "stopped" and (result.stop_reason or "").startswith("degenerate")
-            best = result.best
-            row = dict(params, status=result.status, degenerate=degenerate, epochs_run=len(result.epochs),
+            best = result.best  # (a degenerate trial as the study records it: search.objective.finish_trial)
+            row = dict(params, status=result.status, degenerate=result.degenerate, epochs_run=len(result.epochs),
                        group_seconds=seconds, synthetic=synthetic_digest)
             for metric in study.metric_names:
                 row[metric] = None if best is None else best.val[metric]

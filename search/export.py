@@ -21,9 +21,11 @@ from search.config import StudyConfig
 
 
 def trial_train_config(study_config: StudyConfig, trial: FrozenTrial) -> TrainRunConfig:
-    """The exact training config the trial ran, with outputs going to a fresh folder."""
+    """The exact training config the trial ran, with outputs going to a fresh folder, on the
+    study's own device setting (a worker pinned to cuda:3 must not make the export need 4 GPUs)."""
     training = from_dict(TrainingConfig, trial.user_attrs["training"], where="training")
     base = study_config.base_run_config()
+    training = dataclasses.replace(training, device=base.training.device)
     return dataclasses.replace(
         base, training=training, output_dir=study_config.workdir / "retrain" / study_config.name / f"trial-{trial.number:05d}"
     )
@@ -39,6 +41,8 @@ def header(study: optuna.Study, study_config: StudyConfig, trial: FrozenTrial, p
         f"fair-term share {100 * trial.user_attrs.get('fair_share', float('nan')):.2f}%",
         "sampled: " + ", ".join(f"{k}={v}" for k, v in trial.params.items()),
         f"code version {trial.user_attrs.get('code_version', 'unknown')}",
+        f"ran on {trial.user_attrs.get('device', 'the study device')} with {trial.user_attrs.get('torch_threads', '?')} torch threads "
+        "(on the CPU, bit-identical metrics need the same thread count: OMP_NUM_THREADS)",
         "re-train: python run_study.py train --config <this file>",
     ]
     return "".join(f"# {line}\n" for line in lines)

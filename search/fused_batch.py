@@ -52,30 +52,51 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
         if timeout is not None and time.monotonic() - started > timeout:
             log.info("timeout of %.0f s reached: no new group of trials", timeout)
             break
-        trials = [study.ask() for _ in range(min(group_size, target - done))]
-        run_configs = [start_trial(trial, config) for trial in trials]
-        groups: dict[str, list[int]] = {}
-        for i, run_config in enumerate(run_configs):  # e.g. a searched batch_size splits the batch
-            groups.setdefault(fusion_key(run_config), []).append(i)
-        start = time.perf_counter()
-        for members in groups.values():
-            try:
-                results = train_fused([run_configs[i] for i in members], prepared, progress=False)
-            except Exception as err:  # the whole group fails; the study goes on
-                log.exception("fused group of trials %s failed", [trials[i].number for i in members])
-                for i in members:
-                    trials[i].set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
-                    study.tell(trials[i], state=TrialState.FAIL)
-                failed += len(members)
-                continue
-            for i, result in zip(members, results):
-                outcome = finish_trial(trials[i], config, result, store, run_configs[i].run_dir)
-                frozen = study.tell(trials[i], outcome.values, state=outcome.state)
-                failed += outcome.state == TrialState.FAIL
-                if progress:
-                    print(describe_trial(frozen, config.metric_names), flush=True)
-        log.info("fused batch of %d trials: %.1f s", len(trials), time.perf_counter() - start)
+        trials: list[optuna.Trial] = []
+        told: set[int] = set()
+        try:
+            trials.extend(study.ask() for _ in range(min(group_size, target - done)))
+            failed += _run_batch(study, config, trials, told, prepared, store, progress)
+        except BaseException as err:  # a bad config, Ctrl-C: no trial is left RUNNING (ask/tell has no heartbeat)
+            reason = "interrupted (KeyboardInterrupt)" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
+            for i, trial in enumerate(trials):
+                if i not in told:
+                    trial.set_user_attr("fail_reason", reason)
+                    study.tell(trial, state=TrialState.FAIL)
+            raise
     return study
+
+
+def _run_batch(study: optuna.Study, config: StudyConfig, trials: list[optuna.Trial], told: set[int], prepared, store,
+               progress: bool) -> int:
+    """Sample, train (one fused pass per group that can share batches) and tell ``trials``;
+    ``told`` collects the ones told. Returns how many failed."""
+    failed = 0
+    run_configs = [start_trial(trial, config) for trial in trials]
+    groups: dict[str, list[int]] = {}
+    for i, run_config in enumerate(run_configs):  # e.g. a searched batch_size splits the batch
+        groups.setdefault(fusion_key(run_config), []).append(i)
+    start = time.perf_counter()
+    for members in groups.values():
+        try:
+            results = train_fused([run_configs[i] for i in members], prepared, progress=False)
+        except Exception as err:  # the whole group fails; the study goes on
+            log.exception("fused group of trials %s failed", [trials[i].number for i in members])
+            for i in members:
+                trials[i].set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
+                study.tell(trials[i], state=TrialState.FAIL)
+                told.add(i)
+            failed += len(members)
+            continue
+        for i, result in zip(members, results):
+            outcome = finish_trial(trials[i], config, result, store, run_configs[i].run_dir)
+            frozen = study.tell(trials[i], outcome.values, state=outcome.state)
+            told.add(i)
+            failed += outcome.state == TrialState.FAIL
+            if progress:
+                print(describe_trial(frozen, config.metric_names), flush=True)
+    log.info("fused batch of %d trials: %.1f s", len(trials), time.perf_counter() - start)
+    return failed
 
 
 __all__ = ["optimize_fused"]

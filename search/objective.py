@@ -27,6 +27,7 @@ import subprocess
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from model import PreparedData, TrainResult, train
@@ -123,6 +124,7 @@ def start_trial(trial: optuna.Trial, config: StudyConfig) -> TrainRunConfig:
     trial.set_user_attr("training", to_dict(run_config.training))
     trial.set_user_attr("seed", run_config.training.seed)
     trial.set_user_attr("code_version", code_version())
+    trial.set_user_attr("torch_threads", torch.get_num_threads())  # CPU results depend on it in the last bits
     return run_config
 
 

@@ -52,6 +52,7 @@ def _knee(study: optuna.Study, front: list[FrozenTrial]) -> FrozenTrial:
 def pick_trial(study: optuna.Study, pick: str) -> FrozenTrial:
     """Resolve a --pick expression to one trial; PickError says what is wrong with it."""
     front = pareto_trials(study)
+    pick = pick.strip().lower()  # "AUC >= 0.8", "min-f_fpr " mean what they say
     if pick.startswith("trial:"):
         number = pick.split(":", 1)[1]
         if not number.isdigit():
@@ -63,7 +64,8 @@ def pick_trial(study: optuna.Study, pick: str) -> FrozenTrial:
         if trial.state != TrialState.COMPLETE:
             raise PickError(f"--pick {pick!r}: trial {number} is {trial.state.name}, not COMPLETE")
         if trial.user_attrs.get("degenerate"):
-            raise PickError(f"--pick {pick!r}: trial {number} is infeasible ({trial.user_attrs.get('stop_reason')})")
+            reason = trial.user_attrs.get("stop_reason") or "every validation prediction one class in every epoch"
+            raise PickError(f"--pick {pick!r}: trial {number} is infeasible (degenerate: {reason.removeprefix('degenerate: ')})")
         return trial
     if not front:
         raise PickError("the study has no feasible complete trial yet")

@@ -236,6 +236,17 @@ def _engine_kwargs(url: str, options: DistributedConfig) -> dict[str, Any]:
     return kwargs
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a file-backed SQLite URL; None for other URLs (and in-memory SQLite)."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
 def make_storage(url: str, options: DistributedConfig | None = None) -> ResilientRDBStorage:
     """Open ``url`` as a :class:`ResilientRDBStorage` with heartbeats and dead-worker retry.
 
@@ -249,8 +260,8 @@ def make_storage(url: str, options: DistributedConfig | None = None) -> Resilien
         make_url(url)
     except Exception:
         raise StorageError(f"storage: not a valid SQLAlchemy URL: {shown}") from None
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        Path(make_url(url).database).parent.mkdir(parents=True, exist_ok=True)
+    if database := sqlite_file(url):
+        database.parent.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings():  # heartbeats and the retry callback are "experimental" in Optuna 5
             warnings.simplefilter("ignore", ExperimentalWarning)

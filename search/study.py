@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 import warnings
@@ -14,17 +15,68 @@ from tqdm.auto import tqdm
 
 from model import prepare
 from model.runtime import compile_sinkhorn, resolve_device
+from model.typed_config import to_dict
 from search.config import StudyConfig
 from search.dashboard import TrialAnnotator
 from search.objective import TrialDiverged, TrialObjective
 from search.samplers import build_sampler
 from search.space import enqueue_reference_configs
-from search.storage import make_storage, mask_url, storage_of, study_lock
+from search.storage import make_storage, mask_url, sqlite_file, storage_of, study_lock
 from search.workers import TrialBudget
 
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+DEFINITION_ATTR = "fairfront_definition"
+# Settings of where and how fast a trial runs, not of what it computes: they may differ between
+# the nodes of one study (and between invocations) without making trials incomparable.
+_RUN_SETTINGS = ("device", "compile_sinkhorn", "feature_mode")
+
+
+def study_definition(config: StudyConfig) -> dict:
+    """What makes the trials of one study comparable: objectives, search space, the fixed training
+    values, the model and the stopping rule (paths, data locations, budget and workers are left
+    out: they may differ between nodes). Stored on the study when it is created."""
+    training = to_dict(config.base_run_config().training)
+    for key in (*_RUN_SETTINGS, *config.search_space):
+        training.pop(key, None)
+    definition = {
+        "objectives": [[metric, direction] for metric, direction in zip(config.metric_names, config.directions)],
+        "search_space": {name: {k: v for k, v in to_dict(spec).items() if v is not None and v is not False}
+                         for name, spec in config.search_space.items()},
+        "training": training, "model": to_dict(config.model), "stopping": to_dict(config.stopping),
+    }
+    return json.loads(json.dumps(definition))  # as the storage gives it back
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {key: value for name, sub in tree.items() for key, value in _flat(sub, f"{prefix}.{name}" if prefix else name).items()}
+
+
+def check_definition(study: optuna.Study, config: StudyConfig) -> None:
+    """Refuse to continue a study with a YAML that defines other trials: their values would
+    mix with the stored ones on one Pareto front, and a changed range silently makes the GP
+    sample that parameter at random. A study from before definitions were stored adopts this one."""
+    wanted = study_definition(config)
+    stored = study.user_attrs.get(DEFINITION_ATTR)
+    if stored is None:
+        if study.metric_names is not None and study.metric_names != config.metric_names:
+            stored = {**wanted, "objectives": [[m, d] for m, d in zip(study.metric_names, config.directions)]}
+        else:
+            study.set_user_attr(DEFINITION_ATTR, wanted)
+            return
+    if stored == wanted:
+        return
+    was, now = _flat(stored), _flat(wanted)
+    changes = [f"{key}: {json.dumps(was.get(key, 'unset'))} in the study, {json.dumps(now.get(key, 'unset'))} in the YAML"
+               for key in sorted(set(was) | set(now)) if was.get(key, "unset") != now.get(key, "unset")]
+    raise ValueError(f"study {config.name!r} in {mask_url(config.storage_url)} was created with another definition ("
+                     + "; ".join(changes) + "): its trials would not be comparable with new ones; "
+                     "use another --study-name, or restore the YAML")
 
 
 def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
@@ -35,6 +87,9 @@ def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
     """
     sampler = build_sampler(config.sampler)
     if not create:
+        if database := sqlite_file(config.storage_url):  # reading must not leave an empty database behind
+            if not database.is_file():
+                raise ValueError(f"no study database at {database}; run `optimize` first (or give --storage)")
         storage = make_storage(config.storage_url, config.distributed)
         try:
             return optuna.load_study(study_name=config.name, storage=storage, sampler=sampler)
@@ -49,6 +104,7 @@ def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in config.directions]:
         raise ValueError(f"study {config.name!r} exists with directions {[d.name.lower() for d in study.directions]}, "
                          f"the YAML asks for {config.directions}; use another --study-name")
+    check_definition(study, config)
     if study.metric_names is None:
         with warnings.catch_warnings():  # "experimental since v3.2": the API the dashboard reads names from
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -44,3 +44,36 @@ def test_fused_batches_finish_the_budget_and_record_each_trial(tmp_path):
     assert all(t.state == TrialState.COMPLETE for t in after)
     with pytest.raises(SystemExit, match="--fuse"):
         run_study.main(["-q", "optimize", "--study", str(path), "--fuse", "2", "--workers", "2"])
+
+
+def test_an_interrupt_or_an_error_mid_batch_leaves_no_trial_running(tmp_path, monkeypatch):
+    import search.fused_batch as fused_batch
+    from search import open_study
+
+    torch.set_num_threads(1)
+    config = load_study_config(_tiny_study_module().write_tiny_study_yaml(tmp_path, name="interrupted", n_trials=3))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fused_batch, "train_fused", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        optimize_fused(config, group_size=3, progress=False)
+    trials = open_study(config, create=False).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert all(t.user_attrs["fail_reason"] == "interrupted (KeyboardInterrupt)" for t in trials)
+
+    start_trial, calls = fused_batch.start_trial, []
+
+    def fails_second(trial, study_config):
+        calls.append(trial.number)
+        if len(calls) == 2:
+            raise RuntimeError("sampling broke")
+        return start_trial(trial, study_config)
+
+    monkeypatch.setattr(fused_batch, "start_trial", fails_second)
+    with pytest.raises(RuntimeError, match="sampling broke"):
+        optimize_fused(config, group_size=2, n_trials=5, progress=False)
+    trials = open_study(config, create=False).get_trials()
+    assert len(trials) == 5 and all(t.state == TrialState.FAIL for t in trials)
+    assert [t.user_attrs["fail_reason"] for t in trials[3:]] == ["RuntimeError: sampling broke"] * 2

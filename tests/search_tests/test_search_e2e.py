@@ -69,12 +69,13 @@ def test_show_prints_exactly_the_pareto_front(study_run, capsys):
     assert sorted(int(r) for r in rows) == sorted(t.number for t in study.best_trials)
 
 
-@pytest.mark.parametrize("pick", ["knee", "max-auc", "min-f_meo", "min-f_fpr", "max-ap", "auc >= 0.0", "f_meo<=1"])
+@pytest.mark.parametrize("pick", ["knee", "max-auc", "min-f_meo", "min-f_fpr", "max-ap", "auc >= 0.0", "f_meo<=1", " MAX-AUC ", "AUC >= 0.0"])
 def test_every_pick_form_returns_a_pareto_trial(study_run, pick):
     _, _, study = study_run
     trial = pick_trial(study, pick)
     assert trial.number in {t.number for t in study.best_trials}
     front = study.best_trials
+    pick = pick.strip().lower()
     if pick == "max-auc":
         assert trial.user_attrs["val_auc"] == max(t.user_attrs["val_auc"] for t in front)
     if pick == "min-f_meo":
@@ -105,6 +106,20 @@ def test_export_then_train_reproduces_the_trial(study_run, tmp_path, capsys):
     metrics = json.loads((tmp_path / "retrain" / "metrics.json").read_text())
     assert [metrics["val"][m] for m in config.metric_names] == list(trial.values)
     assert metrics["best_epoch"] == trial.user_attrs["best_epoch"]
+    assert f"with {trial.user_attrs['torch_threads']} torch threads" in text
+
+
+def test_an_export_runs_on_the_study_device_not_the_worker_pin(study_run):
+    import copy
+
+    from search.export import trial_train_config
+
+    _, config, study = study_run
+    trial = copy.deepcopy(pick_trial(study, "knee"))
+    trial.user_attrs["training"] = {**trial.user_attrs["training"], "device": "cuda:3"}  # as a worker on GPU 3 stores it
+    exported = trial_train_config(config, trial).training
+    assert exported.device == config.training.device
+    assert exported.lr == trial.params["lr"]
 
 
 def test_continuing_adds_trials_and_keeps_the_old_ones(study_run, tmp_path):
@@ -117,6 +132,38 @@ def test_continuing_adds_trials_and_keeps_the_old_ones(study_run, tmp_path):
     # the same budget again: nothing to do, nothing overwritten
     assert run_study.main(["-q", "optimize", "--study", str(path), "--n-trials", "7"]) == 0
     assert len(open_study(config, create=False).get_trials()) == len(after)
+
+
+@pytest.mark.parametrize("section, key, value, named", [
+    ("search_space", "lr", {"low": 1e-4, "high": 1e-2, "log": True}, "search_space.lr.low"),
+    ("search_space", "dropout", {"choices": [0.0, 0.2]}, "search_space.dropout.choices"),
+    ("training", "num_epochs", 5, "training.num_epochs"),
+    ("objectives", None, [{"metric": "auc"}, {"metric": "f_dp"}, {"metric": "f_fpr"}], "objectives"),
+])
+def test_continuing_with_a_changed_definition_is_refused_and_stores_nothing(study_run, tmp_path, capsys, section, key, value, named):
+    path, config, study = study_run
+    before = [(t.number, t.state, t.values) for t in open_study(config, create=False).get_trials()]
+    data = yaml.safe_load(path.read_text())
+    if key is None:
+        data[section] = value
+    else:
+        data[section][key] = value
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    assert run_study.main(["-q", "optimize", "--study", str(changed)]) == 2
+    err = capsys.readouterr().err
+    assert "was created with another definition" in err and named in err and "another --study-name" in err
+    assert [(t.number, t.state, t.values) for t in open_study(config, create=False).get_trials()] == before
+
+
+def test_run_settings_may_differ_between_invocations_of_one_study(study_run, tmp_path):
+    path, config, study = study_run
+    data = yaml.safe_load(path.read_text())
+    data["training"].update(device="cpu", feature_mode="online")
+    data["budget"]["n_trials"] = 1  # already met: nothing trains
+    changed = tmp_path / "moved.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    assert run_study.main(["-q", "optimize", "--study", str(changed)]) == 0
 
 
 @pytest.mark.parametrize("record_as, state", [("infeasible", TrialState.COMPLETE), ("pruned", TrialState.PRUNED)])
@@ -160,6 +207,8 @@ def test_a_trial_never_out_of_the_degenerate_phase_is_infeasible_without_a_stop_
     assert trial.user_attrs["epochs_run"] == 3 and "stop_reason" not in trial.user_attrs
     assert trial.user_attrs["degenerate"] is True and trial.user_attrs["val_f_meo"] == 0.0
     assert study.best_trials == []
+    with pytest.raises(PickError, match=r"infeasible \(degenerate: every validation prediction one class in every epoch\)"):
+        pick_trial(study, f"trial:{trial.number}")
 
 
 def test_non_finite_loss_ends_the_trial_failed_and_the_study_goes_on(tmp_path, monkeypatch):
@@ -181,6 +230,25 @@ def test_non_finite_loss_ends_the_trial_failed_and_the_study_goes_on(tmp_path, m
     failed = study.get_trials(states=[TrialState.FAIL])
     assert len(failed) == 1 and "non-finite loss" in failed[0].user_attrs["fail_reason"]
     assert len(study.get_trials(states=[TrialState.COMPLETE])) == 1
+
+
+def test_reading_a_study_from_a_missing_sqlite_file_creates_nothing(study_run, tmp_path, capsys):
+    path, _, _ = study_run
+    missing = tmp_path / "typo" / "study.db"
+    for command in (["show"], ["export", "--out", str(tmp_path / "x.yaml")]):
+        assert run_study.main([command[0], "--study", str(path), "--storage", f"sqlite:///{missing}", *command[1:]]) == 2
+        assert f"no study database at {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_study_that_ends_short_of_its_budget_exits_1(tmp_path, monkeypatch, capsys):
+    path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="short", n_trials=2)
+    data = yaml.safe_load(path.read_text())
+    data["budget"]["max_failed_trials"] = 1
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(objectives, "fairness_loss", lambda scores, *a, **k: scores.sum() * float("nan"))
+    assert run_study.main(["-q", "optimize", "--study", str(path)]) == 1
+    assert "the study has 0 of its 2 finished trials" in capsys.readouterr().err
 
 
 def test_a_machine_that_cannot_compile_stops_the_study_before_preparing_anything(tmp_path, monkeypatch, capsys):
