@@ -436,7 +436,8 @@ def train_fused(
                 result.best_epoch = epoch
                 trial.best_state = model.state_dict_of(k)
             result.epochs.append(record)
-            reason = degenerate_stop_reason(result.epochs, cfg.stop_if_degenerate_after) or (trial.callback(record) if trial.callback else None)
+            asked = trial.callback(record) if trial.callback else None  # every epoch, the last one too
+            reason = degenerate_stop_reason(result.epochs, cfg.stop_if_degenerate_after) or asked
             if reason:
                 result.status, result.stop_reason = "stopped", reason
                 log.info("trial %d stopped after epoch %d: %s", everyone.index(trial), epoch, reason)

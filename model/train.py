@@ -208,7 +208,8 @@ def train(
             epoch, cfg.num_epochs, total, 100 * record.fair_share, metrics["auc"], metrics["f_meo"], metrics["f_fpr"],
             record.gate_mean, record.gate_min, record.gate_max, "  DEGENERATE" if record.degenerate else "", record.seconds,
         )
-        reason = degenerate_stop_reason(result.epochs, cfg.stop_if_degenerate_after) or (callback(record) if callback else None)
+        asked = callback(record) if callback else None  # every epoch, the last one too
+        reason = degenerate_stop_reason(result.epochs, cfg.stop_if_degenerate_after) or asked
         if reason:
             result.status, result.stop_reason = "stopped", reason
             log.info("run stopped after epoch %d: %s", epoch, reason)

@@ -114,7 +114,9 @@ def test_a_later_run_reuses_the_tokens_an_earlier_one_preloaded(tmp_path, monkey
 def test_zero_learning_rate_stays_degenerate_and_is_stopped(tmp_path):
     # The head starts at the training prior (80% fake): with lr 0 every prediction stays "fake".
     config = load_train_config(tiny_config(tmp_path, lr=0.0, num_epochs=6, stop_if_degenerate_after=2))
-    result = train(config, progress=False, write_outputs=False)
+    seen = []
+    result = train(config, progress=False, write_outputs=False, callback=lambda record: seen.append(record.epoch))
+    assert seen == [1, 2]  # the callback sees the epoch the rule stops at, too
     assert result.status == "stopped"
     assert len(result.epochs) == 2
     assert result.stop_reason.startswith("degenerate")
