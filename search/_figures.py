@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.pareto import is_feasible, pareto_trials
+
 # Hypervolume reference point: a value no useful detector is worse than, per metric. The default
 # objectives use AUC 0.5 (chance), F_MEO 1.0 (its maximum), F_FPR 2.0 (F_FPR can exceed 1: it sums
 # |FPR_g - FPR| over groups, up to the group count; points beyond 2.0 add no volume).
@@ -28,13 +30,6 @@ def reference_point(metric_names: list[str]) -> list[float]:
     return [REFERENCE_POINT[m] for m in metric_names]
 
 
-def is_feasible(trial: FrozenTrial) -> bool:
-    """COMPLETE and not stopped as degenerate (the sampler's constraint, or the user attr)."""
-    if trial.state != TrialState.COMPLETE or trial.user_attrs.get("degenerate"):
-        return False
-    return all(c <= 0 for c in (trial.system_attrs.get("constraints") or []))
-
-
 @dataclass
 class StudyView:
     """The study's trials sorted by number, with the feasible Pareto front marked."""
@@ -48,7 +43,7 @@ class StudyView:
     def of(cls, study: optuna.Study, metric_names: list[str] | None = None) -> "StudyView":
         metric_names = metric_names or list(study.metric_names or [f"objective {i}" for i in range(len(study.directions))])
         trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-        pareto = {t.number for t in study.best_trials} if len(study.directions) > 1 else set()
+        pareto = {t.number for t in pareto_trials(study)} if len(study.directions) > 1 else set()
         if len(study.directions) == 1:
             feasible = [t for t in trials if is_feasible(t)]
             if feasible:

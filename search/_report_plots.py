@@ -12,7 +12,8 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
-from search._figures import StudyView, hypervolume_history, is_feasible, label, reference_point
+from search._figures import StudyView, hypervolume_history, label, reference_point
+from search.pareto import is_feasible
 from search._notes import FAIRNESS
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@
 
 Each trial's best checkpoint (its run folder, else the artifact store) is scored on every test
 manifest (Celeb-DF, DFD, DFDC in the real study; the synthetic held-out sets in the demo) with
-every metric of ``objectives.evaluate``, per dataset and averaged over datasets, at the study's
-threshold and at the threshold that maximises balanced accuracy on the trial's own validation
+every metric of ``objectives.evaluate``, per dataset and averaged over datasets, at the trial's
+own threshold (``training.threshold``, 0.5 unless searched) and at the threshold that maximises balanced accuracy on the trial's own validation
 scores (the reference report's "threshold tuning" recommendation; AUC, EER and AP do not depend
 on it).
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sklearn.metrics import roc_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm.auto import tqdm
 
 import objectives
@@ -74,18 +74,34 @@ def select_trials(study: optuna.Study, spec: str) -> list[FrozenTrial]:
 
 
 def trial_checkpoint(trial: FrozenTrial, artifact_dir: Path, scratch: Path) -> Path:
-    """The trial's best.pt: its run folder on this machine, else downloaded from the artifact store."""
+    """The trial's best.pt: the artifact it uploaded (its id is unique to this trial), else its
+    run folder on this machine (a folder named by study name and trial number only, which another
+    storage's study of the same name may have overwritten: evaluate_trial checks the val AUC)."""
+    from optuna.artifacts import FileSystemArtifactStore, download_artifact
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    artifact_id = (trial.user_attrs.get("artifacts") or {}).get("best.pt")
+    if artifact_id is not None:
+        path = scratch / f"trial-{trial.number:05d}-best.pt"
+        try:
+            download_artifact(artifact_store=FileSystemArtifactStore(str(artifact_dir)), artifact_id=artifact_id, file_path=str(path))
+            return path
+        except (ArtifactNotFound, OSError) as err:
+            log.warning("trial %d: best.pt not in the artifact store %s (%s); trying its run folder", trial.number, artifact_dir, err)
     output_dir = trial.user_attrs.get("output_dir")
     if output_dir and (Path(output_dir) / "best.pt").is_file():
         return Path(output_dir) / "best.pt"
-    artifact_id = (trial.user_attrs.get("artifacts") or {}).get("best.pt")
-    if artifact_id is None:
-        raise EvaluateError(f"trial {trial.number}: no best.pt (not in {output_dir}, not in the artifact store)")
-    from optuna.artifacts import FileSystemArtifactStore, download_artifact
+    raise EvaluateError(f"trial {trial.number}: no best.pt (not in the artifact store {artifact_dir}, not in {output_dir})")
 
-    path = scratch / f"trial-{trial.number:05d}-best.pt"
-    download_artifact(artifact_store=FileSystemArtifactStore(str(artifact_dir)), artifact_id=artifact_id, file_path=str(path))
-    return path
+
+def trial_threshold(trial: FrozenTrial, config: StudyConfig) -> float:
+    """The threshold the trial was trained and validated at (searchable, or edited in the YAML since)."""
+    return float((trial.user_attrs.get("training") or {}).get("threshold", config.training.threshold))
+
+
+# A checkpoint that scores the validation set more than this far from the trial's recorded AUC is
+# not the trial's (float rounding across devices stays far below it).
+_VAL_AUC_TOLERANCE = 1e-3
 
 
 def best_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -128,11 +144,17 @@ def evaluate_trial(trial: FrozenTrial, checkpoint: Path, prepared: PreparedData,
     if not result["stage1_matches"]:
         log.warning("trial %d: its checkpoint's frozen Stage 1 adapter differs from the one `prepare` has now: the data, "
                     "backbone or Stage 1 settings changed since the trial ran, so its test numbers may not be comparable", trial.number)
+    frame = prepared.manifest.frame
+    val = np.flatnonzero(frame["split"].to_numpy() == "val")
+    val_scores = score_cache(detector, prepared.cache, val, device=device, batch_size=batch_size)
+    val_labels, val_groups = frame["label"].to_numpy()[val], frame["group"].to_numpy()[val]
+    result["val_auc_recomputed"] = float(roc_auc_score(val_labels, val_scores))
+    recorded = trial.user_attrs.get("val_auc")
+    if result["stage1_matches"] and recorded is not None and abs(result["val_auc_recomputed"] - recorded) > _VAL_AUC_TOLERANCE:
+        raise EvaluateError(f"trial {trial.number}: {checkpoint} scores the validation set at AUC {result['val_auc_recomputed']:.4f}, "
+                            f"the trial recorded {recorded:.4f}: not this trial's checkpoint (another study of the same name "
+                            "in this workdir may have overwritten its run folder)")
     if tune_threshold:
-        frame = prepared.manifest.frame
-        val = np.flatnonzero(frame["split"].to_numpy() == "val")
-        val_scores = score_cache(detector, prepared.cache, val, device=device, batch_size=batch_size)
-        val_labels, val_groups = frame["label"].to_numpy()[val], frame["group"].to_numpy()[val]
         tuned = best_threshold(val_labels, val_scores)
         result["tuned_threshold"] = tuned
         result.update({f"tuned_val_{k}": v for k, v in _metrics(val_labels, val_scores, val_groups, tuned).items()})
@@ -179,15 +201,23 @@ def evaluate_study(config: StudyConfig, study: optuna.Study, trials: list[Frozen
     device = resolve_device(config.training.device)
     results = {}
     bar = tqdm(total=len(trials) * len(prepared.test_caches), desc="evaluate", unit="set", disable=not progress)
+    skipped = []
     with tempfile.TemporaryDirectory(prefix="fairfront-eval-") as scratch:
         for trial in trials:
-            checkpoint = trial_checkpoint(trial, config.artifact_dir, Path(scratch))
-            result = evaluate_trial(trial, checkpoint, prepared, threshold=config.training.threshold, device=device,
-                                    batch_size=batch_size, tune_threshold=tune_threshold, bar=bar)
+            try:  # a trial that cannot be scored is named at the end; the others are still stored
+                checkpoint = trial_checkpoint(trial, config.artifact_dir, Path(scratch))
+                result = evaluate_trial(trial, checkpoint, prepared, threshold=trial_threshold(trial, config), device=device,
+                                        batch_size=batch_size, tune_threshold=tune_threshold, bar=bar)
+            except EvaluateError as err:
+                log.error("%s", err)
+                skipped.append(str(err))
+                continue
             store_result(study, result)
             _annotate(study, config, trial, result, Path(scratch))
             results[trial.number] = result
     bar.close()
+    if skipped:
+        raise EvaluateError(f"{len(skipped)} of {len(trials)} trials not evaluated (the others are stored): " + "; ".join(skipped))
     return results
 
 

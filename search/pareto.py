@@ -28,9 +28,24 @@ class PickError(ValueError):
     pass
 
 
+def is_feasible(trial: FrozenTrial) -> bool:
+    """COMPLETE and not degenerate (by the user attribute, or the sampler's constraint)."""
+    if trial.state != TrialState.COMPLETE or trial.user_attrs.get("degenerate"):
+        return False
+    return all(c <= 0 for c in (trial.system_attrs.get("constraints") or []))
+
+
 def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """``study.best_trials``: Optuna leaves infeasible (degenerate) trials out when constraints exist."""
-    return sorted(study.best_trials, key=lambda t: t.number)
+    """The feasible Pareto front, by trial number: the feasible trials no other feasible trial
+    dominates (what ``study.best_trials`` gives when the sampler wrote the constraint; this also
+    holds for a study whose trials carry only the ``degenerate`` attribute)."""
+    feasible = [t for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]) if is_feasible(t)]
+    if not feasible:
+        return []
+    signs = np.array([-1.0 if d == optuna.study.StudyDirection.MAXIMIZE else 1.0 for d in study.directions])
+    values = np.array([t.values for t in feasible]) * signs  # all minimised
+    dominated = [bool(np.any(np.all(values <= v, axis=1) & np.any(values < v, axis=1))) for v in values]
+    return sorted((t for t, out in zip(feasible, dominated) if not out), key=lambda t: t.number)
 
 
 def metric_value(trial: FrozenTrial, metric: str) -> float:

@@ -6,10 +6,10 @@ Writes into ``out``: ``report.md`` (markdown tables), ``report.html`` (self-cont
 tables, the PNGs embedded), the PNGs (``pareto_front.png``, ``hypervolume.png``,
 ``importances.png``, ``blur_lambda.png``) and ``pareto_trials.csv`` / ``trials.csv``.
 
-Tables, one row per feasible Pareto trial (``study.best_trials``), as in the reference report:
+Tables, one row per feasible Pareto trial (``search.pareto.pareto_trials``), as in the reference report:
 validation detection metrics, fairness gaps in %, hyperparameters, gate range / fair-term share /
 degenerate epochs, and, once ``run_study.py evaluate`` ran, test AUC per dataset with the mean
-and test fairness per dataset (at the study threshold and at the tuned one).
+and test fairness per dataset (at the trial's threshold and at the tuned one).
 """
 
 from __future__ import annotations
@@ -123,9 +123,9 @@ def _test_sections(view: StudyView, results: dict[int, dict]) -> list[Section]:
                                 [[head(n), *(fmt_metric(m, results[n].get(f"test_{d}_{m}")) for m in (*FAIRNESS, "acc", "eer", "ap"))] for n in numbers], level=3))
     if any("tuned_threshold" in r for r in results.values()):
         sections.append(Section(
-            "Threshold tuned on validation", "Threshold maximising validation balanced accuracy, beside the study threshold "
+            "Threshold tuned on validation", "Threshold maximising validation balanced accuracy, beside the trial's own threshold "
             "(AUC, EER and AP do not depend on it). Mean over the test sets.",
-            ["trial", "threshold", "val ACC", "test ACC", "test F_MEO", "test F_FPR", "tuned threshold", "val ACC (tuned)", "test ACC (tuned)",
+            ["trial", "trial threshold", "val ACC", "test ACC", "test F_MEO", "test F_FPR", "tuned threshold", "val ACC (tuned)", "test ACC (tuned)",
              "test F_MEO (tuned)", "test F_FPR (tuned)"],
             [[head(n), fmt_value(r.get("threshold")), fmt_metric("acc", _val(view, n, "acc")),
               *(fmt_metric(m, r.get(f"test_mean_{m}")) for m in ("acc", "f_meo", "f_fpr")), fmt_value(r.get("tuned_threshold")),

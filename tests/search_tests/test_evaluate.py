@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,14 +66,62 @@ def test_scores_reproduce_the_trials_validation_and_test_metrics(tiny, prepared)
     assert metrics["f_meo"] == pytest.approx(trial.user_attrs["val_f_meo"], abs=1e-6)
 
 
-def test_checkpoint_comes_from_the_artifact_store_when_the_run_folder_is_gone(tiny, tmp_path):
+def test_checkpoint_is_the_trials_artifact_and_its_run_folder_only_without_one(tiny, tmp_path):
     _, config, study = tiny
     trial = study.best_trials[0]
+    path = trial_checkpoint(trial, config.artifact_dir, tmp_path)
+    assert path.parent == tmp_path  # downloaded from the store, although the run folder exists
+    folder_only = copy.deepcopy(trial)
+    folder_only.user_attrs = {**trial.user_attrs, "artifacts": {}}
+    assert trial_checkpoint(folder_only, config.artifact_dir, tmp_path) == Path(trial.user_attrs["output_dir"]) / "best.pt"
+    assert load_detector(path).state_dict().keys() == load_detector(Path(trial.user_attrs["output_dir"]) / "best.pt").state_dict().keys()
+
+
+def _without_artifact(trial, output_dir):
     moved = copy.deepcopy(trial)
-    moved.user_attrs = {**trial.user_attrs, "output_dir": str(tmp_path / "gone")}
-    path = trial_checkpoint(moved, config.artifact_dir, tmp_path)
-    assert path.parent == tmp_path
-    assert load_detector(path).state_dict().keys() == load_detector(trial_checkpoint(trial, config.artifact_dir, tmp_path)).state_dict().keys()
+    moved.user_attrs = {**trial.user_attrs, "artifacts": {}, "output_dir": str(output_dir)}
+    return moved
+
+
+def test_a_run_folder_holding_another_trials_checkpoint_is_refused(tiny, prepared):
+    from search.evaluate import evaluate_trial
+
+    _, config, study = tiny
+    trials = sorted(study.trials, key=lambda t: t.user_attrs["val_auc"])
+    low, high = trials[0], trials[-1]
+    assert high.user_attrs["val_auc"] - low.user_attrs["val_auc"] > 1e-3
+    # as when another storage's study of the same name in this workdir trained its trial `low.number` there
+    impostor = _without_artifact(low, high.user_attrs["output_dir"])
+    checkpoint = trial_checkpoint(impostor, config.artifact_dir, config.workdir)
+    with pytest.raises(EvaluateError, match=rf"trial {low.number}: .* scores the validation set at AUC .* not this trial's checkpoint"):
+        evaluate_trial(impostor, checkpoint, prepared, threshold=0.5, device="cpu", batch_size=64)
+
+
+def test_a_trial_without_a_checkpoint_is_named_and_the_others_are_stored(tiny, prepared, tmp_path):
+    from search.evaluate import evaluate_study
+
+    _, config, study = tiny
+    good, lost = study.best_trials[0], _without_artifact(study.best_trials[0], tmp_path / "gone")
+    with pytest.raises(EvaluateError, match=rf"1 of 2 trials not evaluated .* trial {good.number}: no best.pt"):
+        evaluate_study(config, study, [lost, good], prepared=prepared, progress=False)
+    assert good.number in load_test_results(study)
+
+
+def test_test_sets_are_scored_at_the_trials_own_threshold(tiny, prepared, monkeypatch):
+    import search.evaluate as evaluate
+
+    _, config, study = tiny
+    trial = copy.deepcopy(study.best_trials[0])
+    trial.user_attrs = {**trial.user_attrs, "training": {**trial.user_attrs["training"], "threshold": 0.3}}  # searched
+    monkeypatch.setattr(evaluate, "store_result", lambda *args: None)  # the shared study keeps its real results
+    monkeypatch.setattr(evaluate, "_annotate", lambda *args: None)
+    result = evaluate.evaluate_study(config, study, [trial], prepared=prepared, progress=False)[trial.number]
+    assert result["threshold"] == 0.3 != config.training.threshold
+    frame = prepared.test_manifests[result["datasets"][0]].frame
+    detector = load_detector(trial_checkpoint(trial, config.artifact_dir, config.workdir))
+    scores = score_cache(detector, prepared.test_caches[result["datasets"][0]], np.arange(len(frame)))
+    at_03 = objectives.evaluate(frame["label"].to_numpy(), scores, frame["group"].to_numpy(), threshold=0.3)
+    assert result[f"test_{result['datasets'][0]}_acc"] == pytest.approx(at_03["acc"])
 
 
 def test_select_trials(tiny):

@@ -71,9 +71,10 @@ def test_report_files_and_pareto_table(tiny, tmp_path):
     assert all(re.fullmatch(r"\d\.\d{4}", cell) for cell in test_rows[0][1:])
 
 
-def _synthetic_study() -> optuna.Study:
+def _synthetic_study(*, constraints: bool = True) -> optuna.Study:
     """Five trials, no training: two on the front, one dominated, two infeasible (degenerate)
-    of which one would dominate everything if it counted."""
+    of which one would dominate everything if it counted. ``constraints=False``: only the
+    ``degenerate`` attribute says so (a study from a sampler that wrote no constraint)."""
     from search.samplers import degenerate_constraint
 
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"],
@@ -90,7 +91,8 @@ def _synthetic_study() -> optuna.Study:
         trial = create_trial(state=TrialState.COMPLETE, values=[auc, meo, fpr], params={"lambda_fair": 0.05 * (i + 1), "sinkhorn_blur": 1e-4 * (i + 1)},
                              distributions=dists, user_attrs=attrs)
         # what the samplers' constraints_func stores for a finished trial
-        trial.system_attrs["constraints"] = list(degenerate_constraint(trial))
+        if constraints:
+            trial.system_attrs["constraints"] = list(degenerate_constraint(trial))
         study.add_trial(trial)
     return study
 
@@ -113,6 +115,17 @@ def test_infeasible_trials_are_greyed_and_off_the_front(tiny, tmp_path):
     assert "Not evaluated yet" in markdown
     kinds = dict(pd.read_csv(report.tables["trials"])[["trial", "kind"]].values)
     assert kinds[3] == kinds[4] == "infeasible"
+
+
+def test_degenerate_trials_stay_off_the_front_without_the_samplers_constraint(tiny):
+    from search import pareto_trials
+
+    _, config, _ = tiny
+    study = _synthetic_study(constraints=False)
+    assert {t.number for t in study.best_trials} == {3}  # Optuna alone: the one-class trial dominates all
+    assert [t.number for t in pareto_trials(study)] == [0, 1]
+    view = StudyView.of(study, config.metric_names)
+    assert [view.kind(t) for t in study.trials] == ["pareto", "pareto", "feasible", "infeasible", "infeasible"]
 
 
 def test_importances_need_feasible_trials():
