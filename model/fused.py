@@ -54,7 +54,7 @@ from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_every
 from model.tokens import read_batches
 from model.train import (
     EpochCallback, EpochRecord, TrainResult, _eval_batches, _token_source, _write_outputs, degenerate_stop_reason, is_better_epoch,
-    non_finite_scores_reason,
+    non_finite_scores_reason, note_groups_left_out,
 )
 
 log = logging.getLogger(__name__)
@@ -343,6 +343,10 @@ def train_fused(
     y_train, g_train = labels[train_rows], groups[train_rows]
     y_train_dev, g_train_dev = y_train.to(device), g_train.to(device)
     y_val, g_val = labels[val_rows].numpy(), groups[val_rows].numpy()
+    note_groups_left_out(trials[0].result, prepared.manifest.group_names, y_val, g_val)  # one data set: logged once
+    for trial in trials[1:]:
+        trial.result.val_groups_without_real = list(trials[0].result.val_groups_without_real)
+        trial.result.val_groups_without_fake = list(trials[0].result.val_groups_without_fake)
     steps = -(-len(train_rows) // shared.batch_size)
     max_epochs = max(c.training.num_epochs for c in configs)
 

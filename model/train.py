@@ -62,6 +62,10 @@ class TrainResult:
     epochs: list[EpochRecord] = field(default_factory=list)
     best_epoch: int | None = None
     output_dir: Path | None = None
+    # validation groups (by name) without real / without fake samples: left out of the FPR / TPR
+    # terms of F_FPR and F_MEO in every epoch (objectives.evaluate never counts them as rate 0)
+    val_groups_without_real: list[str] = field(default_factory=list)
+    val_groups_without_fake: list[str] = field(default_factory=list)
 
     @property
     def best(self) -> EpochRecord | None:
@@ -85,6 +89,8 @@ class TrainResult:
             "fair_share": None if best is None else best.fair_share,
             "degenerate_epochs": [r.epoch for r in self.epochs if r.degenerate],
             "degenerate": self.degenerate,
+            "val_groups_without_real": self.val_groups_without_real,
+            "val_groups_without_fake": self.val_groups_without_fake,
         }
 
 
@@ -100,6 +106,17 @@ def is_better_epoch(record: EpochRecord, best: EpochRecord | None) -> bool:
     if best is None:
         return True
     return (not record.degenerate, record.val["auc"]) > (not best.degenerate, best.val["auc"])
+
+
+def note_groups_left_out(result: TrainResult, group_names: tuple[str, ...], labels: np.ndarray, groups: np.ndarray) -> None:
+    """Record (and log once) the validation groups a fairness term cannot see."""
+    present = sorted(set(groups.tolist()))
+    result.val_groups_without_real = [group_names[g] for g in present if not np.any((groups == g) & (labels == 0))]
+    result.val_groups_without_fake = [group_names[g] for g in present if not np.any((groups == g) & (labels == 1))]
+    for kind, names in (("real", result.val_groups_without_real), ("fake", result.val_groups_without_fake)):
+        if names:
+            log.warning("validation groups without %s samples, left out of the %s terms of F_FPR/F_MEO: %s",
+                        kind, "FPR" if kind == "real" else "TPR", ", ".join(names))
 
 
 def non_finite_scores_reason(scores: np.ndarray, epoch: int) -> str | None:
@@ -152,6 +169,7 @@ def train(
     steps = -(-len(train_rows) // cfg.batch_size)
 
     result = TrainResult(status="completed", stop_reason=None)
+    note_groups_left_out(result, prepared.manifest.group_names, y_val, g_val)
     best_state = None
     bar = tqdm(range(1, cfg.num_epochs + 1), desc="epochs", unit="epoch", disable=not progress)
     for epoch in bar:

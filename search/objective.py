@@ -71,6 +71,8 @@ def record_result(trial: optuna.Trial, result: TrainResult) -> None:
     trial.set_user_attr("status", result.status)
     trial.set_user_attr("epochs_run", len(result.epochs))
     trial.set_user_attr("curve", curve_attr(result))
+    trial.set_user_attr("val_groups_without_real", result.val_groups_without_real)  # out of the FPR terms
+    trial.set_user_attr("val_groups_without_fake", result.val_groups_without_fake)  # out of the TPR terms
     if result.stop_reason:
         trial.set_user_attr("stop_reason", result.stop_reason)
         trial.set_user_attr("stopped_epoch", len(result.epochs))

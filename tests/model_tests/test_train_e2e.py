@@ -196,3 +196,22 @@ def test_a_stage1_checkpoint_of_another_shape_is_refused_by_prepare_naming_both_
         prepare(other, progress=False, with_test_caches=False)
     same = dataclasses.replace(other, model=config.model)
     assert prepare(same, progress=False, with_test_caches=False).stage1_checkpoint == checkpoint
+
+
+def test_validation_groups_left_out_of_the_fairness_terms_are_named_in_the_result(tmp_path, caplog):
+    path = tiny_config(tmp_path, num_epochs=1, warmup_epochs=0)
+    data = yaml.safe_load(path.read_text())
+    data["data"]["synthetic"]["n_val"] = 24  # 20% real: some groups get none
+    path.write_text(yaml.safe_dump(data))
+    config = load_train_config(path)
+    prepared = prepare(config, progress=False, with_test_caches=False)
+    with caplog.at_level("WARNING", logger="model.train"):
+        result = train(config, prepared=prepared, progress=False, write_outputs=False)
+    val = prepared.manifest.frame[prepared.manifest.frame["split"] == "val"]
+    labels_seen = val.groupby("group_name")["label"].agg(set)
+    without_real = sorted(g for g, seen in labels_seen.items() if 0 not in seen)
+    assert without_real and sorted(result.val_groups_without_real) == without_real
+    assert sorted(result.val_groups_without_fake) == sorted(g for g, seen in labels_seen.items() if 1 not in seen)
+    assert result.summary()["val_groups_without_real"] == result.val_groups_without_real
+    assert all(name in caplog.text for name in without_real)
+    assert result.epochs[0].val["n_groups_fpr"] == result.epochs[0].val["n_groups"] - len(without_real)
