@@ -118,6 +118,9 @@ def trial_note(trial: FrozenTrial, config: StudyConfig, *, test: dict | None = N
             f"mean {fmt_value(attrs.get('gate_mean'))} at the best epoch{warn}.",
             f"**Fair-term share** of the loss at the best epoch: {f'{100 * share:.2f} %' if is_number(share) else '–'}.",
             f"**Degenerate epochs** (every val prediction one class): {ranges(degenerate_epochs(trial))}.",
+            *(f"**Validation groups without {kind} samples**, left out of the {rate} terms of F_FPR / F_MEO: {', '.join(names)}."
+              for kind, rate, names in (("real", "FPR", attrs.get("val_groups_without_real")), ("fake", "TPR", attrs.get("val_groups_without_fake")))
+              if names),
         ]))
     if test:
         out.append("### Test sets (from `run_study.py evaluate`)")

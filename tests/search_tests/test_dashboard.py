@@ -150,3 +150,16 @@ def test_dashboard_screenshot_command_and_trial_note(tiny, tmp_path):
     assert f"Trial {number}" in dom
     assert "Validation metrics at the best epoch" in dom  # the markdown note, rendered
     assert "curves.png" in dom  # listed among the trial's artifacts
+
+
+def test_a_trial_note_names_the_validation_groups_left_out_of_the_fairness_terms(tiny):
+    import copy
+
+    from search._notes import trial_note
+
+    _, config, study = tiny
+    trial = copy.deepcopy(study.best_trials[0])
+    trial.user_attrs = {**trial.user_attrs, "val_groups_without_real": ["male/black", "female/asian"], "val_groups_without_fake": []}
+    note = trial_note(trial, config)
+    assert "without real samples**, left out of the FPR terms of F_FPR / F_MEO: male/black, female/asian." in note
+    assert "without fake samples" not in note
