@@ -247,6 +247,23 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+# Errors of two processes creating the schema of a new database at once (workers starting together):
+# the loser finds the tables made, and its second try reads them.
+_SCHEMA_RACE = ("already exists", "unique constraint failed: alembic_version", "duplicate key value", "duplicate entry")
+
+
+def _create_storage(url: str, engine_kwargs: dict[str, Any], heartbeat: dict[str, Any]) -> ResilientRDBStorage:
+    for attempt in range(5):
+        try:
+            return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as err:
+            if attempt == 4 or not any(m in error_reason(err).lower() for m in _SCHEMA_RACE):
+                raise
+            log.info("storage: another process was creating the schema (%s); reading it again", error_reason(err))
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def make_storage(url: str, options: DistributedConfig | None = None) -> ResilientRDBStorage:
     """Open ``url`` as a :class:`ResilientRDBStorage` with heartbeats and dead-worker retry.
 
@@ -272,7 +289,7 @@ def make_storage(url: str, options: DistributedConfig | None = None) -> Resilien
                     grace_period=options.grace_seconds,
                     heartbeat_stale_trial_callback=RetryDeadWorkerTrial(max_retry=options.max_retry),
                 )
-            storage = ResilientRDBStorage(url, engine_kwargs=_engine_kwargs(url, options), **heartbeat)
+            storage = _create_storage(url, _engine_kwargs(url, options), heartbeat)
     except ImportError as err:
         hint = " (PostgreSQL: pip install -e '.[postgres]')" if url.startswith("postgresql") else ""
         raise StorageError(f"storage {shown}: database driver missing: {redact(err)}{hint}") from None

@@ -104,11 +104,14 @@ def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in config.directions]:
         raise ValueError(f"study {config.name!r} exists with directions {[d.name.lower() for d in study.directions]}, "
                          f"the YAML asks for {config.directions}; use another --study-name")
-    check_definition(study, config)
-    if study.metric_names is None:
-        with warnings.catch_warnings():  # "experimental since v3.2": the API the dashboard reads names from
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(config.metric_names)
+    # Under the study lock: the tasks of a SLURM array start together, and two first writes of one
+    # study attribute would collide on its unique key.
+    with study_lock(storage_of(study), config.name, fallback_dir=config.workdir):
+        check_definition(study, config)
+        if study.metric_names is None:
+            with warnings.catch_warnings():  # "experimental since v3.2": the API the dashboard reads names from
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(config.metric_names)
     return study
 
 

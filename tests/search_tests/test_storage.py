@@ -165,3 +165,32 @@ def test_distributed_config_is_validated():
                 dict(heartbeat_interval=None, grace_period=10), dict(connect_timeout=0)):
         with pytest.raises(ValueError):
             DistributedConfig(**bad)
+
+
+def test_workers_opening_a_new_study_at_the_same_moment_all_get_it(storage_url, tmp_path):
+    """A SLURM array's tasks start together on a fresh database: the schema, the study, its
+    metric names and its stored definition are each written once, and no task fails."""
+    import dataclasses
+
+    from search import load_study_config
+    from search.study import DEFINITION_ATTR, open_study
+
+    config = load_study_config(REPO / "studies" / "demo.yaml", storage=storage_url)
+    config = dataclasses.replace(config, workdir=tmp_path / "work")
+    errors, barrier = [], threading.Barrier(8)
+
+    def worker():
+        barrier.wait()
+        try:
+            open_study(config)
+        except Exception as err:  # noqa: BLE001 - what the test counts
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    study = optuna.load_study(study_name=config.name, storage=storage_url)
+    assert study.metric_names == config.metric_names and DEFINITION_ATTR in study.user_attrs
