@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 
 from model import PreparedData, TrainResult, train
 from model.config import TrainRunConfig
+from model.runtime import resolve_device
 from model.typed_config import to_dict
 from search.artifacts import TrialLog, artifact_store, upload_trial_outputs
 from search.config import StudyConfig
@@ -127,6 +128,7 @@ def start_trial(trial: optuna.Trial, config: StudyConfig) -> TrainRunConfig:
     trial.set_user_attr("seed", run_config.training.seed)
     trial.set_user_attr("code_version", code_version())
     trial.set_user_attr("torch_threads", torch.get_num_threads())  # CPU results depend on it in the last bits
+    trial.set_user_attr("device", str(resolve_device(run_config.training.device)))  # what "auto" meant here
     return run_config
 
 

@@ -83,7 +83,7 @@ def _without_artifact(trial, output_dir):
     return moved
 
 
-def test_a_run_folder_holding_another_trials_checkpoint_is_refused(tiny, prepared):
+def test_a_run_folder_holding_another_trials_checkpoint_is_refused(tiny, prepared, caplog):
     from search.evaluate import evaluate_trial
 
     _, config, study = tiny
@@ -93,8 +93,14 @@ def test_a_run_folder_holding_another_trials_checkpoint_is_refused(tiny, prepare
     # as when another storage's study of the same name in this workdir trained its trial `low.number` there
     impostor = _without_artifact(low, high.user_attrs["output_dir"])
     checkpoint = trial_checkpoint(impostor, config.artifact_dir, config.workdir)
+    assert impostor.user_attrs["device"] == "cpu"
     with pytest.raises(EvaluateError, match=rf"trial {low.number}: .* scores the validation set at AUC .* not this trial's checkpoint"):
         evaluate_trial(impostor, checkpoint, prepared, threshold=0.5, device="cpu", batch_size=64)
+    # trained on a GPU (bf16), scored on the CPU: a difference may be rounding, so it is a warning
+    impostor.user_attrs["device"] = "cuda:0"
+    with caplog.at_level("WARNING", logger="search.evaluate"):
+        result = evaluate_trial(impostor, checkpoint, prepared, threshold=0.5, device="cpu", batch_size=64)
+    assert "rounding may explain it" in caplog.text and result["val_auc_recomputed"] == pytest.approx(high.user_attrs["val_auc"], abs=1e-6)
 
 
 def test_a_trial_without_a_checkpoint_is_named_and_the_others_are_stored(tiny, prepared, tmp_path):
