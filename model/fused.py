@@ -53,8 +53,8 @@ from model.prepare import PreparedData, prepare
 from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_everything
 from model.tokens import read_batches
 from model.train import (
-    EpochCallback, EpochRecord, TrainResult, _eval_batches, _token_source, _write_outputs, degenerate_stop_reason, is_better_epoch,
-    non_finite_scores_reason, note_groups_left_out,
+    EpochCallback, TrainResult, _eval_batches, _token_source, _write_outputs, close_epoch, epoch_record, groups_left_out,
+    non_finite_scores_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -343,10 +343,9 @@ def train_fused(
     y_train, g_train = labels[train_rows], groups[train_rows]
     y_train_dev, g_train_dev = y_train.to(device), g_train.to(device)
     y_val, g_val = labels[val_rows].numpy(), groups[val_rows].numpy()
-    note_groups_left_out(trials[0].result, prepared.manifest.group_names, y_val, g_val)  # one data set: logged once
-    for trial in trials[1:]:
-        trial.result.val_groups_without_real = list(trials[0].result.val_groups_without_real)
-        trial.result.val_groups_without_fake = list(trials[0].result.val_groups_without_fake)
+    without_real, without_fake = groups_left_out(prepared.manifest.group_names, y_val, g_val)  # one data set: logged once
+    for trial in trials:
+        trial.result.val_groups_without_real, trial.result.val_groups_without_fake = list(without_real), list(without_fake)
     steps = -(-len(train_rows) // shared.batch_size)
     max_epochs = max(c.training.num_epochs for c in configs)
 
@@ -419,7 +418,7 @@ def train_fused(
             break
         scores, gates = _predict_fused(model, val_source, shared.batch_size * 4, device)
         seconds = time.perf_counter() - start
-        keep, postfix = [], {}
+        keep = []
         for k, trial in enumerate(trials):
             cfg = trial.cfg
             result = trial.result
@@ -427,24 +426,12 @@ def train_fused(
                 result.status, result.stop_reason = "diverged", reason
                 log.warning("trial %d stopped: %s", everyone.index(trial), reason)
                 continue
-            total, bce_sum, fair_sum = (sums[k] / len(train_rows)).tolist()
-            metrics = objectives.evaluate(y_val, scores[k], g_val, threshold=cfg.threshold)
-            predicted = scores[k] >= cfg.threshold
-            record = EpochRecord(
-                epoch=epoch, lr=trial.optimizer.param_groups[0]["lr"], train_loss=total, train_bce=bce_sum, train_fair=fair_sum,
-                fair_share=fair_sum / total if total > 0 else 0.0, val=metrics,
-                gate_mean=float(gates[k].mean()), gate_min=float(gates[k].min()), gate_max=float(gates[k].max()),
-                degenerate=bool(predicted.all() or not predicted.any()), seconds=seconds,
-            )
-            if is_better_epoch(record, result.best):
-                result.best_epoch = epoch
+            record = epoch_record(epoch, trial.optimizer.param_groups[0]["lr"], (sums[k] / len(train_rows)).tolist(), y_val, scores[k],
+                                  g_val, gates[k], cfg.threshold, seconds)
+            if close_epoch(result, record, trial.callback, cfg.stop_if_degenerate_after):
                 trial.best_state = model.state_dict_of(k)
-            result.epochs.append(record)
-            asked = trial.callback(record) if trial.callback else None  # every epoch, the last one too
-            reason = degenerate_stop_reason(result.epochs, cfg.stop_if_degenerate_after) or asked
-            if reason:
-                result.status, result.stop_reason = "stopped", reason
-                log.info("trial %d stopped after epoch %d: %s", everyone.index(trial), epoch, reason)
+            if result.status == "stopped":
+                log.info("trial %d stopped after epoch %d: %s", everyone.index(trial), epoch, result.stop_reason)
             elif epoch < cfg.num_epochs:
                 keep.append(k)
         log.info("fused epoch %d/%d: %d trials, %.1fs (train %.1fs)", epoch, max_epochs, len(trials), seconds, seconds_train)

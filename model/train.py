@@ -108,15 +108,45 @@ def is_better_epoch(record: EpochRecord, best: EpochRecord | None) -> bool:
     return (not record.degenerate, record.val["auc"]) > (not best.degenerate, best.val["auc"])
 
 
-def note_groups_left_out(result: TrainResult, group_names: tuple[str, ...], labels: np.ndarray, groups: np.ndarray) -> None:
-    """Record (and log once) the validation groups a fairness term cannot see."""
-    present = sorted(set(groups.tolist()))
-    result.val_groups_without_real = [group_names[g] for g in present if not np.any((groups == g) & (labels == 0))]
-    result.val_groups_without_fake = [group_names[g] for g in present if not np.any((groups == g) & (labels == 1))]
-    for kind, names in (("real", result.val_groups_without_real), ("fake", result.val_groups_without_fake)):
+def groups_left_out(group_names: tuple[str, ...], labels: np.ndarray, groups: np.ndarray) -> tuple[list[str], list[str]]:
+    """The validation groups, by name, that objectives.evaluate leaves out of the FPR terms (no real
+    sample) and of the TPR terms (no fake sample) in every epoch; logged once."""
+    evaluation = objectives.evaluate_detailed(labels, np.zeros(len(labels)), groups)  # which, does not depend on scores
+    without_real, without_fake = ([group_names[g] for g in left] for left in (evaluation.groups_without_real, evaluation.groups_without_fake))
+    for kind, rate, names in (("real", "FPR", without_real), ("fake", "TPR", without_fake)):
         if names:
-            log.warning("validation groups without %s samples, left out of the %s terms of F_FPR/F_MEO: %s",
-                        kind, "FPR" if kind == "real" else "TPR", ", ".join(names))
+            log.warning("validation groups without %s samples, left out of the %s terms of F_FPR/F_MEO: %s", kind, rate, ", ".join(names))
+    return without_real, without_fake
+
+
+def epoch_record(epoch: int, lr: float, losses: list[float], labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
+                 gates: np.ndarray, threshold: float, seconds: float) -> EpochRecord:
+    """One epoch of a run: ``losses`` = [total, bce, lambda * fair] per sample, the validation
+    metrics of ``scores``, the gate's range."""
+    total, bce, fair = losses
+    metrics = objectives.evaluate(labels, scores, groups, threshold=threshold)
+    predicted = scores >= threshold
+    return EpochRecord(
+        epoch=epoch, lr=lr, train_loss=total, train_bce=bce, train_fair=fair, fair_share=fair / total if total > 0 else 0.0,
+        val=metrics, gate_mean=float(gates.mean()), gate_min=float(gates.min()), gate_max=float(gates.max()),
+        degenerate=bool(predicted.all() or not predicted.any()), seconds=seconds,
+    )
+
+
+def close_epoch(result: TrainResult, record: EpochRecord, callback: EpochCallback | None, stop_after: int | None) -> bool:
+    """Add ``record`` to the run: it becomes the best epoch when is_better_epoch says so, the
+    callback sees it (every epoch, the last one too), and the run is "stopped" when the degenerate
+    rule or the callback gives a reason. Returns whether it is the new best epoch (the caller keeps
+    its weights)."""
+    improved = is_better_epoch(record, result.best)
+    if improved:
+        result.best_epoch = record.epoch
+    result.epochs.append(record)
+    asked = callback(record) if callback else None
+    reason = degenerate_stop_reason(result.epochs, stop_after) or asked
+    if reason:
+        result.status, result.stop_reason = "stopped", reason
+    return improved
 
 
 def non_finite_scores_reason(scores: np.ndarray, epoch: int) -> str | None:
@@ -169,7 +199,7 @@ def train(
     steps = -(-len(train_rows) // cfg.batch_size)
 
     result = TrainResult(status="completed", stop_reason=None)
-    note_groups_left_out(result, prepared.manifest.group_names, y_val, g_val)
+    result.val_groups_without_real, result.val_groups_without_fake = groups_left_out(prepared.manifest.group_names, y_val, g_val)
     best_state = None
     bar = tqdm(range(1, cfg.num_epochs + 1), desc="epochs", unit="epoch", disable=not progress)
     for epoch in bar:
@@ -202,35 +232,24 @@ def train(
             result.status, result.stop_reason = "diverged", f"non-finite loss (nan/inf) in epoch {epoch}"
             log.warning("run stopped: %s", result.stop_reason)
             break
-        total, bce_sum, fair_sum = (sums / len(train_rows)).tolist()
         scores, gates = _predict(detector, val_source, cfg.batch_size * 4, device)
         if reason := non_finite_scores_reason(scores, epoch):
             result.status, result.stop_reason = "diverged", reason
             log.warning("run stopped: %s", reason)
             break
-        metrics = objectives.evaluate(y_val, scores, g_val, threshold=cfg.threshold)
-        predicted = scores >= cfg.threshold
-        record = EpochRecord(
-            epoch=epoch, lr=optimizer.param_groups[0]["lr"], train_loss=total, train_bce=bce_sum, train_fair=fair_sum,
-            fair_share=fair_sum / total if total > 0 else 0.0, val=metrics,
-            gate_mean=float(gates.mean()), gate_min=float(gates.min()), gate_max=float(gates.max()),
-            degenerate=bool(predicted.all() or not predicted.any()), seconds=time.perf_counter() - start,
-        )
-        if is_better_epoch(record, result.best):
-            result.best_epoch = epoch
-            best_state = copy.deepcopy(detector.state_dict())
-        result.epochs.append(record)
+        record = epoch_record(epoch, optimizer.param_groups[0]["lr"], (sums / len(train_rows)).tolist(), y_val, scores, g_val, gates,
+                              cfg.threshold, time.perf_counter() - start)
+        metrics = record.val
         bar.set_postfix(auc=f"{metrics['auc']:.3f}", f_meo=f"{metrics['f_meo']:.3f}", gate=f"{record.gate_mean:.2f}", degenerate=record.degenerate)
         log.info(
             "epoch %d/%d  loss %.4f (fair share %.1f%%)  val auc %.4f f_meo %.4f f_fpr %.4f  gate %.2f [%.2f, %.2f]%s  %.1fs",
-            epoch, cfg.num_epochs, total, 100 * record.fair_share, metrics["auc"], metrics["f_meo"], metrics["f_fpr"],
+            epoch, cfg.num_epochs, record.train_loss, 100 * record.fair_share, metrics["auc"], metrics["f_meo"], metrics["f_fpr"],
             record.gate_mean, record.gate_min, record.gate_max, "  DEGENERATE" if record.degenerate else "", record.seconds,
         )
-        asked = callback(record) if callback else None  # every epoch, the last one too
-        reason = degenerate_stop_reason(result.epochs, cfg.stop_if_degenerate_after) or asked
-        if reason:
-            result.status, result.stop_reason = "stopped", reason
-            log.info("run stopped after epoch %d: %s", epoch, reason)
+        if close_epoch(result, record, callback, cfg.stop_if_degenerate_after):
+            best_state = copy.deepcopy(detector.state_dict())
+        if result.status == "stopped":
+            log.info("run stopped after epoch %d: %s", epoch, result.stop_reason)
             break
     bar.close()
     if write_outputs:
