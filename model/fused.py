@@ -341,7 +341,7 @@ def train_fused(
 
     shuffle = torch.Generator().manual_seed(shared.seed)
     y_train, g_train = labels[train_rows], groups[train_rows]
-    y_train_dev, g_train_dev = y_train.to(device), g_train.to(device)
+    y_train_dev = y_train.to(device)
     y_val, g_val = labels[val_rows].numpy(), groups[val_rows].numpy()
     without_real, without_fake = groups_left_out(prepared.manifest.group_names, y_val, g_val)  # one data set: logged once
     for trial in trials:
@@ -370,7 +370,7 @@ def train_fused(
             for trial in trials:
                 set_lr(trial.optimizer, lr_factor(epoch - 1 + step / steps, trial.cfg))
             batch_dev = batch.to(device, non_blocking=True)
-            y, g = y_train_dev[batch_dev], g_train_dev[batch_dev]
+            y = y_train_dev[batch_dev]
             y_cpu, g_cpu = y_train[batch], g_train[batch]
             with autocast(device):
                 logits = model(tokens.cls, tokens.patches, dropout)[0].float()  # [K, B]

@@ -191,7 +191,7 @@ def train(
     log.info("parameters: %s", ", ".join(f"{k} {v:,}" for k, v in detector.parameter_counts().items()))
     optimizer = build_optimizer(detector.trainable_groups(), cfg)
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    y_train, g_train = labels[train_rows].to(device), groups[train_rows].to(device)
+    y_train = labels[train_rows].to(device)
     # CPU copies for the fairness loss, which builds its (label, group) pairs on the CPU: reading
     # them from the device would wait for the GPU at every step.
     y_train_cpu, g_train_cpu = labels[train_rows], groups[train_rows]
@@ -211,7 +211,7 @@ def train(
         for step, (tokens, batch) in enumerate(zip(read_batches(train_source, (b.numpy() for b in order)), order)):
             set_lr(optimizer, lr_factor(epoch - 1 + step / steps, cfg))
             index = batch.to(device, non_blocking=True)  # no stream sync on CUDA
-            y, g = y_train[index], g_train[index]
+            y = y_train[index]
             with autocast(device):
                 logits = detector(tokens.cls, tokens.patches).logits.float()
             target = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
