@@ -100,7 +100,7 @@ def _window_size(text: str) -> tuple[int, int]:
 def cmd_optimize(args: argparse.Namespace) -> int:
     from search import optimize
     from search.storage import mask_url
-    from search.study import FINISHED
+    from search.study import FINISHED, finished_count
 
     config = _load_study(args)
     if args.warm_start:
@@ -128,7 +128,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         study, code = run.study, run.exit_code
     else:
         study = optimize(config, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
-    target, finished = args.n_trials or config.budget.n_trials, len(study.get_trials(deepcopy=False, states=FINISHED))
+    target, finished = args.n_trials or config.budget.n_trials, finished_count(study)
     if finished < target and code == 0:  # failed trials, a timeout: the same exit status as with --workers
         print(f"optimize: the study has {finished} of its {target} finished trials (see the failed ones above)", file=sys.stderr)
         code = 1

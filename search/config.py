@@ -274,18 +274,13 @@ def _check_range_ends(training: TrainingConfig, space: dict[str, ParamSpec]) -> 
 
     for combination in itertools.islice(itertools.product(*ends.values()), _MAX_END_COMBINATIONS):
         values = dict(zip(ends, combination))
-        if (error := invalid(values)) is None:
+        if invalid(values) is None:
             continue
-        for size in (1, 2):  # name the fewest keys that break it
-            for keys in itertools.combinations(values, size):
-                if (error := invalid({k: values[k] for k in keys})) is not None:
-                    values = {k: values[k] for k in keys}
-                    break
-            else:
-                continue
-            break
+        # name the fewest keys that break it: one, else two, else all of them
+        subsets = (dict(keys) for size in (1, 2) for keys in itertools.combinations(values.items(), size))
+        values = next((subset for subset in subsets if invalid(subset) is not None), values)
         given = ", ".join(f"{k}={v!r}" for k, v in values.items())
-        raise ValueError(f"search_space: a trial with {given} would be an invalid training config ({error})")
+        raise ValueError(f"search_space: a trial with {given} would be an invalid training config ({invalid(values)})")
 
 
 def load_study_config(path: str | Path, *, storage: str | None = None, study_name: str | None = None) -> StudyConfig:

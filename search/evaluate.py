@@ -2,12 +2,12 @@
 
     python run_study.py evaluate --study studies/demo.yaml --trials pareto   # or all, or 3,7,12
 
-Each trial's best checkpoint (its run folder, else the artifact store) is scored on every test
-manifest (Celeb-DF, DFD, DFDC in the real study; the synthetic held-out sets in the demo) with
-every metric of ``objectives.evaluate``, per dataset and averaged over datasets, at the trial's
-own threshold (``training.threshold``, 0.5 unless searched) and at the threshold that maximises balanced accuracy on the trial's own validation
-scores (the reference report's "threshold tuning" recommendation; AUC, EER and AP do not depend
-on it).
+Each trial's best checkpoint (the artifact it uploaded, else its run folder) is scored on every
+test manifest (Celeb-DF, DFD, DFDC in the real study; the synthetic held-out sets in the demo)
+with every metric of ``objectives.evaluate``, per dataset and averaged over datasets, at the
+trial's own threshold (``training.threshold``, 0.5 unless searched) and at the threshold that
+maximises balanced accuracy on the trial's own validation scores (the reference report's
+"threshold tuning" recommendation; AUC, EER and AP do not depend on it).
 
 Where the results go. Optuna refuses to change a finished trial (``set_trial_user_attr`` raises
 UpdateFinishedTrialError), so they are stored as one *study* user attribute per trial,

@@ -253,15 +253,15 @@ _SCHEMA_RACE = ("already exists", "unique constraint failed: alembic_version", "
 
 
 def _create_storage(url: str, engine_kwargs: dict[str, Any], heartbeat: dict[str, Any]) -> ResilientRDBStorage:
-    for attempt in range(5):
+    for attempt in range(1, 5):
         try:
             return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
         except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as err:
-            if attempt == 4 or not any(m in error_reason(err).lower() for m in _SCHEMA_RACE):
+            if not any(m in error_reason(err).lower() for m in _SCHEMA_RACE):
                 raise
             log.info("storage: another process was creating the schema (%s); reading it again", error_reason(err))
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(0.2 * attempt)
+    return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)  # the fifth try raises what it meets
 
 
 def make_storage(url: str, options: DistributedConfig | None = None) -> ResilientRDBStorage:
@@ -468,8 +468,8 @@ def study_lock(storage: RDBStorage, study_name: str, *, fallback_dir: Path) -> S
     if backend in ("postgresql", "mysql", "mariadb"):
         return _SQLLock(storage.engine, study_name, retry)
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)
-    if backend == "sqlite" and url.database and url.database != ":memory:":
-        return _FileLock(Path(f"{url.database}.{safe}.lock"), retry)
+    if database := sqlite_file(storage.url):
+        return _FileLock(Path(f"{database}.{safe}.lock"), retry)
     log.warning("storage: no server-side lock for %r; workers on other nodes may overshoot the trial budget", backend)
     return _FileLock(fallback_dir / f".{safe}.lock", retry)
 
