@@ -7,6 +7,7 @@ tests and the demo); nothing is downloaded.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -97,11 +98,26 @@ def weights_identity(config: BackboneConfig) -> str:
     """A string that changes whenever the weights do: the file's sha256, or the random seed."""
     if config.weights == "random":
         return f"random:seed={config.seed}"
+    path = Path(config.weights)
+    if not path.is_file():
+        raise BackboneError(f"backbone.weights: checkpoint file not found: {path}")
+    return f"sha256:{file_sha256(path)}"
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, hashed once per process while its size and mtime stay the
+    same (ViT-L-14's 1.7 GB take seconds, and the study definition and the cache key both ask)."""
+    stat = path.stat()
+    return _file_sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with open(config.weights, "rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return digest.hexdigest()
 
 
 def _as_int_size(size) -> int:

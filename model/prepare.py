@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
-from model.backbone import FrozenBackbone
+from model.backbone import FrozenBackbone, file_sha256, weights_identity
 from model.cache import FeatureCache, open_or_build_cache
 from model.config import TrainRunConfig
-from model.manifest import Manifest, load_manifest
+from model.manifest import Manifest, ManifestError, load_manifest
 from model.runtime import resolve_device
-from model.stage1 import load_stage1_state, save_stage1, stage1_key, train_stage1
+from model.stage1 import Stage1Error, load_stage1_state, save_stage1, stage1_key, train_stage1
 from model.synthetic import generate
 from model.tokens import HeldTokens
+from model.typed_config import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,35 @@ def load_manifests(config: TrainRunConfig, *, progress: bool = True) -> tuple[Ma
         for name, path in test_paths.items()
     }
     return main, tests
+
+
+def inputs_identity(config: TrainRunConfig) -> dict:
+    """What a run's numbers depend on besides its training and model settings, by content rather
+    than location (paths differ between the nodes of one study): the train/val data and its
+    attributes, the backbone that makes the features, the frozen Stage 1 adapter. Hashes the
+    manifest and the weight files; builds, generates and trains nothing. Test manifests are left
+    out: they are scored after a search, and never change a trial."""
+    data, backbone = config.data, config.backbone
+    if data.synthetic is not None:  # generated deterministically from these settings
+        dataset = {"synthetic": to_dict(data.synthetic)}
+    else:
+        try:
+            dataset = {"manifest_sha256": file_sha256(data.manifest)}
+        except OSError as err:
+            raise ManifestError(data.manifest, [f"cannot read file: {err.strerror or err}"]) from None
+    if config.stage1.checkpoint is None:
+        stage1 = {k: v for k, v in to_dict(config.stage1).items() if k != "checkpoint"}
+    else:
+        try:
+            stage1 = {"checkpoint_sha256": file_sha256(config.stage1.checkpoint)}
+        except OSError as err:
+            raise Stage1Error(f"stage1.checkpoint: cannot read {config.stage1.checkpoint}: {err.strerror or err}") from None
+    return {
+        "data": dataset | {"attributes": to_dict(data.attributes)},
+        "backbone": {"name": backbone.name, "weights": weights_identity(backbone), "stage1_layer": backbone.stage1_layer,
+                     "stage2_layer": backbone.stage2_layer, "precision": backbone.precision, "cache_dtype": backbone.cache_dtype},
+        "stage1": stage1,
+    }
 
 
 def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: bool = True) -> PreparedData:

@@ -14,6 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from model import prepare
+from model.prepare import inputs_identity
 from model.runtime import compile_sinkhorn, resolve_device
 from model.typed_config import to_dict
 from search.config import StudyConfig
@@ -37,9 +38,12 @@ _RUN_SETTINGS = ("device", "compile_sinkhorn", "feature_mode")
 
 def study_definition(config: StudyConfig) -> dict:
     """What makes the trials of one study comparable: objectives, search space, the fixed training
-    values, the model and the stopping rule (paths, data locations, budget and workers are left
-    out: they may differ between nodes). Stored on the study when it is created."""
-    training = to_dict(config.base_run_config().training)
+    values, the model, the stopping rule, and the inputs by content (model.inputs_identity: the
+    train/val manifest's sha256 or the synthetic settings, the attributes, the backbone weights'
+    sha256 and layers, the Stage 1 adapter). Paths, budget and workers are left out: they may
+    differ between nodes. Stored on the study when it is created."""
+    base = config.base_run_config()
+    training = to_dict(base.training)
     for key in (*_RUN_SETTINGS, *config.search_space):
         training.pop(key, None)
     definition = {
@@ -47,6 +51,7 @@ def study_definition(config: StudyConfig) -> dict:
         "search_space": {name: {k: v for k, v in to_dict(spec).items() if v is not None and v is not False}
                          for name, spec in config.search_space.items()},
         "training": training, "model": to_dict(config.model), "stopping": to_dict(config.stopping),
+        **inputs_identity(base),
     }
     return json.loads(json.dumps(definition))  # as the storage gives it back
 
@@ -57,26 +62,27 @@ def _flat(tree, prefix: str = "") -> dict:
     return {key: value for name, sub in tree.items() for key, value in _flat(sub, f"{prefix}.{name}" if prefix else name).items()}
 
 
-def check_definition(study: optuna.Study, config: StudyConfig) -> None:
-    """Refuse to continue a study with a YAML that defines other trials: their values would
-    mix with the stored ones on one Pareto front, and a changed range silently makes the GP
-    sample that parameter at random. A study from before definitions were stored adopts this one."""
-    wanted = study_definition(config)
-    stored = study.user_attrs.get(DEFINITION_ATTR)
-    if stored is None:
-        if study.metric_names is not None and study.metric_names != config.metric_names:
-            stored = {**wanted, "objectives": [[m, d] for m, d in zip(study.metric_names, config.directions)]}
-        else:
-            study.set_user_attr(DEFINITION_ATTR, wanted)
-            return
-    if stored == wanted:
-        return
-    was, now = _flat(stored), _flat(wanted)
-    changes = [f"{key}: {json.dumps(was.get(key, 'unset'))} in the study, {json.dumps(now.get(key, 'unset'))} in the YAML"
-               for key in sorted(set(was) | set(now)) if was.get(key, "unset") != now.get(key, "unset")]
-    raise ValueError(f"study {config.name!r} in {mask_url(config.storage_url)} was created with another definition ("
-                     + "; ".join(changes) + "): its trials would not be comparable with new ones; "
-                     "use another --study-name, or restore the YAML")
+def check_definition(study: optuna.Study, config: StudyConfig, wanted: dict) -> None:
+    """Refuse to continue a study with a YAML (or data) that defines other trials: their values
+    would mix with the stored ones on one Pareto front, and a changed range silently makes the GP
+    sample that parameter at random. A study without trials has nothing to mix with and takes the
+    new definition (a first attempt that failed in ``prepare`` may be corrected); one from before
+    a section was stored adopts that section. ``wanted``: study_definition(config)."""
+    stored = current = study.user_attrs.get(DEFINITION_ATTR)
+    if stored is None and study.metric_names is not None and study.metric_names != config.metric_names:
+        stored = {**wanted, "objectives": [[m, d] for m, d in zip(study.metric_names, config.directions)]}
+    elif stored is None or not study.get_trials(deepcopy=False):
+        stored = {}
+    adopted = {**wanted, **stored}
+    if adopted != wanted:
+        was, now = _flat(adopted), _flat(wanted)
+        changes = [f"{key}: {json.dumps(was.get(key, 'unset'))} in the study, {json.dumps(now.get(key, 'unset'))} in the YAML"
+                   for key in sorted(set(was) | set(now)) if was.get(key, "unset") != now.get(key, "unset")]
+        raise ValueError(f"study {config.name!r} in {mask_url(config.storage_url)} was created with another definition ("
+                         + "; ".join(changes) + "): its trials would not be comparable with new ones; "
+                         "use another --study-name, or restore the YAML and the data")
+    if adopted != current:
+        study.set_user_attr(DEFINITION_ATTR, adopted)
 
 
 def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
@@ -95,6 +101,7 @@ def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
             return optuna.load_study(study_name=config.name, storage=storage, sampler=sampler)
         except KeyError:
             raise ValueError(f"no study named {config.name!r} in {mask_url(config.storage_url)}; run `optimize` first") from None
+    definition = study_definition(config)  # before the study exists: a missing manifest creates nothing
     config.workdir.mkdir(parents=True, exist_ok=True)
     storage = make_storage(config.storage_url, config.distributed)
     study = optuna.create_study(
@@ -107,7 +114,7 @@ def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
     # Under the study lock: the tasks of a SLURM array start together, and two first writes of one
     # study attribute would collide on its unique key.
     with study_lock(storage_of(study), config.name, fallback_dir=config.workdir):
-        check_definition(study, config)
+        check_definition(study, config, definition)
         if study.metric_names is None:
             with warnings.catch_warnings():  # "experimental since v3.2": the API the dashboard reads names from
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -1,10 +1,11 @@
 """A real multi-objective study on tiny synthetic data, through the real entry points."""
 
+import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
@@ -13,6 +14,7 @@ import objectives
 import run_study
 from search import load_study_config, open_study, pick_trial
 from search.pareto import PickError
+from search.study import DEFINITION_ATTR, study_definition
 
 DEMO = Path(__file__).parents[2] / "studies" / "demo.yaml"
 
@@ -139,6 +141,10 @@ def test_continuing_adds_trials_and_keeps_the_old_ones(study_run, tmp_path):
     ("search_space", "dropout", {"choices": [0.0, 0.2]}, "search_space.dropout.choices"),
     ("training", "num_epochs", 5, "training.num_epochs"),
     ("objectives", None, [{"metric": "auc"}, {"metric": "f_dp"}, {"metric": "f_fpr"}], "objectives"),
+    # the inputs: other synthetic data, features of another block, another Stage 1 adapter
+    ("data", "synthetic", {"seed": 1, "n_train": 160, "n_val": 80, "n_test": 16}, "data.synthetic.seed"),
+    ("backbone", "stage2_layer", 2, "backbone.stage2_layer"),
+    ("stage1", "epochs", 3, "stage1.epochs"),
 ])
 def test_continuing_with_a_changed_definition_is_refused_and_stores_nothing(study_run, tmp_path, capsys, section, key, value, named):
     path, config, study = study_run
@@ -154,6 +160,39 @@ def test_continuing_with_a_changed_definition_is_refused_and_stores_nothing(stud
     err = capsys.readouterr().err
     assert "was created with another definition" in err and named in err and "another --study-name" in err
     assert [(t.number, t.state, t.values) for t in open_study(config, create=False).get_trials()] == before
+
+
+def test_a_manifest_edited_in_place_is_refused_and_its_study_kept(study_run, tmp_path, capsys):
+    """The YAML is unchanged, the data is not: new trials would score on other labels."""
+    path, _, _ = study_run
+    shutil.copytree(Path(yaml.safe_load(path.read_text())["workdir"]) / "data", tmp_path / "data")
+    data = yaml.safe_load(path.read_text())
+    data.update(name="from-manifest", workdir=str(tmp_path / "work"))
+    data["data"] = {"manifest": str(tmp_path / "data" / "manifest.csv")}
+    study_path = tmp_path / "study.yaml"
+    study_path.write_text(yaml.safe_dump(data))
+    assert run_study.main(["-q", "optimize", "--study", str(study_path), "--n-trials", "1"]) == 0
+    config = load_study_config(study_path)
+    before = [(t.number, t.state, t.values) for t in open_study(config, create=False).get_trials()]
+    manifest = tmp_path / "data" / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    path_, label, rest = lines[1].split(",", 2)
+    lines[1] = ",".join((path_, "1" if label == "0" else "0", rest))  # one label corrected
+    manifest.write_text("\n".join(lines) + "\n")
+    assert run_study.main(["-q", "optimize", "--study", str(study_path), "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "was created with another definition" in err and "data.manifest_sha256" in err
+    assert [(t.number, t.state, t.values) for t in open_study(config, create=False).get_trials()] == before
+
+
+def test_a_study_without_trials_takes_the_corrected_definition(tmp_path):
+    """A first attempt that failed before any trial (in prepare, say) may be corrected and rerun."""
+    path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="empty")
+    config = load_study_config(path)
+    open_study(config)
+    corrected = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, cache_dtype="float32"))
+    study = open_study(corrected)
+    assert study.user_attrs[DEFINITION_ATTR] == study_definition(corrected) != study_definition(config)
 
 
 def test_run_settings_may_differ_between_invocations_of_one_study(study_run, tmp_path):
