@@ -19,6 +19,8 @@ from model.config import TrainingConfig, TrainRunConfig, train_config_to_yaml_di
 from model.typed_config import from_dict
 from search.config import StudyConfig
 
+_FIRST_LINE = "# fairfront export:"  # how every export starts (an earlier one may be overwritten)
+
 
 def trial_train_config(study_config: StudyConfig, trial: FrozenTrial) -> TrainRunConfig:
     """The exact training config the trial ran, with outputs going to a fresh folder, on the
@@ -33,7 +35,7 @@ def trial_train_config(study_config: StudyConfig, trial: FrozenTrial) -> TrainRu
 
 def header(study: optuna.Study, study_config: StudyConfig, trial: FrozenTrial, pick: str) -> str:
     lines = [
-        f"fairfront export: study {study.study_name!r}, trial {trial.number}, picked by --pick {pick!r}",
+        f"{_FIRST_LINE[2:]} study {study.study_name!r}, trial {trial.number}, picked by --pick {pick!r}",
         "objectives: " + ", ".join(f"{m} ({d}) {v:.4f}" for m, d, v in zip(study_config.metric_names, study_config.directions, trial.values)),
         "validation metrics at best epoch "
         f"{trial.user_attrs.get('best_epoch')}: " + ", ".join(f"{m} {trial.user_attrs.get(f'val_{m}', float('nan')):.4f}" for m in objectives.METRIC_NAMES),
@@ -48,8 +50,21 @@ def header(study: optuna.Study, study_config: StudyConfig, trial: FrozenTrial, p
     return "".join(f"# {line}\n" for line in lines)
 
 
+def check_export_target(out: Path) -> None:
+    """Write only to a new file or over an earlier export: ``--out`` pointed at the study's
+    database or YAML by mistake must not replace it."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the path of a YAML file to write")
+    if out.exists():
+        with open(out, "rb") as handle:
+            start = handle.read(len(_FIRST_LINE))
+        if start != _FIRST_LINE.encode():
+            raise ValueError(f"--out {out} exists and is not a fairfront export; it is left as it is (give a new file name)")
+
+
 def export_trial(study: optuna.Study, study_config: StudyConfig, trial: FrozenTrial, out: Path, *, pick: str) -> Path:
     out = Path(out).resolve()
+    check_export_target(out)
     config = trial_train_config(study_config, trial)
     body = yaml.safe_dump(train_config_to_yaml_dict(config, relative_to=out.parent), sort_keys=False)
     out.parent.mkdir(parents=True, exist_ok=True)

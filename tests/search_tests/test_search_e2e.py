@@ -111,6 +111,21 @@ def test_export_then_train_reproduces_the_trial(study_run, tmp_path, capsys):
     assert f"with {trial.user_attrs['torch_threads']} torch threads" in text
 
 
+def test_export_overwrites_an_earlier_export_but_never_the_study(study_run, tmp_path, capsys):
+    path, config, study = study_run
+    database = Path(yaml.safe_load(path.read_text())["workdir"]) / "study.db"
+    for target, named in ((database, "is not a fairfront export"), (path, "is not a fairfront export"), (tmp_path, "is a folder")):
+        before = target.read_bytes() if target.is_file() else None
+        assert run_study.main(["export", "--study", str(path), "--out", str(target)]) == 2
+        assert named in capsys.readouterr().err
+        assert before is None or target.read_bytes() == before
+    assert len(open_study(config, create=False).get_trials()) == len(study.get_trials())
+    out = tmp_path / "best.yaml"
+    for pick in ("max-auc", "knee"):  # the second replaces the first
+        assert run_study.main(["export", "--study", str(path), "--pick", pick, "--out", str(out)]) == 0
+    assert "picked by --pick 'knee'" in out.read_text()
+
+
 def test_an_export_runs_on_the_study_device_not_the_worker_pin(study_run):
     import copy
 
