@@ -11,6 +11,7 @@ are the ones the reference project's training YAML uses.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -155,7 +156,7 @@ class TrainingConfig:
         _check(0 < self.threshold < 1, f"threshold must be in (0, 1), got {self.threshold}")
         _check(self.stop_if_degenerate_after is None or self.stop_if_degenerate_after >= 1, "stop_if_degenerate_after must be >= 1 or null")
         _check(self.fair_min_group_size >= 1, f"fair_min_group_size must be >= 1, got {self.fair_min_group_size}")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass(frozen=True)

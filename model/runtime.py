@@ -21,6 +21,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"training.device: {name!r} was asked for but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"training.device: {name!r} was asked for but this machine has {torch.cuda.device_count()} visible GPU(s)")
     return device
 
 

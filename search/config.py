@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +49,12 @@ class ParamSpec:
             return
         if self.low is None or self.high is None:
             raise ValueError("a range needs both low and high (or give choices)")
+        for key in ("low", "high", "step"):
+            value = getattr(self, key)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, got {value}")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step must be > 0, got {self.step}")
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) > high ({self.high})")
         if self.log and self.low <= 0:
@@ -111,6 +119,8 @@ class BudgetConfig:
             raise ValueError(f"n_trials must be >= 1, got {self.n_trials}")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {self.timeout}")
+        if self.max_failed_trials < 1:
+            raise ValueError(f"max_failed_trials must be >= 1, got {self.max_failed_trials}")
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,10 @@ class DistributedConfig:
                 raise ValueError("grace_period needs heartbeat_interval")
             if self.grace_period <= self.heartbeat_interval:
                 raise ValueError(f"grace_period ({self.grace_period}) must exceed heartbeat_interval ({self.heartbeat_interval})")
+        if self.devices is not None and self.devices.strip() != "all":  # (which are visible is known only on the node)
+            for item in (i.strip() for i in self.devices.split(",")):
+                if not re.fullmatch(r"cpu|\d+|cuda:\d+", item):
+                    raise ValueError(f"devices: {item!r} is not a GPU index, cuda:N or cpu (or give all)")
         if self.max_retry < 0:
             raise ValueError(f"max_retry must be >= 0, got {self.max_retry}")
         if self.connect_timeout <= 0 or self.retry_seconds < 0:

@@ -33,7 +33,7 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec], defaults: dict[str
         if spec.choices is not None:
             params[name] = trial.suggest_categorical(name, spec.choices)
         elif _is_int(defaults[name]):
-            step = int(spec.step) if spec.step else 1
+            step = 1 if spec.step is None else int(spec.step)
             params[name] = trial.suggest_int(name, int(spec.low), int(spec.high), step=step, log=spec.log)
         else:
             params[name] = trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)

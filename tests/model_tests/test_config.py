@@ -87,3 +87,15 @@ def test_malformed_yaml_names_the_file(tmp_path):
     path.write_text("training: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_train_config(path)
+
+
+def test_a_gpu_index_the_machine_does_not_have_is_named(monkeypatch):
+    import torch
+
+    from model.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"training.device: 'cuda:2' was asked for but this machine has 2 visible GPU\(s\)"):
+        resolve_device("cuda:2")
