@@ -54,7 +54,14 @@ class FrozenBackbone(nn.Module):
         # Random initialisation must be reproducible: the cache key and the demo rely on it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            clip = open_clip.create_model(config.name, pretrained=pretrained)
+            try:
+                clip = open_clip.create_model(config.name, pretrained=pretrained)
+            except Exception as err:  # a file of another model, or no checkpoint: KeyError, RuntimeError, ...
+                if pretrained is None:
+                    raise
+                reason = " ".join(str(err).split())[:300]  # one line: load_state_dict lists every key
+                raise BackboneError(f"backbone.weights: {pretrained} cannot be loaded as {config.name} weights: "
+                                    f"{type(err).__name__}: {reason}") from None
         self.visual = clip.visual
         self.visual.requires_grad_(False)
         self.visual.eval()

@@ -94,6 +94,8 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
     manifest, test_manifests = load_manifests(config, progress=progress)
     device = resolve_device(config.training.device)
     backbone = FrozenBackbone(config.backbone)
+    given = config.stage1.checkpoint  # checked before any feature is extracted
+    given_state = None if given is None else load_stage1_state(given, backbone.width, config.model)
     cache_root = config.workdir / "features"
     workers = config.data.num_workers
     cache = open_or_build_cache(manifest, backbone, cache_root, device=device, num_workers=workers, progress=progress)
@@ -103,13 +105,14 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
             name: open_or_build_cache(m, backbone, cache_root, device=device, num_workers=workers, progress=progress)
             for name, m in test_manifests.items()
         }
-    checkpoint, state = _stage1(config, manifest, cache, backbone.width, device)
+    if given is None:
+        checkpoint, state = _train_or_reuse_stage1(config, manifest, cache, backbone.width, device)
+    else:
+        checkpoint, state = given, given_state
     return PreparedData(config, manifest, test_manifests, backbone, cache, checkpoint, state, test_caches)
 
 
-def _stage1(config: TrainRunConfig, manifest: Manifest, cache: FeatureCache, width: int, device: torch.device):
-    if config.stage1.checkpoint is not None:
-        return config.stage1.checkpoint, load_stage1_state(config.stage1.checkpoint, width, config.model)
+def _train_or_reuse_stage1(config: TrainRunConfig, manifest: Manifest, cache: FeatureCache, width: int, device: torch.device):
     key = stage1_key(cache.key, config.model, config.stage1)
     path = config.workdir / "stage1" / f"stage1-{key[:16]}.pt"
     if path.is_file():

@@ -73,8 +73,8 @@ def load_stage1_state(path: Path, width: int, model: ModelConfig) -> dict[str, t
     shape that ``model.stage1_hidden_ratio`` gives (so a mismatch fails in prepare, not in every trial)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise Stage1Error(f"stage1.checkpoint: cannot load {path}: {err}") from None
+    except Exception as err:  # torch.load of a file that is no checkpoint raises KeyError, UnpicklingError, ...
+        raise Stage1Error(f"stage1.checkpoint: cannot load {path} as a torch checkpoint: {type(err).__name__}: {err}") from None
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict) or "fc1.weight" not in state:
         raise Stage1Error(f"stage1.checkpoint: {path} holds no Stage 1 adapter state (keys norm.*, fc1.*, fc2.*)")

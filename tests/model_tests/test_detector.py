@@ -99,6 +99,19 @@ def test_backbone_errors_name_the_key(changes, message):
         FrozenBackbone(BackboneConfig(**config))
 
 
+def test_a_weights_file_that_is_not_this_backbone_is_named_in_one_line(tmp_path):
+    import torch
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    other = tmp_path / "other.pt"
+    torch.save({"fc1.weight": torch.zeros(2, 2)}, other)  # a Stage 1 adapter's keys, say
+    for path in (text, other):
+        with pytest.raises(BackboneError, match=rf"backbone.weights: {path} cannot be loaded as fairfront-tiny-vit weights") as err:
+            FrozenBackbone(BackboneConfig(name="fairfront-tiny-vit", weights=str(path)))
+        assert "\n" not in str(err.value)
+
+
 def test_vit_l14_goes_through_the_same_code_path():
     # Same factory, same VisionTransformer, same token extraction as the tiny config; only the
     # numbers differ. (Random weights: ~300M parameters, a few seconds to build.)

@@ -198,6 +198,18 @@ def test_a_stage1_checkpoint_of_another_shape_is_refused_by_prepare_naming_both_
     assert prepare(same, progress=False, with_test_caches=False).stage1_checkpoint == checkpoint
 
 
+def test_a_stage1_checkpoint_that_is_no_torch_file_is_refused_before_any_feature_is_extracted(tmp_path):
+    from model.stage1 import Stage1Error
+
+    config = load_train_config(tiny_config(tmp_path))
+    garbage = tmp_path / "stage1.pt"
+    garbage.write_text("not a checkpoint\n")
+    config = dataclasses.replace(config, stage1=dataclasses.replace(config.stage1, checkpoint=garbage))
+    with pytest.raises(Stage1Error, match=r"stage1.checkpoint: cannot load .*stage1.pt as a torch checkpoint"):
+        prepare(config, progress=False, with_test_caches=False)
+    assert not (config.workdir / "features").exists()
+
+
 def test_validation_groups_left_out_of_the_fairness_terms_are_named_in_the_result(tmp_path, caplog):
     path = tiny_config(tmp_path, num_epochs=1, warmup_epochs=0)
     data = yaml.safe_load(path.read_text())
