@@ -42,8 +42,9 @@ _CHECK_BLOCKS = 64
 _BLOCK = 1 << 20
 
 
-class CacheError(RuntimeError):
-    """An existing cache cannot be used; the message says why."""
+class CacheError(ValueError):
+    """An existing cache cannot be used (it is rebuilt), or the manifest's images cannot be
+    cached (the command stops with this one line); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,17 @@ def _build(manifest: Manifest, backbone: FrozenBackbone, directory: Path, key: s
     staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    try:
+        seconds = _extract(manifest, backbone, staging, device=device, num_workers=num_workers, progress=progress)
+    except BaseException:  # a bad image, a CUDA error, Ctrl-C: no cache-sized memmaps left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _publish(manifest, backbone, staging, directory, key, seconds)
+
+
+def _extract(manifest: Manifest, backbone: FrozenBackbone, staging: Path, *, device, num_workers, progress) -> float:
+    """The backbone's tokens of every manifest row, written to ``staging`` (without meta.json);
+    returns the seconds it took."""
     paths = list(manifest.frame["path"])
     length, width = backbone.token_shapes()
     dtype = np.dtype(backbone.config.cache_dtype)
@@ -154,16 +166,18 @@ def _build(manifest: Manifest, backbone: FrozenBackbone, directory: Path, key: s
     )
     start, offset = time.perf_counter(), 0
     bar = tqdm(total=len(paths), desc=f"caching {manifest.path.name}", unit="img", disable=not progress)
-    for images in loader:
+    for images, failures in loader:
+        end = offset + images.shape[0]
+        if any(failures):
+            raise CacheError(_undecodable(manifest, offset, failures))
         with autocast(device, backbone.config.precision == "bf16"):
             tokens = backbone(images.to(device, non_blocking=True))
-        end = offset + images.shape[0]
         # in the storage dtype on the device: half the copy for float16, and an overflow (a token
         # beyond float16's 65504 becomes inf) is caught here, not as a NaN loss in every trial
         batch_cls, batch_patches = (t.to(getattr(torch, dtype.name)) for t in (tokens.cls, tokens.patches))
         if not bool(torch.isfinite(batch_cls).all() & torch.isfinite(batch_patches).all()):
-            shutil.rmtree(staging, ignore_errors=True)
-            raise CacheError(f"{manifest.path}: images {offset}-{end - 1} (rows of the manifest in order) give tokens that are "
+            lines = manifest.frame["line"].to_numpy()
+            raise CacheError(f"{manifest.path}: the images at lines {lines[offset]}-{lines[end - 1]} give tokens that are "
                              f"not finite in {dtype.name} (nan, or beyond its range); try backbone.cache_dtype: float32")
         cls[offset:end] = batch_cls.cpu().numpy()
         patches[offset:end] = batch_patches.cpu().numpy()
@@ -174,15 +188,27 @@ def _build(manifest: Manifest, backbone: FrozenBackbone, directory: Path, key: s
     cls.flush()
     patches.flush()
     del cls, patches
+    return time.perf_counter() - start
 
+
+def _undecodable(manifest: Manifest, offset: int, failures: list[str]) -> str:
+    lines = manifest.frame["line"].to_numpy()
+    bad = [f"line {lines[offset + i]} {manifest.frame['path'].iloc[offset + i]} ({reason})" for i, reason in enumerate(failures) if reason]
+    return f"{manifest.path}: image(s) that cannot be decoded: {'; '.join(bad)}; fix or remove those rows"
+
+
+def _publish(manifest: Manifest, backbone: FrozenBackbone, staging: Path, directory: Path, key: str, seconds: float) -> None:
+    """meta.json last, then the finished folder renamed into place (unless another worker's is there)."""
+    length, width = backbone.token_shapes()
+    n = len(manifest.frame)
     meta = {
         "key": key,
         "manifest": str(manifest.path),
         "backbone": backbone.config.name,
-        "shapes": {"cls": [len(paths), width], "patches": [len(paths), length, width]},
-        "dtype": dtype.name,
+        "shapes": {"cls": [n, width], "patches": [n, length, width]},
+        "dtype": backbone.config.cache_dtype,
         "checksums": {name: _file_checksum(staging / f"{name}.npy") for name in _ARRAYS},
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(seconds, 2),
     }
     (staging / "meta.json").write_text(json.dumps(meta, indent=2))
     try:
@@ -197,7 +223,7 @@ def _build(manifest: Manifest, backbone: FrozenBackbone, directory: Path, key: s
                 staging.rename(directory)
             except OSError:  # and lost the race to replace it
                 shutil.rmtree(staging, ignore_errors=True)
-    log.info("feature cache built: %s (%d images, %.1f s)", directory, len(paths), meta["seconds"])
+    log.info("feature cache built: %s (%d images, %.1f s)", directory, n, seconds)
 
 
 def _file_checksum(path: Path) -> str:

@@ -10,6 +10,10 @@ from torch.utils.data import Dataset
 
 
 class ImageDataset(Dataset):
+    """Item i: (preprocessed image, "") or, for a file PIL cannot decode, (zeros, the reason).
+    The reason travels with the batch instead of raising inside a loader worker, whose
+    re-raised traceback would bury the file name; the caller names the manifest rows."""
+
     def __init__(self, paths: Sequence[str], preprocess: Callable[[Image.Image], torch.Tensor]) -> None:
         self.paths = list(paths)
         self.preprocess = preprocess
@@ -17,9 +21,13 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
-            return self.preprocess(image.convert("RGB"))
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            with Image.open(self.paths[index]) as image:
+                return self.preprocess(image.convert("RGB")), ""
+        except (OSError, ValueError, SyntaxError) as err:  # unidentified, truncated, corrupt: PIL raises all three
+            return torch.zeros(self.preprocess(Image.new("RGB", (8, 8))).shape), f"{type(err).__name__}: {err}"
 
-    def batch(self, indices: Sequence[int]) -> torch.Tensor:
-        return torch.stack([self[int(i)] for i in indices])
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
+        items = [self[int(i)] for i in indices]
+        return torch.stack([t for t, _ in items]), [reason for _, reason in items]

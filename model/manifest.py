@@ -48,7 +48,8 @@ class ManifestError(ValueError):
 @dataclass(frozen=True, eq=False)
 class Manifest:
     """A validated manifest. ``frame`` columns: path (absolute), label (0/1, 1 = fake), split,
-    group (index into ``group_names``), group_name, and the attribute columns."""
+    group (index into ``group_names``), group_name, line (1-based, in the CSV: for messages), and
+    the attribute columns."""
 
     path: Path
     frame: pd.DataFrame
@@ -175,7 +176,10 @@ def _read(path: Path) -> tuple[pd.DataFrame, pd.Series, str]:
                 lines.append(start)
             else:
                 ragged.append(start)
-    except (UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ManifestError(path, [f"not UTF-8 text at line {line} (byte {raw[e.start]:#04x}); save the CSV as UTF-8"]) from None
+    except csv.Error as e:
         raise ManifestError(path, [f"cannot parse CSV: {e}"]) from None
     if not header or header == [""]:
         raise ManifestError(path, ["cannot parse CSV: the file is empty (no header line)"])
@@ -272,7 +276,7 @@ def load_manifest(path: Path | str, *, attributes: Mapping[str, Sequence[str]],
     out = pd.DataFrame({
         "path": abs_path, "label": frame["label"].astype(int), "split": frame["split"],
         "group": group_name.map({g: i for i, g in enumerate(group_names)}).astype(int),
-        "group_name": group_name,
+        "group_name": group_name, "line": line.to_numpy(),
     })
     for col in attributes:
         out[col] = frame[col]

@@ -216,6 +216,9 @@ class OnlineTokens:
         return len(self.images)
 
     def batch(self, indices: np.ndarray) -> FrozenTokens:
-        images = self.images.batch(indices).to(self.device)
+        images, failures = self.images.batch(indices)
+        if bad := [f"{self.images.paths[int(i)]} ({reason})" for i, reason in zip(indices, failures) if reason]:
+            raise ValueError(f"cannot decode image(s): {'; '.join(bad)}")
+        images = images.to(self.device)
         with autocast(self.device, self.backbone.config.precision == "bf16"):
             return self.backbone(images)

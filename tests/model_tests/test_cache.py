@@ -2,6 +2,8 @@
 
 import logging
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +43,8 @@ def test_cache_holds_the_backbone_tokens_in_manifest_order(manifest, backbone, t
     assert isinstance(cache.patches, np.memmap)  # memory-mapped, not loaded
     from model.images import ImageDataset
 
-    images = ImageDataset(list(manifest.frame["path"])[5:7], backbone.preprocess).batch([0, 1])
+    images, failures = ImageDataset(list(manifest.frame["path"])[5:7], backbone.preprocess).batch([0, 1])
+    assert failures == ["", ""]
     expected = backbone(images)
     np.testing.assert_allclose(cache.patches[5:7], expected.patches.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cache.cls[5:7], expected.cls.numpy(), rtol=1e-5, atol=1e-5)
@@ -146,11 +149,28 @@ def test_tokens_beyond_float16_are_refused_naming_the_manifest_rows_and_the_fix(
         return tokens
 
     backbone.forward = overflowing
-    with pytest.raises(CacheError, match=r"manifest.csv: images 8-15 .* not finite in float16 .*backbone.cache_dtype: float32"):
+    with pytest.raises(CacheError, match=r"manifest.csv: the images at lines 10-17 give tokens that are not finite in float16 .*backbone.cache_dtype: float32"):
         build(manifest, backbone, tmp_path)
     assert list(tmp_path.iterdir()) == []  # no partial cache left behind
     backbone.forward = forward
     assert np.isfinite(build(manifest, backbone, tmp_path).patches).all()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_images_that_cannot_be_decoded_are_named_by_manifest_line_and_leave_nothing(dataset, backbone, tmp_path, workers):
+    data = tmp_path / "data"
+    shutil.copytree(dataset.manifest.parent, data)
+    manifest = load_manifest(data / dataset.manifest.name, attributes=ATTRIBUTES)
+    not_an_image, truncated = (Path(p) for p in manifest.frame["path"].iloc[[2, 5]])
+    not_an_image.write_text("not a png\n")
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    features = tmp_path / "features"
+    with pytest.raises(CacheError) as err:
+        open_or_build_cache(manifest, backbone, features, device=torch.device("cpu"), num_workers=workers, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"{manifest.path}: image(s) that cannot be decoded: line 4 {not_an_image} (")
+    assert f"; line 7 {truncated} (" in message and "fix or remove those rows" in message
+    assert list(features.iterdir()) == []  # no partial cache left behind
 
 
 def test_a_cache_another_worker_finished_first_is_kept_not_replaced(manifest, backbone, tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ def test_valid_manifest_loads_with_stable_group_ids(tmp_path):
     csv = write(tmp_path, VALID)
     m = load(csv)
     assert m.group_names == GROUPS
-    assert list(m.frame.columns) == ["path", "label", "split", "group", "group_name", "gender", "race"]
+    assert list(m.frame.columns) == ["path", "label", "split", "group", "group_name", "line", "gender", "race"]
     assert m.frame["group_name"].tolist() == ["male/white", "female/asian", "female/black", "male/others"]
     assert m.frame["group"].tolist() == [GROUPS.index(g) for g in m.frame["group_name"]] == [1, 4, 6, 3]
     assert m.frame["label"].tolist() == [0, 1, 0, 1]
@@ -169,7 +169,8 @@ def test_missing_file(tmp_path):
 @pytest.mark.parametrize("content,expected", [
     (None, "cannot read file"),  # a directory where the CSV should be
     ("", "cannot parse CSV"),
-    (b"\xff\xfe\x00garbage", "cannot parse CSV"),
+    (b"\xff\xfe\x00garbage", "not UTF-8 text at line 1 (byte 0xff)"),
+    ((HEADER + "\na.png,0,train,male,white\nb\xe9.png,0,val,male,white\n").encode("latin-1"), "not UTF-8 text at line 3 (byte 0xe9)"),
     (HEADER + "\na.png,0,train,male,white,extra\nb.png,0,train,male,white\nc.png,0,val\n",
      "wrong number of fields (the header has 5) at lines 2, 4"),
     ("path,label,path\na.png,0,b.png\n", "duplicate column name(s) in the header: path"),

@@ -151,6 +151,18 @@ def test_train_cli_refuses_a_bad_config_before_any_compute(tmp_path, capsys):
     assert not (tmp_path / "work").exists()  # nothing generated, nothing written
 
 
+def test_train_cli_names_an_image_that_cannot_be_decoded_in_one_line(tmp_path, capsys):
+    from model.prepare import data_paths
+
+    path = tiny_config(tmp_path)
+    manifest, _ = data_paths(load_train_config(path), progress=False)
+    broken = manifest.parent / next(line.split(",")[0] for line in manifest.read_text().splitlines()[1:])
+    broken.write_bytes(b"")
+    assert run_study.main(["-q", "train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {manifest}: image(s) that cannot be decoded: line 2 {broken} (") and err.count("\n") == 1
+
+
 def test_the_best_epoch_is_the_best_auc_among_the_epochs_that_are_not_degenerate(tmp_path, monkeypatch):
     config = load_train_config(tiny_config(tmp_path, num_epochs=4, lr=3e-3))  # leaves the degenerate phase
     prepared = prepare(config, progress=False, with_test_caches=False)
