@@ -4,6 +4,7 @@ Knows nothing of Optuna; ``search/`` drives it through :func:`train` and its epo
 """
 
 from model.config import (
+    AugmentConfig,
     BackboneConfig,
     DataConfig,
     ModelConfig,
@@ -17,6 +18,7 @@ from model.train import EpochRecord, TrainResult, train
 from model.typed_config import ConfigError
 
 __all__ = [
+    "AugmentConfig",
     "BackboneConfig",
     "ConfigError",
     "DataConfig",

@@ -15,6 +15,7 @@ truncated, or whose checksums do not match is rebuilt, never used.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,7 +30,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from model.augment import draw_view, view_rows
 from model.backbone import FrozenBackbone, weights_identity
+from model.config import AugmentConfig
 from model.images import ImageDataset
 from model.manifest import Manifest
 from model.runtime import autocast
@@ -68,9 +71,10 @@ def _images_fingerprint(paths) -> str:
     return digest.hexdigest()
 
 
-def cache_key(manifest: Manifest, backbone: FrozenBackbone, weights_id: str) -> str:
+def cache_key(manifest: Manifest, backbone: FrozenBackbone, weights_id: str, augment: AugmentConfig | None = None) -> str:
     """Everything the cached numbers depend on; change any of it and the cache is rebuilt."""
     description = {
+        "augment": None if augment is None else dataclasses.asdict(augment),
         "format": CACHE_FORMAT,
         "manifest_sha256": manifest.sha256,
         "images": _images_fingerprint(manifest.frame["path"]),
@@ -120,10 +124,12 @@ def open_or_build_cache(
     device: torch.device,
     num_workers: int = 0,
     progress: bool = True,
+    augment: AugmentConfig | None = None,
 ) -> FeatureCache:
-    """The cache for ``manifest``: reused when valid, (re)built otherwise."""
-    key = cache_key(manifest, backbone, weights_identity(backbone.config))
-    directory = root / f"{manifest.path.stem}-{key[:16]}"
+    """The cache for ``manifest``: reused when valid, (re)built otherwise. With ``augment`` (views
+    > 0): the cache of the training rows' augmented views instead, view-major (augment.view_rows)."""
+    key = cache_key(manifest, backbone, weights_identity(backbone.config), augment)
+    directory = root / (f"{manifest.path.stem}-{key[:16]}" if augment is None else f"{manifest.path.stem}-views{augment.views}-{key[:16]}")
     try:
         cache = open_cache(directory, key)
         log.info("feature cache reused: %s (%d images)", directory, len(cache))
@@ -131,26 +137,34 @@ def open_or_build_cache(
     except CacheError as err:
         if directory.exists():
             log.warning("feature cache rebuilt: %s", err)
-    _build(manifest, backbone, directory, key, device=device, num_workers=num_workers, progress=progress)
+    if augment is None:
+        rows, views = np.arange(len(manifest.frame)), [None] * len(manifest.frame)
+    else:
+        rows, numbers = view_rows(augment.views, np.flatnonzero(manifest.frame["split"].to_numpy() == "train"))
+        views = [draw_view(augment, int(r), int(v)) for r, v in zip(rows, numbers)]
+    _build(manifest, rows, views, backbone, directory, key, device=device, num_workers=num_workers, progress=progress)
     return open_cache(directory, key)
 
 
-def _build(manifest: Manifest, backbone: FrozenBackbone, directory: Path, key: str, *, device, num_workers, progress) -> None:
+def _build(manifest: Manifest, rows: np.ndarray, views: list, backbone: FrozenBackbone, directory: Path, key: str, *,
+           device, num_workers, progress) -> None:
     staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        seconds = _extract(manifest, backbone, staging, device=device, num_workers=num_workers, progress=progress)
+        seconds = _extract(manifest, rows, views, backbone, staging, device=device, num_workers=num_workers, progress=progress)
     except BaseException:  # a bad image, a CUDA error, Ctrl-C: no cache-sized memmaps left behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _publish(manifest, backbone, staging, directory, key, seconds)
+    _publish(manifest, len(rows), backbone, staging, directory, key, seconds)
 
 
-def _extract(manifest: Manifest, backbone: FrozenBackbone, staging: Path, *, device, num_workers, progress) -> float:
-    """The backbone's tokens of every manifest row, written to ``staging`` (without meta.json);
-    returns the seconds it took."""
-    paths = list(manifest.frame["path"])
+def _extract(manifest: Manifest, rows: np.ndarray, views: list, backbone: FrozenBackbone, staging: Path, *,
+             device, num_workers, progress) -> float:
+    """The backbone's tokens of manifest rows ``rows``, each in its view (None: as it is), written
+    to ``staging`` (without meta.json); returns the seconds it took."""
+    paths = list(manifest.frame["path"].iloc[rows])
+    lines = manifest.frame["line"].to_numpy()[rows]
     length, width = backbone.token_shapes()
     dtype = np.dtype(backbone.config.cache_dtype)
     cls = np.lib.format.open_memmap(staging / "cls.npy", mode="w+", dtype=dtype, shape=(len(paths), width))
@@ -158,25 +172,26 @@ def _extract(manifest: Manifest, backbone: FrozenBackbone, staging: Path, *, dev
 
     backbone.to(device)
     loader = DataLoader(
-        ImageDataset(paths, backbone.preprocess),
+        ImageDataset(paths, backbone.preprocess, views),
         batch_size=backbone.config.batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         shuffle=False,
     )
     start, offset = time.perf_counter(), 0
-    bar = tqdm(total=len(paths), desc=f"caching {manifest.path.name}", unit="img", disable=not progress)
+    what = manifest.path.name if all(v is None for v in views) else f"{manifest.path.name} (augmented views)"
+    bar = tqdm(total=len(paths), desc=f"caching {what}", unit="img", disable=not progress)
     for images, failures in loader:
         end = offset + images.shape[0]
         if any(failures):
-            raise CacheError(_undecodable(manifest, offset, failures))
+            bad = [f"line {line} {path} ({reason})" for line, path, reason in zip(lines[offset:end], paths[offset:end], failures) if reason]
+            raise CacheError(f"{manifest.path}: image(s) that cannot be decoded: {'; '.join(bad)}; fix or remove those rows")
         with autocast(device, backbone.config.precision == "bf16"):
             tokens = backbone(images.to(device, non_blocking=True))
         # in the storage dtype on the device: half the copy for float16, and an overflow (a token
         # beyond float16's 65504 becomes inf) is caught here, not as a NaN loss in every trial
         batch_cls, batch_patches = (t.to(getattr(torch, dtype.name)) for t in (tokens.cls, tokens.patches))
         if not bool(torch.isfinite(batch_cls).all() & torch.isfinite(batch_patches).all()):
-            lines = manifest.frame["line"].to_numpy()
             raise CacheError(f"{manifest.path}: the images at lines {lines[offset]}-{lines[end - 1]} give tokens that are "
                              f"not finite in {dtype.name} (nan, or beyond its range); try backbone.cache_dtype: float32")
         cls[offset:end] = batch_cls.cpu().numpy()
@@ -191,16 +206,9 @@ def _extract(manifest: Manifest, backbone: FrozenBackbone, staging: Path, *, dev
     return time.perf_counter() - start
 
 
-def _undecodable(manifest: Manifest, offset: int, failures: list[str]) -> str:
-    lines = manifest.frame["line"].to_numpy()
-    bad = [f"line {lines[offset + i]} {manifest.frame['path'].iloc[offset + i]} ({reason})" for i, reason in enumerate(failures) if reason]
-    return f"{manifest.path}: image(s) that cannot be decoded: {'; '.join(bad)}; fix or remove those rows"
-
-
-def _publish(manifest: Manifest, backbone: FrozenBackbone, staging: Path, directory: Path, key: str, seconds: float) -> None:
+def _publish(manifest: Manifest, n: int, backbone: FrozenBackbone, staging: Path, directory: Path, key: str, seconds: float) -> None:
     """meta.json last, then the finished folder renamed into place (unless another worker's is there)."""
     length, width = backbone.token_shapes()
-    n = len(manifest.frame)
     meta = {
         "key": key,
         "manifest": str(manifest.path),

@@ -160,6 +160,39 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Training-image augmentation as cached views (DESIGN: cache several augmented views per image
+    and draw one per epoch, as Tip-Adapter does, rather than give up the cache). Each training image
+    gets ``views`` fixed augmentations, drawn from (seed, manifest row, view); their tokens are
+    cached once, and every epoch each image is read in one of its views, drawn at random. Online
+    mode computes the same views on the fly. Validation and test images are never augmented, and
+    Stage 1 trains on the plain images. ``views: 0`` turns it off."""
+
+    views: int = 0
+    seed: int = 0
+    hflip: float = 0.5  # probability of a horizontal flip
+    crop_scale: float = 1.0  # a square crop keeping at least this share of the area (1: no crop)
+    color_jitter: float = 0.0  # brightness, contrast and saturation factors from [1 - x, 1 + x]
+    blur: float = 0.0  # probability of a Gaussian blur (radius 0.1-2 px)
+    jpeg: float = 0.0  # probability of JPEG re-compression ...
+    jpeg_quality: int = 60  # ... at a quality from [jpeg_quality, 100]
+
+    def __post_init__(self) -> None:
+        _check(self.views >= 0, f"views must be >= 0, got {self.views}")
+        for name in ("hflip", "blur", "jpeg"):
+            _check(0 <= getattr(self, name) <= 1, f"{name} is a probability, got {getattr(self, name)}")
+        _check(0 < self.crop_scale <= 1, f"crop_scale must be in (0, 1], got {self.crop_scale}")
+        _check(0 <= self.color_jitter < 1, f"color_jitter must be in [0, 1), got {self.color_jitter}")
+        _check(1 <= self.jpeg_quality <= 100, f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        _check(self.views == 0 or self.changes_images,
+               "views > 0 but no augmentation is switched on (hflip, crop_scale < 1, color_jitter, blur or jpeg)")
+
+    @property
+    def changes_images(self) -> bool:
+        return self.hflip > 0 or self.crop_scale < 1 or self.color_jitter > 0 or self.blur > 0 or self.jpeg > 0
+
+
+@dataclass(frozen=True)
 class TrainRunConfig:
     """One training run of the Stage 2 model: the training-config YAML."""
 
@@ -170,6 +203,7 @@ class TrainRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     @property
     def run_dir(self) -> Path:

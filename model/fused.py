@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import objectives
+from model.augment import source_batches
 from model.config import TrainRunConfig
 from model.detector import AdapterDetector
 from model.optim import build_optimizer, lr_factor, set_lr
@@ -53,7 +54,7 @@ from model.prepare import PreparedData, prepare
 from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_everything
 from model.tokens import read_batches
 from model.train import (
-    EpochCallback, TrainResult, _eval_batches, _token_source, _write_outputs, close_epoch, epoch_record, groups_left_out,
+    EpochCallback, TrainResult, _eval_batches, _token_source, _train_source, _write_outputs, close_epoch, epoch_record, groups_left_out,
     non_finite_scores_reason,
 )
 
@@ -69,7 +70,7 @@ _SHARED_TRAINING_KEYS = ("batch_size", "seed", "device", "feature_mode", "compil
 def fusion_key(config: TrainRunConfig) -> str:
     """Trials with equal keys can be trained in one fused group (a hashable description)."""
     t = config.training
-    return repr((config.workdir, config.data, config.backbone, config.model, config.stage1,
+    return repr((config.workdir, config.data, config.backbone, config.model, config.stage1, config.augment,
                  *(getattr(t, k) for k in _SHARED_TRAINING_KEYS)))
 
 
@@ -79,7 +80,7 @@ def check_fusable(configs: Sequence[TrainRunConfig]) -> None:
         raise ValueError("train_fused: give at least one config")
     first = configs[0]
     for i, c in enumerate(configs[1:], start=1):
-        for section in ("workdir", "data", "backbone", "model", "stage1"):
+        for section in ("workdir", "data", "backbone", "model", "stage1", "augment"):
             if getattr(c, section) != getattr(first, section):
                 raise ValueError(f"train_fused: config {i} differs from config 0 in '{section}'; fused trials share data and model shape")
         for key in _SHARED_TRAINING_KEYS:
@@ -321,7 +322,7 @@ def train_fused(
     train_rows, val_rows = (np.flatnonzero(frame["split"].to_numpy() == s) for s in ("train", "val"))
     labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
     groups = torch.tensor(frame["group"].to_numpy(), dtype=torch.long)
-    train_source, val_source = (_token_source(prepared, rows, device, shared.feature_mode) for rows in (train_rows, val_rows))
+    train_source, val_source = _train_source(prepared, first, train_rows, device), _token_source(prepared, val_rows, device, shared.feature_mode)
     prior_fake = float(labels[train_rows].mean())
 
     detectors, rng_states, cuda_states = [], [], []
@@ -366,7 +367,8 @@ def train_fused(
             fair_groups.append((size, members, torch.tensor(members).to(device, non_blocking=True)))
         dropout = _dropout(trials, model.dropout_p, device)
         order = torch.randperm(len(train_rows), generator=shuffle).split(shared.batch_size)
-        for step, (tokens, batch) in enumerate(zip(read_batches(train_source, (b.numpy() for b in order)), order)):
+        items = source_batches(order, first.augment, shared.seed, epoch, len(train_rows))
+        for step, (tokens, batch) in enumerate(zip(read_batches(train_source, items), order)):
             for trial in trials:
                 set_lr(trial.optimizer, lr_factor(epoch - 1 + step / steps, trial.cfg))
             batch_dev = batch.to(device, non_blocking=True)

@@ -8,15 +8,19 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from model.augment import View, apply_view
+
 
 class ImageDataset(Dataset):
     """Item i: (preprocessed image, "") or, for a file PIL cannot decode, (zeros, the reason).
     The reason travels with the batch instead of raising inside a loader worker, whose
     re-raised traceback would bury the file name; the caller names the manifest rows."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, paths: Sequence[str], preprocess: Callable[[Image.Image], torch.Tensor],
+                 views: Sequence[View | None] | None = None) -> None:
         self.paths = list(paths)
         self.preprocess = preprocess
+        self.views = list(views) if views is not None else [None] * len(self.paths)  # item i: path i in view i
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -24,7 +28,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         try:
             with Image.open(self.paths[index]) as image:
-                return self.preprocess(image.convert("RGB")), ""
+                image = image.convert("RGB")
+            view = self.views[index]
+            return self.preprocess(image if view is None else apply_view(image, view)), ""
         except (OSError, ValueError, SyntaxError) as err:  # unidentified, truncated, corrupt: PIL raises all three
             return torch.zeros(self.preprocess(Image.new("RGB", (8, 8))).shape), f"{type(err).__name__}: {err}"
 

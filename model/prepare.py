@@ -36,6 +36,8 @@ class PreparedData:
     stage1_checkpoint: Path
     stage1_state: dict[str, torch.Tensor]
     test_caches: dict[str, FeatureCache] = field(default_factory=dict)
+    # the training rows' augmented views (augment.views > 0), view-major: augment.view_rows
+    views: FeatureCache | None = None
     # the token sources its runs preloaded, for the next run to reuse (a study's trials share them)
     held_tokens: HeldTokens = field(default_factory=HeldTokens, repr=False, compare=False)
 
@@ -64,7 +66,7 @@ def load_manifests(config: TrainRunConfig, *, progress: bool = True) -> tuple[Ma
 def inputs_identity(config: TrainRunConfig) -> dict:
     """What a run's numbers depend on besides its training and model settings, by content rather
     than location (paths differ between the nodes of one study): the train/val data and its
-    attributes, the backbone that makes the features, the frozen Stage 1 adapter. Hashes the
+    attributes, the backbone that makes the features, the frozen Stage 1 adapter, the augmentation. Hashes the
     manifest and the weight files; builds, generates and trains nothing. Test manifests are left
     out: they are scored after a search, and never change a trial."""
     data, backbone = config.data, config.backbone
@@ -87,6 +89,7 @@ def inputs_identity(config: TrainRunConfig) -> dict:
         "backbone": {"name": backbone.name, "weights": weights_identity(backbone), "stage1_layer": backbone.stage1_layer,
                      "stage2_layer": backbone.stage2_layer, "precision": backbone.precision, "cache_dtype": backbone.cache_dtype},
         "stage1": stage1,
+        "augment": to_dict(config.augment),
     }
 
 
@@ -99,6 +102,10 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
     cache_root = config.workdir / "features"
     workers = config.data.num_workers
     cache = open_or_build_cache(manifest, backbone, cache_root, device=device, num_workers=workers, progress=progress)
+    views = None
+    if config.augment.views:  # (built in online mode too: a study's runs may use either mode)
+        views = open_or_build_cache(manifest, backbone, cache_root, device=device, num_workers=workers, progress=progress,
+                                    augment=config.augment)
     test_caches = {}
     if with_test_caches:
         test_caches = {
@@ -109,7 +116,7 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
         checkpoint, state = _train_or_reuse_stage1(config, manifest, cache, backbone.width, device)
     else:
         checkpoint, state = given, given_state
-    return PreparedData(config, manifest, test_manifests, backbone, cache, checkpoint, state, test_caches)
+    return PreparedData(config, manifest, test_manifests, backbone, cache, checkpoint, state, test_caches, views=views)
 
 
 def _train_or_reuse_stage1(config: TrainRunConfig, manifest: Manifest, cache: FeatureCache, width: int, device: torch.device):

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
+from model.augment import View
 from model.backbone import FrozenBackbone, FrozenTokens
 from model.cache import FeatureCache
 from model.images import ImageDataset
@@ -128,10 +129,10 @@ class HeldTokens:
     """
 
     def __init__(self) -> None:
-        self._sources: dict[tuple[str, str], CachedTokens] = {}
+        self._sources: dict[tuple[str, str, str], CachedTokens] = {}
 
     def get(self, cache: FeatureCache, rows: np.ndarray, device: torch.device) -> CachedTokens:
-        key = (str(device), hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest())
+        key = (cache.key, str(device), hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest())
         source = self._sources.get(key)
         if source is None:
             source = CachedTokens(cache, rows, device)
@@ -207,9 +208,9 @@ def _copy_rows(array: np.ndarray, rows: np.ndarray, device: torch.device, chunk:
 class OnlineTokens:
     """Decode, preprocess and run the backbone for every batch (no cache; the slow reference path)."""
 
-    def __init__(self, backbone: FrozenBackbone, paths: list[str], device: torch.device) -> None:
+    def __init__(self, backbone: FrozenBackbone, paths: list[str], device: torch.device, views: list[View | None] | None = None) -> None:
         self.backbone = backbone.to(device)
-        self.images = ImageDataset(paths, backbone.preprocess)
+        self.images = ImageDataset(paths, backbone.preprocess, views)
         self.device = device
 
     def __len__(self) -> int:

@@ -24,6 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 import objectives
+from model.augment import draw_view, source_batches, view_rows
 from model.config import TrainRunConfig, train_config_to_yaml_dict
 from model.detector import AdapterDetector
 from model.optim import build_optimizer, lr_factor, set_lr
@@ -180,7 +181,7 @@ def train(
     train_rows, val_rows = (np.flatnonzero(frame["split"].to_numpy() == s) for s in ("train", "val"))
     labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
     groups = torch.tensor(frame["group"].to_numpy(), dtype=torch.long)
-    train_source, val_source = (_token_source(prepared, rows, device, cfg.feature_mode) for rows in (train_rows, val_rows))
+    train_source, val_source = _train_source(prepared, config, train_rows, device), _token_source(prepared, val_rows, device, cfg.feature_mode)
 
     detector = AdapterDetector(
         prepared.backbone.width, config.model, dropout=cfg.dropout, gate_init_bias=cfg.gate_init_bias,
@@ -208,7 +209,8 @@ def train(
         sums = torch.zeros(3, device=device)  # total, bce, lambda * fair; one host sync per epoch
         finite = torch.ones((), dtype=torch.bool, device=device)
         order = torch.randperm(len(train_rows), generator=shuffle).split(cfg.batch_size)
-        for step, (tokens, batch) in enumerate(zip(read_batches(train_source, (b.numpy() for b in order)), order)):
+        items = source_batches(order, config.augment, cfg.seed, epoch, len(train_rows))
+        for step, (tokens, batch) in enumerate(zip(read_batches(train_source, items), order)):
             set_lr(optimizer, lr_factor(epoch - 1 + step / steps, cfg))
             index = batch.to(device, non_blocking=True)  # no stream sync on CUDA
             y = y_train[index]
@@ -261,6 +263,21 @@ def _token_source(prepared: PreparedData, rows: np.ndarray, device: torch.device
     if feature_mode == "online":
         return OnlineTokens(prepared.backbone, list(prepared.manifest.frame["path"].iloc[rows]), device)
     return prepared.held_tokens.get(prepared.cache, rows, device)
+
+
+def _train_source(prepared: PreparedData, config: TrainRunConfig, rows: np.ndarray, device: torch.device) -> TokenSource:
+    """The training split's tokens: item i is row i of the split or, with augmented views, item
+    v * len(rows) + i is view v of row i (augment.view_rows; augment.source_batches picks them)."""
+    augment, feature_mode = config.augment, config.training.feature_mode
+    if not augment.views:
+        return _token_source(prepared, rows, device, feature_mode)
+    if augment != prepared.config.augment:
+        raise ValueError("augment: this run's settings differ from those its data was prepared with; prepare it again")
+    if feature_mode == "online":  # the same views, made on the fly
+        manifest_rows, numbers = view_rows(augment.views, rows)
+        views = [draw_view(augment, int(r), int(v)) for r, v in zip(manifest_rows, numbers)]
+        return OnlineTokens(prepared.backbone, list(prepared.manifest.frame["path"].iloc[manifest_rows]), device, views)
+    return prepared.held_tokens.get(prepared.views, np.arange(len(prepared.views)), device)
 
 
 @torch.no_grad()

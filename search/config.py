@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import objectives
-from model.config import BackboneConfig, DataConfig, ModelConfig, Stage1Config, TrainingConfig, TrainRunConfig
+from model.config import AugmentConfig, BackboneConfig, DataConfig, ModelConfig, Stage1Config, TrainingConfig, TrainRunConfig
 from model.typed_config import ConfigError, convert, expand_env, from_dict, load_yaml
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ class StudyConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # cached augmented views of the training images
     search_space: dict[str, ParamSpec] = field(default_factory=dict)
     objectives: list[ObjectiveSpec] = field(
         default_factory=lambda: [ObjectiveSpec("auc"), ObjectiveSpec("f_meo"), ObjectiveSpec("f_fpr")]
@@ -234,7 +235,7 @@ class StudyConfig:
             training = dataclasses.replace(training, stop_if_degenerate_after=self.stopping.degenerate_after_epochs)
         return TrainRunConfig(
             workdir=self.workdir, data=self.data, backbone=self.backbone, model=self.model,
-            stage1=self.stage1, training=training, output_dir=None,
+            stage1=self.stage1, training=training, augment=self.augment, output_dir=None,
         )
 
 

@@ -126,6 +126,21 @@ def test_export_overwrites_an_earlier_export_but_never_the_study(study_run, tmp_
     assert "picked by --pick 'knee'" in out.read_text()
 
 
+def test_a_study_with_augmented_views_exports_a_config_that_reproduces_its_trial(tmp_path):
+    path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="views", n_trials=1,
+                           augment={"views": 2, "hflip": 0.5, "jpeg": 0.5},
+                           search_space={"lr": {"low": 1e-3, "high": 2e-3, "log": True}})  # out of the degenerate phase in 3 epochs
+    assert run_study.main(["-q", "optimize", "--study", str(path)]) == 0
+    study = open_study(load_study_config(path), create=False)
+    assert study.user_attrs[DEFINITION_ATTR]["augment"]["views"] == 2
+    out = tmp_path / "best.yaml"
+    assert run_study.main(["export", "--study", str(path), "--pick", "trial:0", "--out", str(out)]) == 0
+    assert yaml.safe_load(out.read_text())["augment"]["views"] == 2
+    assert run_study.main(["-q", "train", "--config", str(out), "--output-dir", str(tmp_path / "retrain")]) == 0
+    metrics = json.loads((tmp_path / "retrain" / "metrics.json").read_text())
+    assert [metrics["val"][m] for m in ("auc", "f_meo", "f_fpr")] == study.trials[0].values
+
+
 def test_an_export_runs_on_the_study_device_not_the_worker_pin(study_run):
     import copy
 

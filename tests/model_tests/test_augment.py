@@ -1,0 +1,145 @@
+"""Augmented views: fixed seeded draws, cached once, one view per image and epoch; the same views
+online; fused trials read the same views as their serial runs."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageOps
+
+import model.tokens as tokens
+from model import load_train_config, prepare, train
+from model.augment import apply_view, draw_view, epoch_views, view_rows
+from model.config import AugmentConfig
+from model.fused import train_fused
+from model.images import ImageDataset
+from model.typed_config import ConfigError
+
+DEMO_TRAIN = Path(__file__).parents[2] / "studies" / "demo_train.yaml"
+VIEWS = {"views": 3, "hflip": 0.5, "crop_scale": 0.8, "color_jitter": 0.2, "blur": 0.3, "jpeg": 0.5, "jpeg_quality": 50}
+
+
+def config_with(tmp_path: Path, augment: dict | None, **training):
+    data = yaml.safe_load(DEMO_TRAIN.read_text())
+    data["workdir"] = str(tmp_path / "work")
+    data["output_dir"] = str(tmp_path / "out")
+    data["data"]["synthetic"] = {"seed": 0, "n_train": 64, "n_val": 32, "n_test": 8}
+    data["backbone"]["cache_dtype"] = "float32"
+    data["stage1"] = {"epochs": 1}
+    data["training"].update({"num_epochs": 3, "warmup_epochs": 1, "batch_size": 16, "T_0": 2} | training)
+    if augment is not None:
+        data["augment"] = augment
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_train_config(path)
+
+
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory):
+    config = config_with(tmp_path_factory.mktemp("augment"), VIEWS)
+    return config, prepare(config, progress=False, with_test_caches=False)
+
+
+def test_a_view_is_a_fixed_draw_of_seed_row_and_view():
+    config = AugmentConfig(**VIEWS)
+    assert draw_view(config, 7, 1) == draw_view(config, 7, 1)
+    assert len({draw_view(config, row, view) for row in range(5) for view in range(3)}) == 15
+    assert draw_view(AugmentConfig(**VIEWS | {"seed": 1}), 7, 1) != draw_view(config, 7, 1)
+    # switching one augmentation off leaves the others' draws as they were
+    no_blur = draw_view(AugmentConfig(**VIEWS | {"blur": 0.0}), 7, 1)
+    assert dataclasses.replace(draw_view(config, 7, 1), blur_radius=None) == no_blur
+
+
+def test_a_flip_only_view_is_the_mirrored_image():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    config = AugmentConfig(views=2, hflip=1.0)
+    view = draw_view(config, 0, 0)
+    assert view.flip and view.crop is None and view.blur_radius is None and view.jpeg_quality is None
+    assert np.array_equal(np.asarray(apply_view(image, view)), np.asarray(ImageOps.mirror(image)))
+    cropped = apply_view(image, draw_view(AugmentConfig(views=1, hflip=0.0, crop_scale=0.5), 0, 0))
+    assert cropped.width == cropped.height and 0.5 * 40 * 40 <= cropped.width * cropped.height <= 40 * 40 + 1
+
+
+def test_the_views_cache_holds_each_training_image_in_each_view(augmented):
+    config, prepared = augmented
+    frame = prepared.manifest.frame
+    train_rows = np.flatnonzero(frame["split"].to_numpy() == "train")
+    views = prepared.views
+    assert len(views) == 3 * len(train_rows) and views.patches.shape[1:] == prepared.cache.patches.shape[1:]
+    rows, numbers = view_rows(3, train_rows)
+    for item in (0, len(train_rows) + 5, 2 * len(train_rows) + 9):  # view 0 of row 0, view 1 of row 5, view 2 of row 9
+        assert rows[item] == train_rows[item % len(train_rows)] and numbers[item] == item // len(train_rows)
+        images, failures = ImageDataset([frame["path"].iloc[rows[item]]], prepared.backbone.preprocess,
+                                        [draw_view(config.augment, int(rows[item]), int(numbers[item]))]).batch([0])
+        expected = prepared.backbone(images)
+        np.testing.assert_allclose(views.patches[item], expected.patches[0].numpy(), rtol=1e-5, atol=1e-5)
+    plain = prepared.cache.patches[train_rows[5]]
+    assert not np.allclose(views.patches[len(train_rows) + 5], plain, atol=1e-3)  # augmented, not the plain image
+
+
+def test_each_epoch_reads_every_image_once_in_one_of_its_views(augmented, tmp_path, monkeypatch):
+    config, prepared = augmented
+    n = int((prepared.manifest.frame["split"] == "train").sum())
+    items = []
+    batch = tokens.CachedTokens.batch
+
+    def spy(self, indices):
+        if len(self) == 3 * n:
+            items.append(np.asarray(indices).copy())
+        return batch(self, indices)
+
+    monkeypatch.setattr(tokens.CachedTokens, "batch", spy)
+    train(config, prepared=prepared, progress=False, write_outputs=False)
+    epochs = np.split(np.concatenate(items), 3)
+    for epoch, read in enumerate(epochs, start=1):
+        assert sorted(read % n) == list(range(n))  # every image once
+        np.testing.assert_array_equal(np.sort(read), np.sort(np.arange(n) + n * epoch_views(config.augment, config.training.seed, epoch, n)))
+    assert len({tuple(np.sort(e)) for e in epochs}) == 3  # other views every epoch
+
+
+def test_views_change_the_run_and_online_views_equal_the_cached_ones(augmented, tmp_path):
+    config, prepared = augmented
+    cached = train(config, prepared=prepared, progress=False, write_outputs=False)
+    plain = train(dataclasses.replace(config, augment=AugmentConfig()), prepared=prepared, progress=False, write_outputs=False)
+    assert cached.epochs[0].train_loss != plain.epochs[0].train_loss
+    online = train(config.with_training(feature_mode="online"), prepared=prepared, progress=False, write_outputs=False)
+    for a, b in zip(cached.epochs, online.epochs):
+        for metric in ("auc", "f_meo", "f_fpr"):
+            assert a.val[metric] == pytest.approx(b.val[metric], abs=1e-4)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
+
+
+def test_fused_trials_with_views_equal_their_serial_runs(augmented, tmp_path):
+    config, prepared = augmented
+    trials = [dict(lr=3e-4, lambda_fair=0.15, sinkhorn_blur=1e-3), dict(lr=1e-3, lambda_fair=0.5, sinkhorn_blur=3e-3, dropout=0.0)]
+    configs = [dataclasses.replace(config.with_training(**t), output_dir=tmp_path / f"fused-{i}") for i, t in enumerate(trials)]
+    fused = train_fused(configs, prepared, progress=False, write_outputs=False)
+    serial = [train(c, prepared=prepared, progress=False, write_outputs=False) for c in configs]
+    for s, f in zip(serial, fused):
+        assert [r.epoch for r in s.epochs] == [r.epoch for r in f.epochs]
+        for rs, rf in zip(s.epochs, f.epochs):
+            assert rf.train_loss == pytest.approx(rs.train_loss, abs=1e-5)
+            assert rf.val["auc"] == pytest.approx(rs.val["auc"], abs=1e-5)
+
+
+def test_a_run_with_other_views_than_its_prepared_data_is_refused(augmented):
+    config, prepared = augmented
+    other = dataclasses.replace(config, augment=dataclasses.replace(config.augment, seed=5))
+    with pytest.raises(ValueError, match="augment: this run's settings differ"):
+        train(other, prepared=prepared, progress=False, write_outputs=False)
+
+
+@pytest.mark.parametrize("augment, message", [
+    ({"views": 2, "hflip": 0.0}, "views > 0 but no augmentation is switched on"),
+    ({"views": -1}, "views must be >= 0"),
+    ({"views": 2, "hflip": 1.5}, "hflip is a probability"),
+    ({"views": 2, "crop_scale": 0.0}, r"crop_scale must be in \(0, 1\]"),
+    ({"views": 2, "jpeg": 0.5, "jpeg_quality": 0}, "jpeg_quality must be in 1..100"),
+    ({"views": 2, "rotate": 10}, r"unknown key\(s\) 'rotate'"),
+])
+def test_bad_augment_settings_name_the_key(tmp_path, augment, message):
+    with pytest.raises(ConfigError, match=rf"train.yaml: augment.*{message}"):
+        config_with(tmp_path, augment)
