@@ -60,8 +60,9 @@ def degenerate_epochs(trial: FrozenTrial) -> list[int]:
     return [r["epoch"] for r in trial.user_attrs.get("curve") or [] if r.get("degenerate")]
 
 
-def gate_range(trial: FrozenTrial) -> str:
-    low, high = trial.user_attrs.get("gate_min"), trial.user_attrs.get("gate_max")
+def gate_range(trial: FrozenTrial, over: str = "") -> str:
+    """The gate's range at the best epoch; ``over="_run"``: over every epoch of the run."""
+    low, high = trial.user_attrs.get(f"gate_min{over}"), trial.user_attrs.get(f"gate_max{over}")
     return f"{low:.2f}-{high:.2f}" if is_number(low) and is_number(high) else "–"
 
 
@@ -110,12 +111,12 @@ def trial_note(trial: FrozenTrial, config: StudyConfig, *, test: dict | None = N
         out.append("### Validation metrics at the best epoch")
         out.append(md_table([label(m) for m in objectives.METRIC_NAMES], [[fmt_metric(m, attrs.get(f"val_{m}")) for m in objectives.METRIC_NAMES]],
                             align="r" * len(objectives.METRIC_NAMES)))
-        gate_max = attrs.get("gate_max")
-        warn = " — **saturated**: cross-attention contributes under 5 %" if is_number(gate_max) and gate_max >= 0.95 else ""
+        gate_mean = attrs.get("gate_mean")
+        warn = " — **saturated**: cross-attention contributes under 5 %" if is_number(gate_mean) and gate_mean >= 0.95 else ""
         share = attrs.get("fair_share")
         out.append("  \n".join([
-            f"**Gate** (weight of the Stage 1 feature; 1 - gate is the cross-attention share): {gate_range(trial)} over the run, "
-            f"mean {fmt_value(attrs.get('gate_mean'))} at the best epoch{warn}.",
+            f"**Gate** (weight of the Stage 1 feature; 1 - gate is the cross-attention share): {gate_range(trial)}, "
+            f"mean {fmt_value(gate_mean)} at the best epoch{warn}; {gate_range(trial, '_run')} over the run.",
             f"**Fair-term share** of the loss at the best epoch: {f'{100 * share:.2f} %' if is_number(share) else '–'}.",
             f"**Degenerate epochs** (every val prediction one class): {ranges(degenerate_epochs(trial))}.",
             *(f"**Validation groups without {kind} samples**, left out of the {rate} terms of F_FPR / F_MEO: {', '.join(names)}."

@@ -39,7 +39,8 @@ def header(study: optuna.Study, study_config: StudyConfig, trial: FrozenTrial, p
         "objectives: " + ", ".join(f"{m} ({d}) {v:.4f}" for m, d, v in zip(study_config.metric_names, study_config.directions, trial.values)),
         "validation metrics at best epoch "
         f"{trial.user_attrs.get('best_epoch')}: " + ", ".join(f"{m} {trial.user_attrs.get(f'val_{m}', float('nan')):.4f}" for m in objectives.METRIC_NAMES),
-        f"gate range {trial.user_attrs.get('gate_min', float('nan')):.3f}-{trial.user_attrs.get('gate_max', float('nan')):.3f}, "
+        f"gate at the best epoch {trial.user_attrs.get('gate_min', float('nan')):.3f}-{trial.user_attrs.get('gate_max', float('nan')):.3f} "
+        f"(mean {trial.user_attrs.get('gate_mean', float('nan')):.3f}), "
         f"fair-term share {100 * trial.user_attrs.get('fair_share', float('nan')):.2f}%",
         "sampled: " + ", ".join(f"{k}={v}" for k, v in trial.params.items()),
         f"code version {trial.user_attrs.get('code_version', 'unknown')}",

@@ -82,9 +82,13 @@ def record_result(trial: optuna.Trial, result: TrainResult) -> None:
         trial.set_user_attr("best_epoch", best.epoch)
         for metric, value in best.val.items():
             trial.set_user_attr(f"val_{metric}", value)
+        # the gate of the model the trial stands for (its best epoch: what a retrained export
+        # reports), and its range over the whole run for the note
         trial.set_user_attr("gate_mean", best.gate_mean)
-        trial.set_user_attr("gate_min", min(r.gate_min for r in result.epochs))
-        trial.set_user_attr("gate_max", max(r.gate_max for r in result.epochs))
+        trial.set_user_attr("gate_min", best.gate_min)
+        trial.set_user_attr("gate_max", best.gate_max)
+        trial.set_user_attr("gate_min_run", min(r.gate_min for r in result.epochs))
+        trial.set_user_attr("gate_max_run", max(r.gate_max for r in result.epochs))
         trial.set_user_attr("fair_share", best.fair_share)
     if result.output_dir is not None:
         trial.set_user_attr("output_dir", str(result.output_dir))

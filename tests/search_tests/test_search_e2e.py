@@ -109,6 +109,8 @@ def test_export_then_train_reproduces_the_trial(study_run, tmp_path, capsys):
     assert [metrics["val"][m] for m in config.metric_names] == list(trial.values)
     assert metrics["best_epoch"] == trial.user_attrs["best_epoch"]
     assert f"with {trial.user_attrs['torch_threads']} torch threads" in text
+    gate = metrics["gate"]  # the header's gate is the retrained model's
+    assert f"gate at the best epoch {gate['min']:.3f}-{gate['max']:.3f} (mean {gate['mean']:.3f})" in text
 
 
 def test_export_overwrites_an_earlier_export_but_never_the_study(study_run, tmp_path, capsys):
