@@ -130,7 +130,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         study = optimize(config, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
     target, finished = args.n_trials or config.budget.n_trials, finished_count(study)
     if finished < target and code == 0:  # failed trials, a timeout: the same exit status as with --workers
-        print(f"optimize: the study has {finished} of its {target} finished trials (see the failed ones above)", file=sys.stderr)
+        print(f"optimize: the study has {finished} of its {target} finished trials (a timeout ended this run, or trials failed: "
+              "see above; run optimize again to continue)", file=sys.stderr)
         code = 1
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     infeasible = sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if t.user_attrs.get("degenerate"))
@@ -185,15 +186,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from search import open_study
     from search.evaluate import evaluate_study, results_frame, select_trials
+    from search.pareto import is_feasible
 
     config = _load_study(args)
     study = open_study(config, create=False)
     trials = select_trials(study, args.trials)
     results = evaluate_study(config, study, trials, tune_threshold=not args.no_tune_threshold, batch_size=args.batch_size,
                              progress=not args.quiet)
+    infeasible = frozenset(t.number for t in trials if not is_feasible(t))
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(f"test sets of study {config.name!r} ({len(results)} trials; stored in the study, see `report`):")
-        print(results_frame(results).to_string(index=False))
+        print(results_frame(results, infeasible=infeasible).to_string(index=False))
+    if infeasible & results.keys():
+        print(f"trials {', '.join(map(str, sorted(infeasible & results.keys())))} are infeasible: degenerate on validation (every "
+              "prediction one class), so their fairness gaps of ~0 are not fairness", file=sys.stderr)
     return 0
 
 

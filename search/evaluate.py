@@ -235,13 +235,16 @@ def evaluate_study(config: StudyConfig, study: optuna.Study, trials: list[Frozen
     return results
 
 
-def results_frame(results: dict[int, dict], metrics: tuple[str, ...] = ("auc", "f_meo", "f_fpr")):
-    """One row per trial: test AUC per dataset, then the mean of ``metrics`` (and at the tuned threshold)."""
+def results_frame(results: dict[int, dict], metrics: tuple[str, ...] = ("auc", "f_meo", "f_fpr"), *,
+                  infeasible: frozenset[int] = frozenset()):
+    """One row per trial: test AUC per dataset, then the mean of ``metrics`` (and at the tuned
+    threshold). Trials in ``infeasible`` (degenerate on validation) are marked: a one-class model
+    has fairness gaps of 0 on any test set, which is no fairness."""
     import pandas as pd
 
     rows = []
     for number, r in sorted(results.items()):
-        row = {"trial": number}
+        row = {"trial": f"{number} (degenerate)" if number in infeasible else number}
         row.update({f"{d} auc": r.get(f"test_{d}_auc") for d in r.get("datasets", [])})
         row.update({f"mean {m}": r.get(f"test_mean_{m}") for m in metrics})
         if "tuned_threshold" in r:

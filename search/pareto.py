@@ -90,8 +90,9 @@ def pick_trial(study: optuna.Study, pick: str) -> FrozenTrial:
     if match:
         kind, metric = match.groups()
         _check_metric(metric, pick)
-        chooser = max if kind == "max" else min
-        return chooser(front, key=lambda t: (metric_value(t, metric), -t.number))
+        best = (max if kind == "max" else min)(metric_value(t, metric) for t in front)
+        tied = [t for t in front if metric_value(t, metric) == best]  # ties: the best AUC, then the first trial
+        return max(tied, key=lambda t: (metric_value(t, "auc"), -t.number))
     match = _CONDITION.match(pick)
     if match:
         metric, op, value = match.groups()

@@ -112,9 +112,13 @@ def _test_sections(view: StudyView, results: dict[int, dict]) -> list[Section]:
     numbers = [n for n in sorted(results)]
     datasets = sorted({d for r in results.values() for d in r.get("datasets", [])})
     kinds = {t.number: view.kind(t) for t in view.trials}
-    head = lambda n: f"{n}{' (Pareto)' if kinds.get(n) == 'pareto' else ''}"  # noqa: E731
+    tags = {"pareto": " (Pareto)", "infeasible": " (degenerate)"}
+    head = lambda n: f"{n}{tags.get(kinds.get(n), '')}"  # noqa: E731
     stale = [n for n in numbers if results[n].get("stage1_matches") is False]
     warning = f" **Warning: trials {', '.join(map(str, stale))} were {STALE}**" if stale else ""
+    if degenerate := [n for n in numbers if kinds.get(n) == "infeasible"]:
+        warning += (f" Trials {', '.join(map(str, degenerate))} are degenerate on validation (every prediction one class): "
+                    "their test fairness gaps are ~0 by construction, not fairness.")
     auc = Section("Test sets: AUC per dataset (best checkpoint)", "Cross-dataset generalisation, as the reference report's table 3.2." + warning,
                   ["trial", *datasets, "mean"], [[head(n), *(fmt_metric("auc", results[n].get(f"test_{d}_auc")) for d in [*datasets, "mean"])] for n in numbers])
     sections = [auc]

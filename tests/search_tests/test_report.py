@@ -139,3 +139,30 @@ def test_small_formatters():
     assert ranges([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8"
     assert ranges([]) == "none"
     assert md_table(["a", "b"], [[1, "x|y"]]).splitlines() == ["| a | b |", "| :--- | ---: |", "| 1 | x\\|y |"]
+
+
+def test_degenerate_trials_are_marked_in_the_test_tables_and_the_evaluate_frame():
+    from search.evaluate import results_frame
+    from search.report import _test_sections
+
+    study = _synthetic_study()  # trials 3 and 4 are infeasible (degenerate)
+    view = StudyView.of(study, ["auc", "f_meo", "f_fpr"])
+    results = {n: {"datasets": ["a"], "test_a_auc": 0.7, "test_mean_auc": 0.7, "test_a_f_meo": 0.0, "test_mean_f_meo": 0.0}
+               for n in (0, 3)}
+    auc = _test_sections(view, results)[0]
+    assert [row[0] for row in auc.rows] == ["0 (Pareto)", "3 (degenerate)"]
+    assert "Trials 3 are degenerate on validation" in auc.text
+    frame = results_frame(results, infeasible=frozenset({3, 4}))
+    assert list(frame["trial"]) == [0, "3 (degenerate)"]
+
+
+@pytest.mark.parametrize("pick, expected", [("min-f_meo", 1), ("max-f_meo", 1), ("min-f_fpr", 2), ("max-auc", 1)])
+def test_a_tie_on_the_picked_metric_goes_to_the_best_auc_then_the_first_trial(pick, expected):
+    from search.pareto import pick_trial
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    # trial 0 is dominated by 2; 1, 2 and 3 tie on f_meo, 1 and 3 on everything
+    for auc, meo, fpr in ((0.70, 0.4, 0.2), (0.80, 0.4, 0.9), (0.75, 0.4, 0.2), (0.80, 0.4, 0.9)):
+        study.add_trial(create_trial(state=TrialState.COMPLETE, values=[auc, meo, fpr],
+                                     user_attrs={"degenerate": False, "val_auc": auc, "val_f_meo": meo, "val_f_fpr": fpr}))
+    assert pick_trial(study, pick).number == expected
