@@ -36,8 +36,15 @@ class PreparedData:
     stage1_checkpoint: Path
     stage1_state: dict[str, torch.Tensor]
     test_caches: dict[str, FeatureCache] = field(default_factory=dict)
-    # the training rows' augmented views (augment.views > 0), view-major: augment.view_rows
+    # the training rows' augmented views (augment.views > 0, cache mode), view-major: augment.view_rows
     views: FeatureCache | None = None
+
+    def views_cache(self, device: torch.device, *, progress: bool = False) -> FeatureCache:
+        """The views cache, built (or opened) now when ``prepare`` ran in online mode, which needs none."""
+        if self.views is None:
+            self.views = open_or_build_cache(self.manifest, self.backbone, self.config.workdir / "features", device=device,
+                                             num_workers=self.config.data.num_workers, progress=progress, augment=self.config.augment)
+        return self.views
     # the token sources its runs preloaded, for the next run to reuse (a study's trials share them)
     held_tokens: HeldTokens = field(default_factory=HeldTokens, repr=False, compare=False)
 
@@ -103,7 +110,7 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
     workers = config.data.num_workers
     cache = open_or_build_cache(manifest, backbone, cache_root, device=device, num_workers=workers, progress=progress)
     views = None
-    if config.augment.views:  # (built in online mode too: a study's runs may use either mode)
+    if config.augment.views and config.training.feature_mode == "cache":  # (online runs make them on the fly)
         views = open_or_build_cache(manifest, backbone, cache_root, device=device, num_workers=workers, progress=progress,
                                     augment=config.augment)
     test_caches = {}

@@ -277,7 +277,8 @@ def _train_source(prepared: PreparedData, config: TrainRunConfig, rows: np.ndarr
         manifest_rows, numbers = view_rows(augment.views, rows)
         views = [draw_view(augment, int(r), int(v)) for r, v in zip(manifest_rows, numbers)]
         return OnlineTokens(prepared.backbone, list(prepared.manifest.frame["path"].iloc[manifest_rows]), device, views)
-    return prepared.held_tokens.get(prepared.views, np.arange(len(prepared.views)), device)
+    views = prepared.views_cache(device)
+    return prepared.held_tokens.get(views, np.arange(len(views)), device)
 
 
 @torch.no_grad()

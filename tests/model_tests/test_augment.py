@@ -142,3 +142,13 @@ def test_a_run_with_other_views_than_its_prepared_data_is_refused(augmented):
 def test_bad_augment_settings_name_the_key(tmp_path, augment, message):
     with pytest.raises(ConfigError, match=rf"train.yaml: augment.*{message}"):
         config_with(tmp_path, augment)
+
+
+def test_online_mode_prepares_no_views_and_a_cached_run_builds_them_when_it_needs_them(tmp_path):
+    config = config_with(tmp_path, VIEWS, feature_mode="online", num_epochs=1, warmup_epochs=0)
+    prepared = prepare(config, progress=False, with_test_caches=False)
+    assert prepared.views is None
+    assert not any("views" in p.name for p in (config.workdir / "features").iterdir())
+    train(config.with_training(feature_mode="cache"), prepared=prepared, progress=False, write_outputs=False)
+    n = int((prepared.manifest.frame["split"] == "train").sum())
+    assert prepared.views is not None and len(prepared.views) == 3 * n
