@@ -77,10 +77,31 @@ def view_rows(n_views: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.tile(rows, n_views), np.repeat(np.arange(n_views), len(rows))
 
 
+@dataclass(frozen=True)
+class ViewPlan:
+    """The views of ``rows`` as items (view_rows' order), each View drawn when its image is read:
+    drawing all of them up front would take minutes and hundreds of MB at 100k images x 8 views."""
+
+    config: AugmentConfig
+    rows: np.ndarray  # the manifest row of each item
+    numbers: np.ndarray  # the view number of each item
+
+    @classmethod
+    def of(cls, config: AugmentConfig, rows: np.ndarray) -> "ViewPlan":
+        return cls(config, *view_rows(config.views, np.asarray(rows)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: int) -> View:
+        return draw_view(self.config, int(self.rows[item]), int(self.numbers[item]))
+
+
 def epoch_views(config: AugmentConfig, shuffle_seed: int, epoch: int, n: int) -> np.ndarray:
     """Which view each of the ``n`` training images is read in during ``epoch``: drawn from the run's
     shuffle seed, so fused trials (which share it) read the same views as their serial runs."""
-    return np.random.default_rng([shuffle_seed, epoch, 0x5EED]).integers(config.views, size=n)
+    # (numpy seeds must be >= 0; a negative training.seed is valid for torch)
+    return np.random.default_rng([shuffle_seed % 2**63, epoch, 0x5EED]).integers(config.views, size=n)
 
 
 def source_batches(order: Iterable[torch.Tensor], config: AugmentConfig, shuffle_seed: int, epoch: int, n: int) -> Iterator[np.ndarray]:

@@ -15,7 +15,6 @@ truncated, or whose checksums do not match is rebuilt, never used.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -30,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from model.augment import draw_view, view_rows
+from model.augment import ViewPlan
 from model.backbone import FrozenBackbone, weights_identity
 from model.config import AugmentConfig
 from model.images import ImageDataset
@@ -74,7 +73,6 @@ def _images_fingerprint(paths) -> str:
 def cache_key(manifest: Manifest, backbone: FrozenBackbone, weights_id: str, augment: AugmentConfig | None = None) -> str:
     """Everything the cached numbers depend on; change any of it and the cache is rebuilt."""
     description = {
-        "augment": None if augment is None else dataclasses.asdict(augment),
         "format": CACHE_FORMAT,
         "manifest_sha256": manifest.sha256,
         "images": _images_fingerprint(manifest.frame["path"]),
@@ -85,6 +83,8 @@ def cache_key(manifest: Manifest, backbone: FrozenBackbone, weights_id: str, aug
         "precision": backbone.config.precision,
         "dtype": backbone.config.cache_dtype,
     }
+    if augment is not None:  # (absent for the plain cache: its key, and its folder, stay as they were)
+        description["augment"] = augment.identity()
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
@@ -138,15 +138,15 @@ def open_or_build_cache(
         if directory.exists():
             log.warning("feature cache rebuilt: %s", err)
     if augment is None:
-        rows, views = np.arange(len(manifest.frame)), [None] * len(manifest.frame)
+        rows, views = np.arange(len(manifest.frame)), None
     else:
-        rows, numbers = view_rows(augment.views, np.flatnonzero(manifest.frame["split"].to_numpy() == "train"))
-        views = [draw_view(augment, int(r), int(v)) for r, v in zip(rows, numbers)]
+        views = ViewPlan.of(augment, np.flatnonzero(manifest.frame["split"].to_numpy() == "train"))
+        rows = views.rows
     _build(manifest, rows, views, backbone, directory, key, device=device, num_workers=num_workers, progress=progress)
     return open_cache(directory, key)
 
 
-def _build(manifest: Manifest, rows: np.ndarray, views: list, backbone: FrozenBackbone, directory: Path, key: str, *,
+def _build(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbone: FrozenBackbone, directory: Path, key: str, *,
            device, num_workers, progress) -> None:
     staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -159,7 +159,7 @@ def _build(manifest: Manifest, rows: np.ndarray, views: list, backbone: FrozenBa
     _publish(manifest, len(rows), backbone, staging, directory, key, seconds)
 
 
-def _extract(manifest: Manifest, rows: np.ndarray, views: list, backbone: FrozenBackbone, staging: Path, *,
+def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbone: FrozenBackbone, staging: Path, *,
              device, num_workers, progress) -> float:
     """The backbone's tokens of manifest rows ``rows``, each in its view (None: as it is), written
     to ``staging`` (without meta.json); returns the seconds it took."""
@@ -179,7 +179,7 @@ def _extract(manifest: Manifest, rows: np.ndarray, views: list, backbone: Frozen
         shuffle=False,
     )
     start, offset = time.perf_counter(), 0
-    what = manifest.path.name if all(v is None for v in views) else f"{manifest.path.name} (augmented views)"
+    what = manifest.path.name if views is None else f"{manifest.path.name} (augmented views)"
     bar = tqdm(total=len(paths), desc=f"caching {what}", unit="img", disable=not progress)
     for images, failures in loader:
         end = offset + images.shape[0]

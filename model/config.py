@@ -179,6 +179,7 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         _check(self.views >= 0, f"views must be >= 0, got {self.views}")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         for name in ("hflip", "blur", "jpeg"):
             _check(0 <= getattr(self, name) <= 1, f"{name} is a probability, got {getattr(self, name)}")
         _check(0 < self.crop_scale <= 1, f"crop_scale must be in (0, 1], got {self.crop_scale}")
@@ -186,6 +187,11 @@ class AugmentConfig:
         _check(1 <= self.jpeg_quality <= 100, f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         _check(self.views == 0 or self.changes_images,
                "views > 0 but no augmentation is switched on (hflip, crop_scale < 1, color_jitter, blur or jpeg)")
+
+    def identity(self) -> dict:
+        """What the trials see of it: with views off the other settings change nothing (the study
+        definition, the fusion key and the views cache's key use this)."""
+        return dataclasses.asdict(self) if self.views else {"views": 0}
 
     @property
     def changes_images(self) -> bool:

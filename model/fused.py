@@ -70,7 +70,7 @@ _SHARED_TRAINING_KEYS = ("batch_size", "seed", "device", "feature_mode", "compil
 def fusion_key(config: TrainRunConfig) -> str:
     """Trials with equal keys can be trained in one fused group (a hashable description)."""
     t = config.training
-    return repr((config.workdir, config.data, config.backbone, config.model, config.stage1, config.augment,
+    return repr((config.workdir, config.data, config.backbone, config.model, config.stage1, config.augment.identity(),
                  *(getattr(t, k) for k in _SHARED_TRAINING_KEYS)))
 
 
@@ -80,7 +80,9 @@ def check_fusable(configs: Sequence[TrainRunConfig]) -> None:
         raise ValueError("train_fused: give at least one config")
     first = configs[0]
     for i, c in enumerate(configs[1:], start=1):
-        for section in ("workdir", "data", "backbone", "model", "stage1", "augment"):
+        if c.augment.identity() != first.augment.identity():
+            raise ValueError(f"train_fused: config {i} differs from config 0 in 'augment'; fused trials read the same views")
+        for section in ("workdir", "data", "backbone", "model", "stage1"):
             if getattr(c, section) != getattr(first, section):
                 raise ValueError(f"train_fused: config {i} differs from config 0 in '{section}'; fused trials share data and model shape")
         for key in _SHARED_TRAINING_KEYS:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from model.augment import View, apply_view
+from model.augment import ViewPlan, apply_view
 
 
 class ImageDataset(Dataset):
@@ -17,10 +17,10 @@ class ImageDataset(Dataset):
     re-raised traceback would bury the file name; the caller names the manifest rows."""
 
     def __init__(self, paths: Sequence[str], preprocess: Callable[[Image.Image], torch.Tensor],
-                 views: Sequence[View | None] | None = None) -> None:
+                 views: ViewPlan | None = None) -> None:
         self.paths = list(paths)
         self.preprocess = preprocess
-        self.views = list(views) if views is not None else [None] * len(self.paths)  # item i: path i in view i
+        self.views = views  # item i: path i in view views[i]; None: as it is
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -29,8 +29,7 @@ class ImageDataset(Dataset):
         try:
             with Image.open(self.paths[index]) as image:
                 image = image.convert("RGB")
-            view = self.views[index]
-            return self.preprocess(image if view is None else apply_view(image, view)), ""
+            return self.preprocess(image if self.views is None else apply_view(image, self.views[index])), ""
         except (OSError, ValueError, SyntaxError) as err:  # unidentified, truncated, corrupt: PIL raises all three
             return torch.zeros(self.preprocess(Image.new("RGB", (8, 8))).shape), f"{type(err).__name__}: {err}"
 

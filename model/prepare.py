@@ -96,11 +96,13 @@ def inputs_identity(config: TrainRunConfig) -> dict:
         "backbone": {"name": backbone.name, "weights": weights_identity(backbone), "stage1_layer": backbone.stage1_layer,
                      "stage2_layer": backbone.stage2_layer, "precision": backbone.precision, "cache_dtype": backbone.cache_dtype},
         "stage1": stage1,
-        "augment": to_dict(config.augment),
+        "augment": config.augment.identity(),
     }
 
 
-def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: bool = True) -> PreparedData:
+def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: bool = True, with_views: bool = True) -> PreparedData:
+    """``with_views=False``: no augmented views cache (scoring test sets needs none); a run that
+    needs it builds it then (PreparedData.views_cache)."""
     manifest, test_manifests = load_manifests(config, progress=progress)
     device = resolve_device(config.training.device)
     backbone = FrozenBackbone(config.backbone)
@@ -110,7 +112,7 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
     workers = config.data.num_workers
     cache = open_or_build_cache(manifest, backbone, cache_root, device=device, num_workers=workers, progress=progress)
     views = None
-    if config.augment.views and config.training.feature_mode == "cache":  # (online runs make them on the fly)
+    if with_views and config.augment.views and config.training.feature_mode == "cache":  # (online runs make them on the fly)
         views = open_or_build_cache(manifest, backbone, cache_root, device=device, num_workers=workers, progress=progress,
                                     augment=config.augment)
     test_caches = {}

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
-from model.augment import View
+from model.augment import ViewPlan
 from model.backbone import FrozenBackbone, FrozenTokens
 from model.cache import FeatureCache
 from model.images import ImageDataset
@@ -208,7 +208,7 @@ def _copy_rows(array: np.ndarray, rows: np.ndarray, device: torch.device, chunk:
 class OnlineTokens:
     """Decode, preprocess and run the backbone for every batch (no cache; the slow reference path)."""
 
-    def __init__(self, backbone: FrozenBackbone, paths: list[str], device: torch.device, views: list[View | None] | None = None) -> None:
+    def __init__(self, backbone: FrozenBackbone, paths: list[str], device: torch.device, views: ViewPlan | None = None) -> None:
         self.backbone = backbone.to(device)
         self.images = ImageDataset(paths, backbone.preprocess, views)
         self.device = device

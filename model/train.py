@@ -24,7 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 import objectives
-from model.augment import draw_view, source_batches, view_rows
+from model.augment import ViewPlan, source_batches
 from model.config import TrainRunConfig, train_config_to_yaml_dict
 from model.detector import AdapterDetector
 from model.optim import build_optimizer, lr_factor, set_lr
@@ -271,12 +271,11 @@ def _train_source(prepared: PreparedData, config: TrainRunConfig, rows: np.ndarr
     augment, feature_mode = config.augment, config.training.feature_mode
     if not augment.views:
         return _token_source(prepared, rows, device, feature_mode)
-    if augment != prepared.config.augment:
+    if augment.identity() != prepared.config.augment.identity():
         raise ValueError("augment: this run's settings differ from those its data was prepared with; prepare it again")
     if feature_mode == "online":  # the same views, made on the fly
-        manifest_rows, numbers = view_rows(augment.views, rows)
-        views = [draw_view(augment, int(r), int(v)) for r, v in zip(manifest_rows, numbers)]
-        return OnlineTokens(prepared.backbone, list(prepared.manifest.frame["path"].iloc[manifest_rows]), device, views)
+        views = ViewPlan.of(augment, rows)
+        return OnlineTokens(prepared.backbone, list(prepared.manifest.frame["path"].iloc[views.rows]), device, views)
     views = prepared.views_cache(device)
     return prepared.held_tokens.get(views, np.arange(len(views)), device)
 

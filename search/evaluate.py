@@ -209,7 +209,7 @@ def load_test_results(study: optuna.Study) -> dict[int, dict]:
 def evaluate_study(config: StudyConfig, study: optuna.Study, trials: list[FrozenTrial], *, prepared: PreparedData | None = None,
                    tune_threshold: bool = True, batch_size: int = 256, progress: bool = True) -> dict[int, dict]:
     """Score ``trials`` on every test set, store the results in the study and return them."""
-    prepared = prepared or prepare(config.base_run_config(), progress=progress, with_test_caches=True)
+    prepared = prepared or prepare(config.base_run_config(), progress=progress, with_test_caches=True, with_views=False)
     if not prepared.test_caches:
         raise EvaluateError(f"study {config.name!r} has no test sets (data.test_manifests, or the synthetic generator's)")
     device = resolve_device(config.training.device)

@@ -73,6 +73,8 @@ def check_definition(study: optuna.Study, config: StudyConfig, wanted: dict) -> 
         stored = {**wanted, "objectives": [[m, d] for m, d in zip(study.metric_names, config.directions)]}
     elif stored is None or not study.get_trials(deepcopy=False):
         stored = {}
+    elif "augment" not in stored:  # stored before augmentation existed: its trials had none
+        stored = {**stored, "augment": {"views": 0}}
     adopted = {**wanted, **stored}
     if adopted != wanted:
         was, now = _flat(adopted), _flat(wanted)

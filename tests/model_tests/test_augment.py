@@ -2,16 +2,17 @@
 online; fused trials read the same views as their serial runs."""
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 import model.tokens as tokens
 from model import load_train_config, prepare, train
-from model.augment import apply_view, draw_view, epoch_views, view_rows
+from model.augment import View, ViewPlan, apply_view, draw_view, epoch_views, view_rows
 from model.config import AugmentConfig
 from model.fused import train_fused
 from model.images import ImageDataset
@@ -62,6 +63,58 @@ def test_a_flip_only_view_is_the_mirrored_image():
     assert cropped.width == cropped.height and 0.5 * 40 * 40 <= cropped.width * cropped.height <= 40 * 40 + 1
 
 
+def image_of(seed: int = 0, size=(40, 48)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def only(**settings) -> View:
+    """View 0 of row 3 with only these augmentations switched on."""
+    return draw_view(AugmentConfig(**({"views": 1, "hflip": 0.0} | settings)), 3, 0)
+
+
+@pytest.mark.parametrize("settings", [{"blur": 1.0}, {"jpeg": 1.0, "jpeg_quality": 20}, {"color_jitter": 0.5}, {"crop_scale": 0.3}])
+def test_each_augmentation_is_what_its_view_says(settings):
+    image = image_of()
+    view = only(**settings)
+    got = np.asarray(apply_view(image, view))
+    if "blur" in settings:  # PIL's own blur at the drawn radius
+        assert view.blur_radius is not None and view.jpeg_quality is None and view.crop is None
+        expected = image.filter(ImageFilter.GaussianBlur(view.blur_radius))
+    elif "jpeg" in settings:  # a JPEG round trip at the drawn quality
+        assert 20 <= view.jpeg_quality <= 100 and view.blur_radius is None
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=view.jpeg_quality)
+        expected = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    elif "color_jitter" in settings:  # brightness, then contrast, then saturation, at the drawn factors
+        assert {view.brightness, view.contrast, view.saturation} != {1.0} and all(0.5 <= f <= 1.5 for f in (view.brightness, view.contrast, view.saturation))
+        expected = ImageEnhance.Color(ImageEnhance.Contrast(ImageEnhance.Brightness(image).enhance(view.brightness)).enhance(view.contrast)).enhance(view.saturation)
+    else:  # the box the view's share and offsets name, in pixels of the original
+        side_share, left, top = view.crop
+        side = round(40 * side_share)  # the short edge is the height, 40
+        assert 0.3 * 40 * 40 <= side * side <= 40 * 40 and (left, top) != (0.0, 0.0)
+        x, y = round(left * (48 - side)), round(top * (40 - side))
+        expected = image.crop((x, y, x + side, y + side))
+    np.testing.assert_array_equal(got, np.asarray(expected))
+    assert got.shape != np.asarray(image).shape or not np.array_equal(got, np.asarray(image))  # it did something
+
+
+def test_seeds_must_be_valid_for_every_draw_and_a_negative_training_seed_still_runs(augmented):
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        AugmentConfig(views=2, seed=-1)
+    config, prepared = augmented
+    result = train(config.with_training(seed=-1, num_epochs=1, warmup_epochs=0), prepared=prepared, progress=False, write_outputs=False)
+    assert result.status == "completed"
+
+
+def test_the_plain_cache_and_stage1_do_not_depend_on_the_augment_settings(augmented, tmp_path):
+    config, prepared = augmented
+    plain = prepare(dataclasses.replace(config, augment=AugmentConfig()), progress=False, with_test_caches=False)
+    assert plain.cache.directory == prepared.cache.directory and plain.stage1_checkpoint == prepared.stage1_checkpoint
+    assert plain.views is None
+    # with views off, the other augment settings change nothing a trial sees
+    assert AugmentConfig(hflip=0.3).identity() == AugmentConfig().identity() != AugmentConfig(views=2).identity()
+
+
 def test_the_views_cache_holds_each_training_image_in_each_view(augmented):
     config, prepared = augmented
     frame = prepared.manifest.frame
@@ -71,8 +124,8 @@ def test_the_views_cache_holds_each_training_image_in_each_view(augmented):
     rows, numbers = view_rows(3, train_rows)
     for item in (0, len(train_rows) + 5, 2 * len(train_rows) + 9):  # view 0 of row 0, view 1 of row 5, view 2 of row 9
         assert rows[item] == train_rows[item % len(train_rows)] and numbers[item] == item // len(train_rows)
-        images, failures = ImageDataset([frame["path"].iloc[rows[item]]], prepared.backbone.preprocess,
-                                        [draw_view(config.augment, int(rows[item]), int(numbers[item]))]).batch([0])
+        plan = ViewPlan(config.augment, rows[item : item + 1], numbers[item : item + 1])
+        images, failures = ImageDataset([frame["path"].iloc[rows[item]]], prepared.backbone.preprocess, plan).batch([0])
         expected = prepared.backbone(images)
         np.testing.assert_allclose(views.patches[item], expected.patches[0].numpy(), rtol=1e-5, atol=1e-5)
     plain = prepared.cache.patches[train_rows[5]]

@@ -217,6 +217,22 @@ def test_a_manifest_edited_in_place_is_refused_and_its_study_kept(study_run, tmp
     assert [(t.number, t.state, t.values) for t in open_study(config, create=False).get_trials()] == before
 
 
+def test_a_study_stored_before_augmentation_existed_refuses_views_but_not_idle_settings(study_run, tmp_path, capsys):
+    path, config, _ = study_run
+    study = open_study(config, create=False)
+    definition = study.user_attrs[DEFINITION_ATTR]
+    assert definition["augment"] == {"views": 0}
+    data = yaml.safe_load(path.read_text())
+    data["budget"]["n_trials"] = 1  # already met: nothing trains
+    for augment, code in (({"views": 0, "hflip": 0.3}, 0), ({"views": 2}, 2)):
+        study.set_user_attr(DEFINITION_ATTR, {k: v for k, v in definition.items() if k != "augment"})  # as an older version stored it
+        changed = tmp_path / "augmented.yaml"
+        changed.write_text(yaml.safe_dump(data | {"augment": augment}))
+        assert run_study.main(["-q", "optimize", "--study", str(changed)]) == code, augment
+    assert "augment.views: 0 in the study, 2 in the YAML" in capsys.readouterr().err
+    study.set_user_attr(DEFINITION_ATTR, definition)
+
+
 def test_a_study_without_trials_takes_the_corrected_definition(tmp_path):
     """A first attempt that failed before any trial (in prepare, say) may be corrected and rerun."""
     path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="empty")
