@@ -38,15 +38,15 @@ class PreparedData:
     test_caches: dict[str, FeatureCache] = field(default_factory=dict)
     # the training rows' augmented views (augment.views > 0, cache mode), view-major: augment.view_rows
     views: FeatureCache | None = None
+    # the token sources its runs preloaded, for the next run to reuse (a study's trials share them)
+    held_tokens: HeldTokens = field(default_factory=HeldTokens, repr=False, compare=False)
 
     def views_cache(self, device: torch.device, *, progress: bool = False) -> FeatureCache:
-        """The views cache, built (or opened) now when ``prepare`` ran in online mode, which needs none."""
+        """The views cache: opened, or built, the first time a run (or ``prepare``) asks for it."""
         if self.views is None:
             self.views = open_or_build_cache(self.manifest, self.backbone, self.config.workdir / "features", device=device,
                                              num_workers=self.config.data.num_workers, progress=progress, augment=self.config.augment)
         return self.views
-    # the token sources its runs preloaded, for the next run to reuse (a study's trials share them)
-    held_tokens: HeldTokens = field(default_factory=HeldTokens, repr=False, compare=False)
 
 
 def data_paths(config: TrainRunConfig, *, progress: bool = True) -> tuple[Path, dict[str, Path]]:
@@ -111,10 +111,6 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
     cache_root = config.workdir / "features"
     workers = config.data.num_workers
     cache = open_or_build_cache(manifest, backbone, cache_root, device=device, num_workers=workers, progress=progress)
-    views = None
-    if with_views and config.augment.views and config.training.feature_mode == "cache":  # (online runs make them on the fly)
-        views = open_or_build_cache(manifest, backbone, cache_root, device=device, num_workers=workers, progress=progress,
-                                    augment=config.augment)
     test_caches = {}
     if with_test_caches:
         test_caches = {
@@ -125,7 +121,10 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
         checkpoint, state = _train_or_reuse_stage1(config, manifest, cache, backbone.width, device)
     else:
         checkpoint, state = given, given_state
-    return PreparedData(config, manifest, test_manifests, backbone, cache, checkpoint, state, test_caches, views=views)
+    prepared = PreparedData(config, manifest, test_manifests, backbone, cache, checkpoint, state, test_caches)
+    if with_views and config.augment.views and config.training.feature_mode == "cache":  # (online runs make them on the fly)
+        prepared.views_cache(device, progress=progress)
+    return prepared
 
 
 def _train_or_reuse_stage1(config: TrainRunConfig, manifest: Manifest, cache: FeatureCache, width: int, device: torch.device):

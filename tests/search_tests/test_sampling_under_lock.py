@@ -16,6 +16,16 @@ from search.workers import TrialBudget
 from test_search_e2e import tiny_study_yaml
 
 
+def run_one_trial(study: optuna.Study, config, objective) -> None:
+    """One trial as a worker of search.study.optimize runs it: claim, optimize, release."""
+    budget = TrialBudget(study, config, 50)
+    assert budget.next_trial()
+    try:
+        study.optimize(budget.wrap(objective), n_trials=1)
+    finally:
+        budget.release()
+
+
 @pytest.mark.parametrize("sampler", ["gp", "tpe"])
 def test_the_second_worker_sees_the_first_ones_running_trial_with_its_parameters(tmp_path, sampler):
     config = load_study_config(tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name=f"lock-{sampler}", n_trials=50))
@@ -44,21 +54,11 @@ def test_the_second_worker_sees_the_first_ones_running_trial_with_its_parameters
         # own objective asks for them (Optuna would sample them only at the first suggest call)
         running = [t for t in second.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
         seen["a"] = dict(running[0].params)
-        budget_b = TrialBudget(second, config, 50)
-        assert budget_b.next_trial()
-        try:
-            second.optimize(budget_b.wrap(worker_b), n_trials=1)
-        finally:
-            budget_b.release()
+        run_one_trial(second, config, worker_b)
         assert suggest(trial, space, defaults) == seen["a"]
         return [0.5, 0.5, 1.0]
 
-    budget_a = TrialBudget(first, config, 50)
-    assert budget_a.next_trial()
-    try:
-        first.optimize(budget_a.wrap(worker_a), n_trials=1)
-    finally:
-        budget_a.release()
+    run_one_trial(first, config, worker_a)
     assert set(seen["a"]) == set(space)
     # seeing the running trial with its parameters, the second worker's sampler (same seed, same
     # six finished trials) accounts for it and draws another point (GP: q-batch acquisition; TPE:
