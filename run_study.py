@@ -108,24 +108,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     code = 0
     workers = config.distributed.workers if args.workers is None else args.workers
     devices = args.devices or config.distributed.devices
-    if args.fuse:
-        from search.fused_batch import optimize_fused
-        from search.workers import parse_devices
-
-        if args.workers is not None and args.workers > 1:
-            raise SystemExit("optimize: --fuse K trains K trials in this one process; it cannot be combined with --workers > 1")
-        if devices:
-            chosen = parse_devices(devices, config.training.device)
-            if len(set(chosen)) > 1:
-                raise SystemExit(f"optimize: --fuse runs on one device, --devices names {len(set(chosen))}")
-            config = dataclasses.replace(config, training=dataclasses.replace(config.training, device=chosen[0]))
-        study = optimize_fused(config, group_size=args.fuse, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
-    elif workers > 1 or devices:
+    if workers > 1 or devices:
         from search.workers import run_workers
 
-        run = run_workers(config, workers=workers, devices=devices, n_trials=args.n_trials,
-                          timeout=args.timeout, progress=not args.quiet, verbose=args.verbose)
+        run = run_workers(config, workers=workers, devices=devices, n_trials=args.n_trials, timeout=args.timeout,
+                          progress=not args.quiet, verbose=args.verbose, fuse=args.fuse)
         study, code = run.study, run.exit_code
+    elif args.fuse:
+        from search.fused_batch import optimize_fused
+
+        study = optimize_fused(config, group_size=args.fuse, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
     else:
         study = optimize(config, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
     target, finished = args.n_trials or config.budget.n_trials, finished_count(study)
@@ -249,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(default: the study's distributed.workers, 1 unless set)")
     p.add_argument("--devices", help="devices for the workers, round-robin: GPU indices (0,1,...), cuda:N or cpu "
                                      "(default: the study's distributed.devices, else every visible GPU, the CPU when none)")
-    p.add_argument("--fuse", type=_positive_int, metavar="K", help="train K trials at a time in one fused pass over the cached batches "
-                                                         "(one process, one device; see search/fused_batch.py)")
+    p.add_argument("--fuse", type=_positive_int, metavar="K", help="each worker trains K trials at a time in one fused pass over the "
+                                                         "cached batches (see search/fused_batch.py)")
 
     p = add("show", cmd_show, "print the study's feasible Pareto front as a table")
     study_args(p)

@@ -1,102 +1,148 @@
-"""Fused trial batches: ask K trials, train them in one fused pass, tell K results.
+"""Fused trial batches: claim K trials, train them in one fused pass, tell K results.
 
-``optimize_fused`` is ``search.optimize`` for one device that trains K trials at a time with
+``optimize_fused`` is ``search.optimize`` for a device that trains K trials at a time with
 ``model.fused.train_fused`` (one pass over the cached batches for all K; each trial's result is its
 serial result up to float rounding). Every trial is recorded exactly as ``TrialObjective`` records
 it (training config, seed, code version, per-epoch curve, artifacts, the ``degenerate``
-constraint or PRUNED state, FAIL on divergence). The samplers see the K pending trials as RUNNING
-while they suggest the next ones (TPE's constant liar, GPSampler's handling of running trials).
+constraint or PRUNED state, FAIL on divergence, the dashboard note).
 
-``run_study.py optimize --fuse K`` runs it. Limits (why it is an option, not the default): trials are asked and
-told (``study.ask``/``study.tell``), so there are no heartbeats, and a worker killed mid-batch
-leaves its K trials RUNNING instead of having them retried; it does not take part in
-``search/workers.py``'s shared trial budget, so run it as the study's only worker.
+A fused process is a worker like any other (search/workers.py), so any number of them, on any
+devices and nodes, may share a study with each other and with serial workers:
+
+* it claims its K trials under the study lock, inside the shared budget (``finished + running <
+  n_trials``), and samples each one's parameters there: the next trial of the batch, and every
+  other worker, sees the earlier ones RUNNING with their parameters;
+* ask/tell trials get no heartbeat from Optuna, so it writes them itself (``Heartbeats``): a fused
+  process killed outright leaves K RUNNING trials that the next worker fails and re-queues;
+* an error or Ctrl-C fails the batch's untold trials, so none stays RUNNING.
+
+``run_study.py optimize --fuse K`` runs one; ``--fuse K --workers W`` runs W of them, one per device.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
+import warnings
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from model import prepare
 from model.fused import fusion_key, train_fused
+from model.runtime import compile_sinkhorn, resolve_device
 from search.artifacts import artifact_store
 from search.config import StudyConfig
+from search.dashboard import TrialAnnotator
 from search.objective import finish_trial, start_trial
 from search.study import describe_trial, finished_count, open_study, warm_start
+from search.workers import Heartbeats, TrialBudget
 
 log = logging.getLogger(__name__)
 
 
 def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | None = None,
                    timeout: float | None = None, progress: bool = True, prepared=None) -> optuna.Study:
-    """Run the study to ``n_trials`` finished trials (default: the budget), ``group_size`` at a
-    time; no new group starts after ``timeout`` seconds (default: the budget's)."""
+    """Run the study to ``n_trials`` finished trials (default: the budget; counted over every
+    worker of the study), ``group_size`` at a time; no new group starts after ``timeout``
+    seconds (default: the budget's)."""
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     target = n_trials or config.budget.n_trials
-    # ask/tell trials write no heartbeats: a storage with them on would only warn at every ask
-    config = dataclasses.replace(config, distributed=dataclasses.replace(config.distributed, heartbeat_interval=None, grace_period=None))
-    study = open_study(config)
-    prepared = prepared or prepare(config.base_run_config(), progress=progress, with_test_caches=False)
+    study = open_study(config)  # first: an unreachable storage fails before minutes of preparation
+    base = config.base_run_config()
+    compile_sinkhorn(base.training.compile_sinkhorn, resolve_device(base.training.device))  # and a machine that cannot compile
+    prepared = prepared or prepare(base, progress=progress, with_test_caches=False)
     warm_start(study, config)
-    store = artifact_store(config.artifact_dir)
-    failed = 0
-    timeout = timeout or config.budget.timeout
-    started = time.monotonic()
-    while (done := finished_count(study)) < target and failed < config.budget.max_failed_trials:
-        if timeout is not None and time.monotonic() - started > timeout:
-            log.info("timeout of %.0f s reached: no new group of trials", timeout)
-            break
+    budget = TrialBudget(study, config, target, timeout=timeout if timeout is not None else config.budget.timeout)
+    budget.join()
+    batch = _Batch(study, config, prepared, progress)
+    start = time.perf_counter()
+    while batch.failed < config.budget.max_failed_trials and (slots := budget.next_slots(group_size)):
         trials: list[optuna.Trial] = []
-        told: set[int] = set()
         try:
-            trials.extend(study.ask() for _ in range(min(group_size, target - done)))
-            failed += _run_batch(study, config, trials, told, prepared, store, progress)
-        except BaseException as err:  # a bad config, Ctrl-C: no trial is left RUNNING (ask/tell has no heartbeat)
+            with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": we write them
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                for _ in range(slots):
+                    trials.append(study.ask())
+                    budget.claim(trials[-1])
+            budget.release()  # the lock; a Ctrl-C held back during the claim lands here
+            for trial in trials:
+                budget.label(trial)
+            with Heartbeats(budget.storage, [trial._trial_id for trial in trials]) as heartbeats:
+                batch.run(trials, heartbeats)
+        except BaseException as err:  # a bad config, Ctrl-C: no trial is left RUNNING
+            budget.release()
             reason = "interrupted (KeyboardInterrupt)" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
-            for i, trial in enumerate(trials):
-                if i not in told:
-                    trial.set_user_attr("fail_reason", reason)
-                    study.tell(trial, state=TrialState.FAIL)
+            for trial in trials:
+                if trial._trial_id not in batch.told:
+                    batch.tell_failed(trial, reason)
             raise
+    log.info("study %s: %d finished trials, %.1f s in this run", config.name, finished_count(study), time.perf_counter() - start)
     return study
 
 
-def _run_batch(study: optuna.Study, config: StudyConfig, trials: list[optuna.Trial], told: set[int], prepared, store,
-               progress: bool) -> int:
-    """Sample, train (one fused pass per group that can share batches) and tell ``trials``;
-    ``told`` collects the ones told. Returns how many failed."""
-    failed = 0
-    run_configs = [start_trial(trial, config) for trial in trials]
-    groups: dict[str, list[int]] = {}
-    for i, run_config in enumerate(run_configs):  # e.g. a searched batch_size splits the batch
-        groups.setdefault(fusion_key(run_config), []).append(i)
-    start = time.perf_counter()
-    for members in groups.values():
+class _Batch:
+    """Trains claimed trials (one fused pass per group that can share batches) and tells them."""
+
+    def __init__(self, study: optuna.Study, config: StudyConfig, prepared, progress: bool) -> None:
+        self.study, self.config, self.prepared, self.progress = study, config, prepared, progress
+        self.store = artifact_store(config.artifact_dir)
+        self.annotate = TrialAnnotator(config)
+        self.failed = 0  # trials of this process that ended FAIL (budget.max_failed_trials)
+        self.told: set[int] = set()  # trial ids
+
+    def run(self, trials: list[optuna.Trial], heartbeats: Heartbeats) -> None:
+        run_configs = [start_trial(trial, self.config) for trial in trials]
+        groups: dict[str, list[int]] = {}
+        for i, run_config in enumerate(run_configs):  # e.g. a searched batch_size splits the batch
+            groups.setdefault(fusion_key(run_config), []).append(i)
+        start = time.perf_counter()
+        for members in groups.values():
+            try:
+                results = train_fused([run_configs[i] for i in members], self.prepared, progress=False)
+            except Exception as err:  # the whole group fails; the study goes on
+                log.exception("fused group of trials %s failed", [trials[i].number for i in members])
+                for i in members:
+                    self.tell_failed(trials[i], f"{type(err).__name__}: {err}")
+                    heartbeats.discard(trials[i]._trial_id)
+                continue
+            for i, result in zip(members, results):
+                trial = trials[i]
+                try:
+                    outcome = finish_trial(trial, self.config, result, self.store, run_configs[i].run_dir)
+                    frozen = self.study.tell(trial, outcome.values, state=outcome.state)
+                except UpdateFinishedTrialError as err:  # its heartbeat was lost and another worker failed it
+                    log.warning("trial %d finished elsewhere (%s); its retry runs on another worker", trial.number, err)
+                    self._lost(trial)
+                    continue
+                finally:
+                    heartbeats.discard(trial._trial_id)
+                self._told(frozen)
+        log.info("fused batch of %d trials: %.1f s", len(trials), time.perf_counter() - start)
+
+    def tell_failed(self, trial: optuna.Trial, reason: str) -> None:
         try:
-            results = train_fused([run_configs[i] for i in members], prepared, progress=False)
-        except Exception as err:  # the whole group fails; the study goes on
-            log.exception("fused group of trials %s failed", [trials[i].number for i in members])
-            for i in members:
-                trials[i].set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
-                study.tell(trials[i], state=TrialState.FAIL)
-                told.add(i)
-            failed += len(members)
-            continue
-        for i, result in zip(members, results):
-            outcome = finish_trial(trials[i], config, result, store, run_configs[i].run_dir)
-            frozen = study.tell(trials[i], outcome.values, state=outcome.state)
-            told.add(i)
-            failed += outcome.state == TrialState.FAIL
-            if progress:
-                print(describe_trial(frozen, config.metric_names), flush=True)
-    log.info("fused batch of %d trials: %.1f s", len(trials), time.perf_counter() - start)
-    return failed
+            trial.set_user_attr("fail_reason", reason)
+            frozen = self.study.tell(trial, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            self._lost(trial)
+            return
+        self._told(frozen)
+
+    def _lost(self, trial: optuna.Trial) -> None:
+        """Failed by another worker: a failure of this run too, or a worker whose heartbeats never
+        arrive would claim new trials forever."""
+        self.told.add(trial._trial_id)
+        self.failed += 1
+
+    def _told(self, frozen: optuna.trial.FrozenTrial) -> None:
+        self.told.add(frozen._trial_id)
+        self.failed += frozen.state == TrialState.FAIL
+        if self.progress:
+            print(describe_trial(frozen, self.config.metric_names), flush=True)
+        self.annotate(self.study, frozen)
 
 
 __all__ = ["optimize_fused"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -191,9 +190,7 @@ def optimize(config: StudyConfig, *, n_trials: int | None = None, timeout: float
     objective = TrialObjective(config, prepared)
     tracker = _Progress(config, done, target, progress)
     budget = TrialBudget(study, config, target, timeout=timeout if timeout is not None else config.budget.timeout)
-    joined = budget.join()
-    if joined and config.sampler.seed is not None:  # distinct seeds, or workers draw the same trials
-        study.sampler = build_sampler(dataclasses.replace(config.sampler, seed=config.sampler.seed + joined))
+    budget.join()
     start = time.perf_counter()
     try:
         # One trial per study.optimize call (heartbeats need study.optimize): the budget decides
@@ -209,6 +206,7 @@ def optimize(config: StudyConfig, *, n_trials: int | None = None, timeout: float
                 )
             except UpdateFinishedTrialError as err:  # our heartbeat was lost and another worker failed the trial
                 log.warning("trial finished elsewhere (%s); its retry runs on another worker", err)
+                tracker.failed += 1  # a failure of this run: heartbeats that never arrive must not loop forever
             finally:
                 budget.release()
     except KeyboardInterrupt:

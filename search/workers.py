@@ -20,6 +20,10 @@ running trial may belong to a dead worker, and only a live worker can fail it (h
 its retry. So the study ends with exactly ``n_trials`` finished trials. (Without heartbeats a
 worker exits instead of waiting, and a dead worker's trial is lost.)
 
+A fused worker (``--fuse K``, search/fused_batch.py) takes up to K free slots at once
+(``next_slots``), asks and claims its K trials under the same lock, and writes their heartbeats
+from a thread (``Heartbeats``) while they train: to the other workers it is K workers.
+
 Each worker also gets its own sampler seed (``sampler.seed`` + the number of workers that joined
 the study before it), or K workers would draw the same "random" trials.
 
@@ -53,8 +57,9 @@ import optuna
 from optuna.trial import TrialState
 
 from search.config import StudyConfig
+from search.samplers import build_sampler
 from search.space import suggest
-from search.storage import fail_dead_trials, install_log_redaction, storage_of, study_lock
+from search.storage import error_reason, fail_dead_trials, install_log_redaction, storage_of, study_lock
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,7 @@ class TrialBudget:
         # Waiting for the last running trials: poll every second at first, then back off to 10 s.
         self.max_poll = float(min(10, self.storage.get_heartbeat_interval() or 10))
         self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.device = config.training.device
+        self.device, self.sampler = config.training.device, config.sampler
         self.space, self.defaults = config.search_space, dataclasses.asdict(config.training)
         self.current: int | None = None  # trial id of the running trial of this worker
         self._saved_handlers: dict | None = None
@@ -83,15 +88,23 @@ class TrialBudget:
         self._waiting_for: tuple[int, ...] | None = None
 
     def join(self) -> int:
-        """Register this worker with the study; returns how many workers joined before it."""
+        """Register this worker with the study and give its sampler its own seed (``sampler.seed``
+        + the workers that joined before it); returns how many joined before it."""
         with self.lock:
             sessions = int(self.study.user_attrs.get(SESSIONS_ATTR, 0))
             self.study.set_user_attr(SESSIONS_ATTR, sessions + 1)
+        if sessions and self.sampler.seed is not None:  # one seed: K workers would draw the same trials
+            self.study.sampler = build_sampler(dataclasses.replace(self.sampler, seed=self.sampler.seed + sessions))
         return sessions
 
     def next_trial(self) -> bool:
         """Block until this worker should start a trial (True; the study lock is then held until
         the trial exists) or the study is done or the timeout passed (False)."""
+        return self.next_slots(1) > 0
+
+    def next_slots(self, wanted: int) -> int:
+        """Block until this worker may start up to ``wanted`` trials: returns how many (the study
+        lock is then held until they exist), or 0 when the study is done or the timeout passed."""
         poll = 1.0
         while True:
             self.lock.acquire()
@@ -104,27 +117,40 @@ class TrialBudget:
                 running = tuple(t.number for t in trials if t.state == TrialState.RUNNING)
                 if finished >= self.target:
                     self.lock.release()
-                    return False
+                    return 0
                 if self._expired():
                     self.lock.release()
                     log.info("timeout: not starting another trial")
-                    return False
-                if finished + len(running) < self.target:
+                    return 0
+                free = self.target - finished - len(running)
+                if free > 0:
                     self._waiting_for = None
                     self._defer_interrupts()
-                    return True  # lock held: released by the wrapped objective once the trial exists
+                    return min(wanted, free)  # lock held: released once the trials exist (claim, then release)
             except BaseException:
                 self.lock.release()
                 raise
             self.lock.release()
             if not self.heartbeats:
                 log.info("budget taken: %d finished + %d running elsewhere (no heartbeats: not waiting for them)", finished, len(running))
-                return False
+                return 0
             if running != self._waiting_for:
                 log.info("budget taken: %d finished + running trial(s) %s; waiting in case one fails", finished, ", ".join(map(str, running)))
                 self._waiting_for, poll = running, 1.0
             time.sleep(min(poll, self.max_poll))
             poll *= 1.5
+
+    def claim(self, trial: optuna.Trial) -> None:
+        """The claim of a new trial, under the lock: its first heartbeat, its parameters sampled
+        and stored (see "Sampling under the lock")."""
+        if self.heartbeats:
+            self.storage.record_heartbeat(trial._trial_id)
+        suggest(trial, self.space, self.defaults)  # the objective's own suggest calls then return these
+
+    def label(self, trial: optuna.Trial) -> None:
+        """Which worker runs ``trial``, on which device (trial attributes)."""
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("device", self.device)
 
     def wrap(self, objective: Callable[[optuna.Trial], object]) -> Callable[[optuna.Trial], object]:
         """``objective`` preceded by the claim's end: first heartbeat, the parameters sampled and
@@ -133,15 +159,12 @@ class TrialBudget:
         def claimed(trial: optuna.Trial) -> object:
             self.current = trial._trial_id
             try:
-                if self.heartbeats:
-                    self.storage.record_heartbeat(trial._trial_id)
-                suggest(trial, self.space, self.defaults)  # the objective's own suggest calls then return these
+                self.claim(trial)
             finally:
                 self.lock.release()
             try:
                 self._restore_interrupts()  # a Ctrl-C during the claim lands here: the trial ends FAIL
-                trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-                trial.set_user_attr("device", self.device)
+                self.label(trial)
                 return objective(trial)
             except KeyboardInterrupt:
                 with contextlib.suppress(Exception):
@@ -189,6 +212,43 @@ class TrialBudget:
 
     def _expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+class Heartbeats:
+    """Heartbeats for trials that run outside ``study.optimize`` (a fused batch: Optuna writes
+    none for ask/tell trials), from one background thread, each until it is ``discard``-ed."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> None:
+        self.storage, self.interval = storage, storage.get_heartbeat_interval()
+        self.trial_ids = set(trial_ids)
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "Heartbeats":
+        if self.interval is not None:
+            self._thread = threading.Thread(target=self._beat, name="fairfront-heartbeats", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def discard(self, trial_id: int) -> None:
+        with self._guard:
+            self.trial_ids.discard(trial_id)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._guard:
+                trial_ids = sorted(self.trial_ids)
+            for trial_id in trial_ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as err:  # noqa: BLE001 - a missed beat is retried next interval
+                    log.warning("heartbeat of trial id %d failed: %s", trial_id, error_reason(err))
 
 
 # --- devices -----------------------------------------------------------------------------------
@@ -287,10 +347,11 @@ class WorkerRun:
 
 def run_workers(config: StudyConfig, *, workers: int, devices: str | None = None, n_trials: int | None = None,
                 timeout: float | None = None, progress: bool = True, verbose: bool = False,
-                stop_grace: float = 60.0) -> WorkerRun:
+                stop_grace: float = 60.0, fuse: int | None = None) -> WorkerRun:
     """Start ``workers`` processes on this node, each pinned to a device, sharing the study; wait
     for them. ``prepare`` runs once before they start (they then load its caches). A worker that
-    crashes does not stop the others; Ctrl-C / SIGTERM stops them all cleanly."""
+    crashes does not stop the others; Ctrl-C / SIGTERM stops them all cleanly. ``fuse=K``: each
+    worker trains K trials at a time (search/fused_batch.py)."""
     from search.study import finished_count, open_study, warm_start
 
     if workers < 1:
@@ -305,12 +366,12 @@ def run_workers(config: StudyConfig, *, workers: int, devices: str | None = None
         log.info("study %s already has %d finished trials (budget %d)", config.name, finished_count(study), target)
         return WorkerRun(study, [], False, finished_count(study), target)
 
-    log.info("starting %d workers on %s%s", workers, ", ".join(assignment),
-             f" ({threads} CPU thread(s) each)" if "cpu" in assignment else "")
+    log.info("starting %d workers on %s%s%s", workers, ", ".join(assignment),
+             f" ({threads} CPU thread(s) each)" if "cpu" in assignment else "", f", {fuse} fused trials each" if fuse else "")
     context = _worker_context(gpu=any(d != "cpu" for d in assignment))
     procs = [
         context.Process(target=_worker_main, name=f"fairfront-worker-{i}",
-                        args=(i, worker_config(config, device), target, timeout, threads, verbose))
+                        args=(i, worker_config(config, device), target, timeout, threads, verbose, fuse))
         for i, device in enumerate(assignment)
     ]
     interrupted = False
@@ -401,7 +462,8 @@ def _no_interrupt_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
-def _worker_main(index: int, config: StudyConfig, target: int, timeout: float | None, threads: int, verbose: bool) -> None:
+def _worker_main(index: int, config: StudyConfig, target: int, timeout: float | None, threads: int, verbose: bool,
+                 fuse: int | None = None) -> None:
     """One worker process: pinned to its device, logs prefixed with its index, exits 0, 1 or 130."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, datefmt="%H:%M:%S",
                         format=f"%(asctime)s w{index} %(levelname)s %(name)s: %(message)s", force=True)
@@ -412,6 +474,7 @@ def _worker_main(index: int, config: StudyConfig, target: int, timeout: float | 
         handler.addFilter(_no_interrupt_traceback)
     import torch
 
+    from search.fused_batch import optimize_fused
     from search.study import optimize
 
     device = config.training.device
@@ -422,7 +485,10 @@ def _worker_main(index: int, config: StudyConfig, target: int, timeout: float | 
     code = 0
     with interrupts_as_keyboard():
         try:
-            optimize(config, n_trials=target, timeout=timeout, progress=False)
+            if fuse:
+                optimize_fused(config, group_size=fuse, n_trials=target, timeout=timeout, progress=False)
+            else:
+                optimize(config, n_trials=target, timeout=timeout, progress=False)
         except KeyboardInterrupt:
             log.warning("worker %d interrupted", index)
             code = 130
@@ -436,4 +502,4 @@ def _worker_main(index: int, config: StudyConfig, target: int, timeout: float | 
     sys.exit(code)
 
 
-__all__ = ["TrialBudget", "WorkerRun", "assign_devices", "cpu_threads", "interrupts_as_keyboard", "parse_devices", "run_workers", "worker_config"]
+__all__ = ["Heartbeats", "TrialBudget", "WorkerRun", "assign_devices", "cpu_threads", "interrupts_as_keyboard", "parse_devices", "run_workers", "worker_config"]

@@ -1,16 +1,22 @@
-"""search.fused_batch: K trials asked, trained in one fused pass, told; recorded like optimize's."""
+"""search.fused_batch: K trials claimed, trained in one fused pass, told; recorded like optimize's."""
 
 import importlib.util
+import json
 import sys
+import time
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
+import yaml
 from optuna.trial import TrialState
+from optuna_dashboard._note import note_ver_key
 
 import run_study
 from search import load_study_config
 from search.fused_batch import optimize_fused
+from search.storage import make_storage, storage_of
 
 
 def _tiny_study_module():
@@ -42,8 +48,37 @@ def test_fused_batches_finish_the_budget_and_record_each_trial(tmp_path):
     after = study.get_trials()
     assert len(after) == 7 and [(t.number, t.params, t.values) for t in after[:5]] == before
     assert all(t.state == TrialState.COMPLETE for t in after)
-    with pytest.raises(SystemExit, match="--fuse"):
-        run_study.main(["-q", "optimize", "--study", str(path), "--fuse", "2", "--workers", "2"])
+    assert len({json.dumps(t.params, sort_keys=True) for t in after}) == 7
+    assert all(t.user_attrs["worker"] and t.user_attrs["device"] == "cpu" for t in after)
+    # each fused trial has its dashboard note, as a serial one does
+    notes = study._storage.get_study_system_attrs(study._study_id)
+    assert all(note_ver_key(t._trial_id) in notes for t in after)
+
+
+def test_a_batch_longer_than_the_grace_period_keeps_its_trials_alive(tmp_path, monkeypatch):
+    """Optuna writes no heartbeat for ask/tell trials: without ours, another worker would fail a
+    fused batch's trials as dead while they train."""
+    import search.fused_batch as fused_batch
+    from search.storage import fail_dead_trials
+
+    torch.set_num_threads(1)
+    path = _tiny_study_module().write_tiny_study_yaml(tmp_path, name="beating", n_trials=2)
+    data = yaml.safe_load(path.read_text())
+    data["distributed"] = {**data["distributed"], "heartbeat_interval": 1, "grace_period": 3}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    config = load_study_config(path)
+    train, failed_as_dead = fused_batch.train_fused, []
+
+    def slow_train(*args, **kwargs):
+        time.sleep(4.5)  # past the grace period since the claim; then another worker looks for dead trials
+        other = optuna.load_study(study_name=config.name, storage=make_storage(config.storage_url, config.distributed))
+        failed_as_dead.extend(fail_dead_trials(other, storage_of(other)))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(fused_batch, "train_fused", slow_train)
+    study = optimize_fused(config, group_size=2, progress=False)
+    assert failed_as_dead == []
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
 
 
 def test_an_interrupt_or_an_error_mid_batch_leaves_no_trial_running(tmp_path, monkeypatch):

@@ -197,6 +197,41 @@ def test_sigkilled_worker_loses_no_trial_and_its_trial_is_retried(study_files, p
     assert "died (signal 9)" in run.output
 
 
+def test_fused_workers_share_the_budget_and_sample_distinct_trials(study_files, tmp_path):
+    """--fuse K --workers 2: two fused processes claim their batches inside the one budget (8, not
+    a multiple of 3) and under the study lock, each with its own sampler seed."""
+    url = f"sqlite:///{tmp_path / 'fused.db'}"
+    run = Run(study_files.short, "fused", url, "--workers", "2", "--fuse", "3", "--n-trials", "8")
+    assert run.wait() == 0, run.output
+    study = _load(url, "fused")
+    assert _states(study) == {"COMPLETE": 8}, run.output
+    trials = study.get_trials()
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 8
+    assert len({t.user_attrs["worker"] for t in trials}) == 2 and study.user_attrs["worker_sessions"] == 2
+    assert "fused trials each" in run.output
+
+
+@pytest.mark.slow
+def test_a_sigkilled_fused_worker_s_batch_is_failed_and_retried(study_files, postgres_url):
+    run = Run(study_files.long, "fused-kill", postgres_url, "--workers", "2", "--fuse", "2", "--n-trials", "6")
+    study = _load(postgres_url, "fused-kill")
+    victim = _running_trial(study, run)
+    worker = victim.user_attrs["worker"]
+    os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
+    time.sleep(0.5)
+    batch = [t for t in study.get_trials(states=[TrialState.RUNNING]) if t.user_attrs.get("worker") == worker]
+    assert victim.number in {t.number for t in batch}  # killed mid-batch: its trials are RUNNING, with no one to tell them
+    assert run.wait() == 0, run.output
+
+    states = _states(study)
+    assert states["COMPLETE"] == 6 and states["FAIL"] == len(batch) and "RUNNING" not in states, (states, run.output)
+    for dead in batch:
+        dead = study.trials[dead.number]
+        assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"].startswith("worker lost")
+        retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+        assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE and retried[0].params == dead.params
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(study_files, postgres_url):
     run = Run(study_files.endless, "interrupt", postgres_url, "--workers", "2", "--n-trials", "8")
