@@ -4,7 +4,8 @@
 ``model.fused.train_fused`` (one pass over the cached batches for all K; each trial's result is its
 serial result up to float rounding). Every trial is recorded exactly as ``TrialObjective`` records
 it (training config, seed, code version, per-epoch curve, artifacts, the ``degenerate``
-constraint or PRUNED state, FAIL on divergence, the dashboard note).
+constraint or PRUNED state, FAIL on divergence, the dashboard note; a fused group writes no
+per-trial ``train.log``).
 
 A fused process is a worker like any other (search/workers.py), so any number of them, on any
 devices and nodes, may share a study with each other and with serial workers:
@@ -16,12 +17,14 @@ devices and nodes, may share a study with each other and with serial workers:
   process killed outright leaves K RUNNING trials that the next worker fails and re-queues;
 * an error or Ctrl-C fails the batch's untold trials, so none stays RUNNING.
 
-``run_study.py optimize --fuse K`` runs one; ``--fuse K --workers W`` runs W of them, one per device.
+``run_study.py optimize --fuse K`` runs the study's workers (``--workers``, ``distributed.workers``)
+as fused ones, on ``--devices`` round-robin.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import warnings
 
@@ -61,24 +64,27 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
     start = time.perf_counter()
     while batch.failed < config.budget.max_failed_trials and (slots := budget.next_slots(group_size)):
         trials: list[optuna.Trial] = []
-        try:
-            with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": we write them
-                warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                for _ in range(slots):
-                    trials.append(study.ask())
-                    budget.claim(trials[-1])
-            budget.release()  # the lock; a Ctrl-C held back during the claim lands here
-            for trial in trials:
-                budget.label(trial)
-            with Heartbeats(budget.storage, [trial._trial_id for trial in trials]) as heartbeats:
+        with Heartbeats(budget.storage) as heartbeats:
+            try:
+                with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": we write them
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                    for _ in range(slots):
+                        trials.append(study.ask())
+                        budget.claim(trials[-1])
+                        heartbeats.add(trials[-1]._trial_id)
+                budget.release()  # the lock; a Ctrl-C held back during the claim lands here
+                for trial in trials:
+                    budget.label(trial)
                 batch.run(trials, heartbeats)
-        except BaseException as err:  # a bad config, Ctrl-C: no trial is left RUNNING
-            budget.release()
-            reason = "interrupted (KeyboardInterrupt)" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
-            for trial in trials:
-                if trial._trial_id not in batch.told:
-                    batch.tell_failed(trial, reason)
-            raise
+            except BaseException as err:  # a bad config, Ctrl-C: no trial is left RUNNING
+                held = budget.release(deliver=False)  # a held-back Ctrl-C waits until the trials are failed
+                reason = "interrupted (KeyboardInterrupt)" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
+                for trial in trials:
+                    if trial._trial_id not in batch.told:
+                        batch.tell_failed(trial, reason)
+                if held:
+                    signal.raise_signal(held[0])
+                raise
     log.info("study %s: %d finished trials, %.1f s in this run", config.name, finished_count(study), time.perf_counter() - start)
     return study
 
@@ -109,25 +115,38 @@ class _Batch:
                     heartbeats.discard(trials[i]._trial_id)
                 continue
             for i, result in zip(members, results):
-                trial = trials[i]
                 try:
-                    outcome = finish_trial(trial, self.config, result, self.store, run_configs[i].run_dir)
-                    frozen = self.study.tell(trial, outcome.values, state=outcome.state)
-                except UpdateFinishedTrialError as err:  # its heartbeat was lost and another worker failed it
-                    log.warning("trial %d finished elsewhere (%s); its retry runs on another worker", trial.number, err)
-                    self._lost(trial)
-                    continue
+                    self._finish(trials[i], result, run_configs[i].run_dir)
+                except Exception as err:  # e.g. an artifact upload: this trial fails, as a serial one would
+                    log.exception("recording trial %d failed", trials[i].number)
+                    self.tell_failed(trials[i], f"{type(err).__name__}: {err}")
                 finally:
-                    heartbeats.discard(trial._trial_id)
-                self._told(frozen)
+                    heartbeats.discard(trials[i]._trial_id)
         log.info("fused batch of %d trials: %.1f s", len(trials), time.perf_counter() - start)
+
+    def _finish(self, trial: optuna.Trial, result, run_dir) -> None:
+        try:
+            outcome = finish_trial(trial, self.config, result, self.store, run_dir)
+            # skip_if_finished: a FAIL written by another worker since then is not an error (see _lost)
+            frozen = self.study.tell(trial, outcome.values, state=outcome.state, skip_if_finished=True)
+        except UpdateFinishedTrialError:
+            frozen = None
+        if frozen is None or frozen.state != outcome.state:
+            log.warning("trial %d was failed by another worker (its heartbeat was lost); its retry runs elsewhere", trial.number)
+            self._lost(trial)
+            return
+        self._told(frozen)
 
     def tell_failed(self, trial: optuna.Trial, reason: str) -> None:
         try:
             trial.set_user_attr("fail_reason", reason)
-            frozen = self.study.tell(trial, state=TrialState.FAIL)
+            frozen = self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         except UpdateFinishedTrialError:
             self._lost(trial)
+            return
+        except Exception:  # the storage is gone: the trial's heartbeat stops, another worker fails it
+            log.exception("could not fail trial %d", trial.number)
+            self.told.add(trial._trial_id)
             return
         self._told(frozen)
 

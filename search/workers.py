@@ -173,9 +173,12 @@ class TrialBudget:
 
         return claimed
 
-    def release(self) -> None:
+    def release(self, *, deliver: bool = True) -> list[int]:
+        """Let go of the lock and restore the signal handlers. A Ctrl-C / SIGTERM held back since
+        ``next_slots`` is delivered now, or with ``deliver=False`` returned (the caller first
+        fails its trials, then delivers it)."""
         self.lock.release()
-        self._restore_interrupts()
+        return self._restore_interrupts(deliver=deliver)
 
     def _defer_interrupts(self) -> None:
         """Hold Ctrl-C / SIGTERM from the decision to start a trial until the trial exists with its
@@ -187,14 +190,16 @@ class TrialBudget:
         self._saved_handlers = {s: signal.signal(s, lambda signum, frame: self._deferred.append(signum))
                                 for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def _restore_interrupts(self) -> None:
+    def _restore_interrupts(self, *, deliver: bool = True) -> list[int]:
         saved, self._saved_handlers = self._saved_handlers, None
         if saved is None:
-            return
+            return []
         for s, handler in saved.items():
             signal.signal(s, handler)
-        if self._deferred:
-            signal.raise_signal(self._deferred[0])  # delivered now, to the usual handler
+        held, self._deferred = self._deferred, []
+        if held and deliver:
+            signal.raise_signal(held[0])  # delivered now, to the usual handler
+        return held
 
     def abandon(self) -> None:
         """On an interrupt: this worker's trial must not stay RUNNING (Optuna fails it when the
@@ -216,11 +221,13 @@ class TrialBudget:
 
 class Heartbeats:
     """Heartbeats for trials that run outside ``study.optimize`` (a fused batch: Optuna writes
-    none for ask/tell trials), from one background thread, each until it is ``discard``-ed."""
+    none for ask/tell trials), from one background thread, each from ``add`` until ``discard``.
+    Started before the batch is claimed: claiming K trials samples K points (seconds each with
+    the GP), and the first one's heartbeat must not wait for the last."""
 
-    def __init__(self, storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> None:
+    def __init__(self, storage: optuna.storages.RDBStorage) -> None:
         self.storage, self.interval = storage, storage.get_heartbeat_interval()
-        self.trial_ids = set(trial_ids)
+        self.trial_ids: set[int] = set()
         self._guard = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -235,6 +242,10 @@ class Heartbeats:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+    def add(self, trial_id: int) -> None:
+        with self._guard:
+            self.trial_ids.add(trial_id)
 
     def discard(self, trial_id: int) -> None:
         with self._guard:
@@ -356,7 +367,11 @@ def run_workers(config: StudyConfig, *, workers: int, devices: str | None = None
 
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    assignment = assign_devices(workers, parse_devices(devices, config.training.device))
+    chosen = parse_devices(devices, config.training.device)
+    if len(chosen) > workers:
+        log.warning("%d worker(s) for %d devices: %s stay idle (give --workers %d)", workers, len(chosen),
+                    ", ".join(chosen[workers:]), len(chosen))
+    assignment = assign_devices(workers, chosen)
     threads = cpu_threads(assignment)
     target = n_trials or config.budget.n_trials
     study = open_study(config)  # first: an unreachable storage fails before minutes of preparation

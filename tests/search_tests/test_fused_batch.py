@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -57,9 +58,11 @@ def test_fused_batches_finish_the_budget_and_record_each_trial(tmp_path):
 
 def test_a_batch_longer_than_the_grace_period_keeps_its_trials_alive(tmp_path, monkeypatch):
     """Optuna writes no heartbeat for ask/tell trials: without ours, another worker would fail a
-    fused batch's trials as dead while they train."""
+    fused batch's trials as dead while they are claimed (K samples, seconds each with the GP) or
+    while they train."""
     import search.fused_batch as fused_batch
     from search.storage import fail_dead_trials
+    from search.workers import TrialBudget
 
     torch.set_num_threads(1)
     path = _tiny_study_module().write_tiny_study_yaml(tmp_path, name="beating", n_trials=2)
@@ -67,14 +70,23 @@ def test_a_batch_longer_than_the_grace_period_keeps_its_trials_alive(tmp_path, m
     data["distributed"] = {**data["distributed"], "heartbeat_interval": 1, "grace_period": 3}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     config = load_study_config(path)
-    train, failed_as_dead = fused_batch.train_fused, []
+    train, claim, failed_as_dead = fused_batch.train_fused, TrialBudget.claim, []
 
-    def slow_train(*args, **kwargs):
-        time.sleep(4.5)  # past the grace period since the claim; then another worker looks for dead trials
+    def slow_claim(self, trial):
+        claim(self, trial)
+        time.sleep(2)  # two of them: the first trial's claim-time heartbeat is 4 s old at the end
+
+    def another_worker_looks():
         other = optuna.load_study(study_name=config.name, storage=make_storage(config.storage_url, config.distributed))
         failed_as_dead.extend(fail_dead_trials(other, storage_of(other)))
+
+    def slow_train(*args, **kwargs):
+        another_worker_looks()  # right after the claim
+        time.sleep(4.5)  # past the grace period
+        another_worker_looks()
         return train(*args, **kwargs)
 
+    monkeypatch.setattr(TrialBudget, "claim", slow_claim)
     monkeypatch.setattr(fused_batch, "train_fused", slow_train)
     study = optimize_fused(config, group_size=2, progress=False)
     assert failed_as_dead == []
@@ -112,3 +124,67 @@ def test_an_interrupt_or_an_error_mid_batch_leaves_no_trial_running(tmp_path, mo
     trials = open_study(config, create=False).get_trials()
     assert len(trials) == 5 and all(t.state == TrialState.FAIL for t in trials)
     assert [t.user_attrs["fail_reason"] for t in trials[3:]] == ["RuntimeError: sampling broke"] * 2
+
+
+def _study_with(tmp_path, name: str, n_trials: int):
+    torch.set_num_threads(1)
+    return load_study_config(_tiny_study_module().write_tiny_study_yaml(tmp_path, name=name, n_trials=n_trials))
+
+
+def test_a_trial_that_cannot_be_recorded_fails_alone(tmp_path, monkeypatch):
+    import search.fused_batch as fused_batch
+
+    config = _study_with(tmp_path, "unrecorded", 3)
+    finish = fused_batch.finish_trial
+
+    def upload_breaks_for_trial_1(trial, *args, **kwargs):
+        if trial.number == 1:
+            raise OSError("artifact store full")
+        return finish(trial, *args, **kwargs)
+
+    monkeypatch.setattr(fused_batch, "finish_trial", upload_breaks_for_trial_1)
+    study = optimize_fused(config, group_size=3, n_trials=3, progress=False)
+    states = [t.state for t in study.get_trials()]
+    assert states[:3] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[1].user_attrs["fail_reason"] == "OSError: artifact store full"
+    assert states.count(TrialState.COMPLETE) == 3  # a fourth trial took the failed one's slot
+
+
+def test_a_trial_failed_by_another_worker_meanwhile_does_not_stop_the_batch(tmp_path, monkeypatch):
+    """Its heartbeat was late, another worker failed it between the recording and the tell."""
+    import search.fused_batch as fused_batch
+
+    config = _study_with(tmp_path, "lost", 2)
+    finish = fused_batch.finish_trial
+
+    def failed_elsewhere_after_recording(trial, *args, **kwargs):
+        outcome = finish(trial, *args, **kwargs)
+        if trial.number == 0:
+            trial.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        return outcome
+
+    monkeypatch.setattr(fused_batch, "finish_trial", failed_elsewhere_after_recording)
+    study = optimize_fused(config, group_size=2, n_trials=2, progress=False)
+    states = [t.state for t in study.get_trials()]
+    assert states[0] == TrialState.FAIL and states[1:].count(TrialState.COMPLETE) == 2
+
+
+def test_a_ctrl_c_held_back_during_the_claim_waits_until_the_claimed_trials_are_failed(tmp_path, monkeypatch):
+    from search.workers import TrialBudget
+
+    config = _study_with(tmp_path, "held", 4)
+    claim = TrialBudget.claim
+
+    def interrupted_then_broken(self, trial):
+        if trial.number == 1:
+            signal.raise_signal(signal.SIGINT)  # held back: the claim is under way
+            raise RuntimeError("storage hiccup")
+        return claim(self, trial)
+
+    monkeypatch.setattr(TrialBudget, "claim", interrupted_then_broken)
+    with pytest.raises(KeyboardInterrupt):
+        optimize_fused(config, group_size=3, progress=False)
+    trials = optuna.load_study(study_name=config.name, storage=make_storage(config.storage_url, config.distributed)).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    assert {t.user_attrs["fail_reason"] for t in trials} == {"RuntimeError: storage hiccup"}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

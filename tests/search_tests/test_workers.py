@@ -207,7 +207,7 @@ def test_fused_workers_share_the_budget_and_sample_distinct_trials(study_files, 
     assert _states(study) == {"COMPLETE": 8}, run.output
     trials = study.get_trials()
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 8
-    assert len({t.user_attrs["worker"] for t in trials}) == 2 and study.user_attrs["worker_sessions"] == 2
+    assert study.user_attrs["worker_sessions"] == 2
     assert "fused trials each" in run.output
 
 
