@@ -204,13 +204,17 @@ def demo_train_config(workdir: Path, **training):
 
 def subset_manifest(manifest, n_train: int, n_val: int):
     """The first ``n_train`` train and ``n_val`` val rows of a manifest, as a Manifest of its own
-    (its own cache key: the sha256 names the subset)."""
+    (its own cache key: the sha256 names the subset). Asked for more rows than a split has, it
+    cycles through them again: a timing that needs more images than the demo has reads some twice."""
     import hashlib
 
     from model.manifest import Manifest
 
+    def first(rows: pd.DataFrame, n: int) -> pd.DataFrame:
+        return rows.head(n) if n <= len(rows) or rows.empty else pd.concat([rows] * -(-n // len(rows))).head(n)
+
     frame = manifest.frame
-    rows = pd.concat([frame[frame["split"] == "train"].head(n_train), frame[frame["split"] == "val"].head(n_val)])
+    rows = pd.concat([first(frame[frame["split"] == "train"], n_train), first(frame[frame["split"] == "val"], n_val)])
     digest = hashlib.sha256(f"{manifest.sha256}:{n_train}:{n_val}".encode()).hexdigest()
     path = manifest.path.with_name(f"{manifest.path.stem}-subset-{n_train}-{n_val}.csv")
     return Manifest(path=path, frame=rows.reset_index(drop=True), group_names=manifest.group_names, sha256=digest)
