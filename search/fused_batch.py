@@ -4,8 +4,8 @@
 ``model.fused.train_fused`` (one pass over the cached batches for all K; each trial's result is its
 serial result up to float rounding). Every trial is recorded exactly as ``TrialObjective`` records
 it (training config, seed, code version, per-epoch curve, artifacts, the ``degenerate``
-constraint or PRUNED state, FAIL on divergence, the dashboard note; a fused group writes no
-per-trial ``train.log``).
+constraint or PRUNED state, FAIL on divergence, the dashboard note; its ``train.log`` is its
+fused group's log).
 
 A fused process is a worker like any other (search/workers.py), so any number of them, on any
 devices and nodes, may share a study with each other and with serial workers:
@@ -23,6 +23,7 @@ as fused ones, on ``--devices`` round-robin.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -35,7 +36,7 @@ from optuna.trial import TrialState
 from model import prepare
 from model.fused import fusion_key, train_fused
 from model.runtime import compile_sinkhorn, resolve_device
-from search.artifacts import artifact_store
+from search.artifacts import TrialLog, artifact_store
 from search.config import StudyConfig
 from search.dashboard import TrialAnnotator
 from search.objective import finish_trial, start_trial
@@ -106,12 +107,19 @@ class _Batch:
             groups.setdefault(fusion_key(run_config), []).append(i)
         start = time.perf_counter()
         for members in groups.values():
-            try:
-                results = train_fused([run_configs[i] for i in members], self.prepared, progress=False)
-            except Exception as err:  # the whole group fails; the study goes on
-                log.exception("fused group of trials %s failed", [trials[i].number for i in members])
+            error = None
+            with contextlib.ExitStack() as logs:  # each trial's train.log holds its whole group's log
                 for i in members:
-                    self.tell_failed(trials[i], f"{type(err).__name__}: {err}")
+                    logs.enter_context(TrialLog(run_configs[i].run_dir / "train.log"))
+                log.info("fused group: %s", ", ".join(f"trial index {k} = study trial {trials[i].number}" for k, i in enumerate(members)))
+                try:
+                    results = train_fused([run_configs[i] for i in members], self.prepared, progress=False)
+                except Exception as err:  # the whole group fails; the study goes on
+                    log.exception("fused group of trials %s failed", [trials[i].number for i in members])
+                    error = err
+            if error is not None:
+                for i in members:
+                    self.tell_failed(trials[i], f"{type(error).__name__}: {error}")
                     heartbeats.discard(trials[i]._trial_id)
                 continue
             for i, result in zip(members, results):

@@ -41,7 +41,9 @@ def test_fused_batches_finish_the_budget_and_record_each_trial(tmp_path):
         # infeasible exactly when no epoch was out of the degenerate phase (no stop rule here)
         assert trial.user_attrs["degenerate"] is all(r["degenerate"] for r in trial.user_attrs["curve"])
         assert trial.user_attrs["training"]["lr"] == trial.params["lr"]
-        assert set(trial.user_attrs["artifacts"]) >= {"metrics.json", "curve.csv"}
+        assert set(trial.user_attrs["artifacts"]) >= {"metrics.json", "curve.csv", "train.log"}
+        group_log = (Path(trial.user_attrs["output_dir"]) / "train.log").read_text()
+        assert f"study trial {trial.number}" in group_log and "fused epoch 2/2" in group_log
         assert trial.values[0] == trial.user_attrs["val_auc"]
     # the command line continues the study to a larger budget, never overwriting
     before = [(t.number, t.params, t.values) for t in trials]
