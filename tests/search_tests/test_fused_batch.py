@@ -190,3 +190,10 @@ def test_a_ctrl_c_held_back_during_the_claim_waits_until_the_claimed_trials_are_
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
     assert {t.user_attrs["fail_reason"] for t in trials} == {"RuntimeError: storage hiccup"}
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_tpe_asked_in_batches_is_warned_about():
+    from search.fused_batch import batching_advice
+
+    assert "consider sampler: gp" in batching_advice("tpe", 8)
+    assert batching_advice("tpe", 1) is None and batching_advice("gp", 8) is None
