@@ -285,13 +285,21 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     from search.storage import install_log_redaction, redact
+    from search.workers import drop_interrupt_tracebacks, interrupts_as_keyboard
 
     install_log_redaction()  # no storage password in any log line
+    drop_interrupt_tracebacks()
     try:
-        return args.func(args)
+        # SIGTERM (scancel, docker stop, kill) as Ctrl-C: a running trial ends FAIL instead of
+        # staying RUNNING until another worker's heartbeat check
+        with interrupts_as_keyboard():
+            return args.func(args)
     except USER_ERRORS as err:
         print(f"error: {redact(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -471,10 +471,17 @@ def _stop(procs: list, grace: float) -> None:
 
 
 def _no_interrupt_traceback(record: logging.LogRecord) -> bool:
-    """Ctrl-C is not a crash: Optuna's "trial failed" line stays, its KeyboardInterrupt traceback goes."""
     if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
         record.exc_info, record.exc_text = None, None
     return True
+
+
+def drop_interrupt_tracebacks() -> None:
+    """Ctrl-C is not a crash: Optuna's "trial failed" line stays, its KeyboardInterrupt traceback
+    goes (every handler of the root logger and of Optuna's own)."""
+    for logger in (logging.getLogger(), logging.getLogger("optuna")):
+        for handler in logger.handlers:
+            handler.addFilter(_no_interrupt_traceback)
 
 
 def _worker_main(index: int, config: StudyConfig, target: int, timeout: float | None, threads: int, verbose: bool,
@@ -485,8 +492,7 @@ def _worker_main(index: int, config: StudyConfig, target: int, timeout: float | 
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()  # Optuna's messages through the same (redacting) handler
     install_log_redaction()
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_no_interrupt_traceback)
+    drop_interrupt_tracebacks()
     import torch
 
     from search.fused_batch import optimize_fused
@@ -517,4 +523,4 @@ def _worker_main(index: int, config: StudyConfig, target: int, timeout: float | 
     sys.exit(code)
 
 
-__all__ = ["Heartbeats", "TrialBudget", "WorkerRun", "assign_devices", "cpu_threads", "interrupts_as_keyboard", "parse_devices", "run_workers", "worker_config"]
+__all__ = ["Heartbeats", "TrialBudget", "WorkerRun", "assign_devices", "cpu_threads", "drop_interrupt_tracebacks", "interrupts_as_keyboard", "parse_devices", "run_workers", "worker_config"]

@@ -246,6 +246,22 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(study_files, postg
     assert "Traceback" not in run.output
 
 
+@pytest.mark.parametrize("extra", [(), ("--fuse", "2")], ids=["serial", "fused"])
+def test_sigterm_stops_a_single_process_worker_cleanly(study_files, tmp_path, extra):
+    """One worker in this process (a SLURM array task, one pod per GPU): scancel / docker stop
+    send SIGTERM, and its running trial must end FAIL, not stay RUNNING until a heartbeat check."""
+    url = f"sqlite:///{tmp_path / 'term.db'}"
+    run = Run(study_files.endless, "term", url, "--workers", "1", *extra)
+    study = _load(url, "term")
+    interrupted = _running_trial(study, run)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(90) == 130, run.output
+    trial = study.trials[interrupted.number]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"].startswith("interrupted"), run.output
+    assert "RUNNING" not in _states(study) and "Traceback" not in run.output
+    assert "optimize: interrupted" in run.output
+
+
 @pytest.mark.parametrize("where", ["bad password from the environment", "unreachable host given literally"])
 def test_a_storage_that_cannot_be_opened_is_one_masked_error(study_files, postgres, where, monkeypatch, capfd, caplog):
     short = study_files.short
