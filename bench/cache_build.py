@@ -26,8 +26,8 @@ AUGMENT = dict(views=2, hflip=0.5, crop_scale=0.8, color_jitter=0.2, blur=0.3, j
 
 def build_rate(manifest, backbone_config, workers: int, root, augment=None, warm_up=None) -> tuple[int, float, float]:
     """(images, img/s, seconds) of one build from scratch; with ``augment``: the views cache.
-    ``warm_up``: a small manifest built first, untimed (the backbone's move to the device, its
-    first forward, the loader workers' start are fixed costs, not the rate)."""
+    ``warm_up``: a small manifest built first, untimed (the backbone's move to the device and its
+    first forward are fixed costs, not the rate; the timed build starts its own loader workers)."""
     from model.backbone import FrozenBackbone
     from model.cache import open_or_build_cache
     from model.runtime import resolve_device

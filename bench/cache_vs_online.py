@@ -87,8 +87,8 @@ def main(argv=None) -> int:
         f"Measured on the {device} through model.train (the real loop: AdapterDetector + fairness loss + AdamW), "
         "the same config in both modes; an epoch = training steps + validation; median over the timed epochs.",
         "Target on GPU with ViT-L-14 shapes: >= 30x. " + gpu_note(),
-        "ViT-L-14 row: real 224-px forward of the full ViT-L-14 on CPU (fp32; bf16 autocast only on CUDA) on a few demo "
-        "images, adapter at width 1024 (~9.4M trainable parameters). The online/cache ratio at real shapes is set by "
+        f"ViT-L-14 row: real 224-px forward of the full ViT-L-14 on the {device} ({'bf16 autocast' if device == 'CUDA' else 'fp32'}) "
+        "on a few demo images, adapter at width 1024 (~9.4M trainable parameters). The online/cache ratio at real shapes is set by "
         "backbone FLOPs (~81 GMAC/image) vs adapter training FLOPs (~6.5 GMAC/image fwd+bwd), so ~10-15x on any "
         "FLOP-bound device; on a GPU the online path is also bound by single-process image decoding.",
         "Cache build img/s here = decode + preprocess + backbone forward + write, DataLoader workers = data.num_workers "

@@ -73,12 +73,10 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
                     warnings.filterwarnings("ignore", message="Heartbeat of storage")
                     for _ in range(slots):
                         trials.append(study.ask())
+                        heartbeats.add(trials[-1]._trial_id)  # first: its own claim samples for seconds
                         budget.claim(trials[-1])
-                        heartbeats.add(trials[-1]._trial_id)
                 budget.release()  # the lock; a Ctrl-C held back during the claim lands here
-                for trial in trials:
-                    budget.label(trial)
-                batch.run(trials, heartbeats)
+                batch.run(trials, heartbeats, budget.label)
             except BaseException as err:  # a bad config, Ctrl-C: no trial is left RUNNING
                 held = budget.release(deliver=False)  # a held-back Ctrl-C waits until the trials are failed
                 reason = "interrupted (KeyboardInterrupt)" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
@@ -111,19 +109,28 @@ class _Batch:
         self.failed = 0  # trials of this process that ended FAIL (budget.max_failed_trials)
         self.told: set[int] = set()  # trial ids
 
-    def run(self, trials: list[optuna.Trial], heartbeats: Heartbeats) -> None:
-        run_configs = [start_trial(trial, self.config) for trial in trials]
+    def run(self, trials: list[optuna.Trial], heartbeats: Heartbeats, label) -> None:
+        """Train and tell ``trials``; ``label(trial)`` records which worker runs it."""
+        run_configs: dict[int, object] = {}
+        for i, trial in enumerate(trials):
+            try:
+                label(trial)
+                run_configs[i] = start_trial(trial, self.config)
+            except Exception as err:  # this trial fails, as a serial one would; the others train
+                log.exception("trial %d could not start", trial.number)
+                self.tell_failed(trial, f"{type(err).__name__}: {err}")
+                heartbeats.discard(trial._trial_id)
         groups: dict[str, list[int]] = {}
-        for i, run_config in enumerate(run_configs):  # e.g. a searched batch_size splits the batch
+        for i, run_config in run_configs.items():  # e.g. a searched batch_size splits the batch
             groups.setdefault(fusion_key(run_config), []).append(i)
         start = time.perf_counter()
         for members in groups.values():
             error = None
-            with contextlib.ExitStack() as logs:  # each trial's train.log holds its whole group's log
-                for i in members:
-                    logs.enter_context(TrialLog(run_configs[i].run_dir / "train.log"))
-                log.info("fused group: %s", ", ".join(f"trial index {k} = study trial {trials[i].number}" for k, i in enumerate(members)))
+            with contextlib.ExitStack() as logs:
                 try:
+                    for i in members:  # each trial's train.log holds its whole group's log
+                        logs.enter_context(TrialLog(run_configs[i].run_dir / "train.log"))
+                    log.info("fused group: %s", ", ".join(f"trial index {k} = study trial {trials[i].number}" for k, i in enumerate(members)))
                     results = train_fused([run_configs[i] for i in members], self.prepared, progress=False)
                 except Exception as err:  # the whole group fails; the study goes on
                     log.exception("fused group of trials %s failed", [trials[i].number for i in members])

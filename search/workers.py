@@ -316,19 +316,24 @@ def worker_config(config: StudyConfig, device: str) -> StudyConfig:
 
 @contextlib.contextmanager
 def interrupts_as_keyboard() -> Iterator[None]:
-    """SIGTERM (docker stop, scancel) behaves like Ctrl-C; a second signal while stopping is
-    ignored so the first one's clean-up (failing the running trial) can finish."""
+    """SIGTERM (docker stop, scancel) behaves like Ctrl-C. A second signal while stopping is
+    ignored so the first one's clean-up (failing the running trials) can finish; a third ends the
+    process at once (a clean-up stuck on an unreachable database must not need SIGKILL)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     stopping = []
 
     def handler(signum: int, frame: object) -> None:
-        if stopping:
-            log.warning("already stopping (signal %d ignored)", signum)
-            return
         stopping.append(signum)
-        raise KeyboardInterrupt
+        if len(stopping) == 1:
+            raise KeyboardInterrupt
+        if len(stopping) == 2:
+            log.warning("already stopping: signal %d ignored while the running trials are failed; "
+                        "send it once more to exit at once", signum)
+            return
+        log.error("signal %d a third time: exiting now; running trials are left to the next worker's heartbeat check", signum)
+        os._exit(130)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -391,9 +396,9 @@ def run_workers(config: StudyConfig, *, workers: int, devices: str | None = None
     ]
     interrupted = False
     with interrupts_as_keyboard():
-        for p in procs:
-            p.start()
         try:
+            for p in procs:  # (a forkserver's first start takes seconds: an interrupt may come here)
+                p.start()
             _wait(procs, assignment)
         except KeyboardInterrupt:
             interrupted = True
@@ -456,6 +461,7 @@ def _wait(procs: list, assignment: list[str]) -> None:
 
 
 def _stop(procs: list, grace: float) -> None:
+    procs = [p for p in procs if p.pid is not None]  # interrupted while starting them: the started ones
     for p in procs:
         if p.is_alive():
             with contextlib.suppress(ProcessLookupError):

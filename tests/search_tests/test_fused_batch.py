@@ -69,14 +69,14 @@ def test_a_batch_longer_than_the_grace_period_keeps_its_trials_alive(tmp_path, m
     torch.set_num_threads(1)
     path = _tiny_study_module().write_tiny_study_yaml(tmp_path, name="beating", n_trials=2)
     data = yaml.safe_load(path.read_text())
-    data["distributed"] = {**data["distributed"], "heartbeat_interval": 1, "grace_period": 3}
+    data["distributed"] = {**data["distributed"], "heartbeat_interval": 1, "grace_period": 4}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     config = load_study_config(path)
     train, claim, failed_as_dead = fused_batch.train_fused, TrialBudget.claim, []
 
     def slow_claim(self, trial):
         claim(self, trial)
-        time.sleep(2)  # two of them: the first trial's claim-time heartbeat is 4 s old at the end
+        time.sleep(2.5)  # two of them: the first trial's claim-time heartbeat is 5 s old at the end
 
     def another_worker_looks():
         other = optuna.load_study(study_name=config.name, storage=make_storage(config.storage_url, config.distributed))
@@ -84,7 +84,7 @@ def test_a_batch_longer_than_the_grace_period_keeps_its_trials_alive(tmp_path, m
 
     def slow_train(*args, **kwargs):
         another_worker_looks()  # right after the claim
-        time.sleep(4.5)  # past the grace period
+        time.sleep(5)  # past the grace period
         another_worker_looks()
         return train(*args, **kwargs)
 
@@ -105,6 +105,7 @@ def test_an_interrupt_or_an_error_mid_batch_leaves_no_trial_running(tmp_path, mo
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    train = fused_batch.train_fused
     monkeypatch.setattr(fused_batch, "train_fused", interrupted)
     with pytest.raises(KeyboardInterrupt):
         optimize_fused(config, group_size=3, progress=False)
@@ -120,12 +121,12 @@ def test_an_interrupt_or_an_error_mid_batch_leaves_no_trial_running(tmp_path, mo
             raise RuntimeError("sampling broke")
         return start_trial(trial, study_config)
 
+    monkeypatch.setattr(fused_batch, "train_fused", train)
     monkeypatch.setattr(fused_batch, "start_trial", fails_second)
-    with pytest.raises(RuntimeError, match="sampling broke"):
-        optimize_fused(config, group_size=2, n_trials=5, progress=False)
+    optimize_fused(config, group_size=2, n_trials=2, progress=False)  # that trial fails alone, as a serial one would
     trials = open_study(config, create=False).get_trials()
-    assert len(trials) == 5 and all(t.state == TrialState.FAIL for t in trials)
-    assert [t.user_attrs["fail_reason"] for t in trials[3:]] == ["RuntimeError: sampling broke"] * 2
+    assert trials[4].state == TrialState.FAIL and trials[4].user_attrs["fail_reason"] == "RuntimeError: sampling broke"
+    assert [t.state for t in trials[3:]].count(TrialState.COMPLETE) == 2 and len(trials) == 6
 
 
 def _study_with(tmp_path, name: str, n_trials: int):

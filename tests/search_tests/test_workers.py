@@ -262,6 +262,28 @@ def test_sigterm_stops_a_single_process_worker_cleanly(study_files, tmp_path, ex
     assert "optimize: interrupted" in run.output
 
 
+def test_a_third_signal_while_stopping_exits_at_once():
+    """The second is ignored (the first one's clean-up is failing the running trials); a third
+    must not need SIGKILL when that clean-up hangs on an unreachable database."""
+    script = (
+        "import os, signal, time\n"
+        "from search.workers import interrupts_as_keyboard\n"
+        "with interrupts_as_keyboard():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('first: interrupted', flush=True)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+        "        print('second: ignored', flush=True)\n"
+        "        os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+        "        print('not reached', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stdout.split() == ["first:", "interrupted", "second:", "ignored"]
+    assert "exiting now" in proc.stderr
+
+
 @pytest.mark.parametrize("where", ["bad password from the environment", "unreachable host given literally"])
 def test_a_storage_that_cannot_be_opened_is_one_masked_error(study_files, postgres, where, monkeypatch, capfd, caplog):
     short = study_files.short
