@@ -33,15 +33,13 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from model import prepare
 from model.fused import fusion_key, train_fused
-from model.runtime import compile_sinkhorn, resolve_device
 from search.artifacts import TrialLog, artifact_store
 from search.config import StudyConfig
 from search.dashboard import TrialAnnotator
 from search.objective import finish_trial, start_trial
-from search.study import describe_trial, finished_count, open_study, warm_start
-from search.workers import Heartbeats, TrialBudget
+from search.study import describe_trial, finished_count, start_worker
+from search.workers import Heartbeats
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +51,11 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
     seconds (default: the budget's)."""
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
-    target = n_trials or config.budget.n_trials
     if advice := batching_advice(config.sampler.name, group_size):
         log.warning(advice)
-    study = open_study(config)  # first: an unreachable storage fails before minutes of preparation
-    base = config.base_run_config()
-    compile_sinkhorn(base.training.compile_sinkhorn, resolve_device(base.training.device))  # and a machine that cannot compile
-    prepared = prepared or prepare(base, progress=progress, with_test_caches=False)
-    warm_start(study, config)
-    budget = TrialBudget(study, config, target, timeout=timeout if timeout is not None else config.budget.timeout)
-    budget.join()
+    study, prepared, budget = start_worker(config, n_trials=n_trials, timeout=timeout, progress=progress, prepared=prepared)
+    if budget is None:
+        return study
     batch = _Batch(study, config, prepared, progress)
     start = time.perf_counter()
     while batch.failed < config.budget.max_failed_trials and (slots := budget.next_slots(group_size)):

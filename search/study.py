@@ -170,13 +170,12 @@ def warm_start(study: optuna.Study, config: StudyConfig) -> None:
         log.info("warm start: queued %d reference configurations (report Exp1-3)", queued)
 
 
-def optimize(config: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
-             progress: bool = True, prepared=None) -> optuna.Study:
-    """Run trials until the study has ``n_trials`` finished ones (default: the budget), counted
-    over every worker sharing the study (see search/workers.py for how the last slots are shared).
-
-    Re-running on an existing study continues it; it never overwrites trials.
-    """
+def start_worker(config: StudyConfig, *, n_trials: int | None, timeout: float | None, progress: bool,
+                 prepared=None) -> tuple[optuna.Study, object, TrialBudget | None]:
+    """What every worker (``optimize``, a ``--fuse`` worker) does before its first trial: open the
+    study, check that ``compile_sinkhorn`` can compile here, prepare, warm-start, and join the
+    shared budget of ``n_trials`` (default: the budget's), with ``timeout`` (default: the budget's).
+    Returns (study, prepared data, budget); the budget is None when the study already has its trials."""
     target = n_trials or config.budget.n_trials
     study = open_study(config)  # first: an unreachable storage fails before minutes of preparation
     base = config.base_run_config()
@@ -186,11 +185,24 @@ def optimize(config: StudyConfig, *, n_trials: int | None = None, timeout: float
     done = finished_count(study)
     if done >= target:
         log.info("study %s already has %d finished trials (budget %d); raise --n-trials to continue", config.name, done, target)
-        return study
-    objective = TrialObjective(config, prepared)
-    tracker = _Progress(config, done, target, progress)
+        return study, prepared, None
     budget = TrialBudget(study, config, target, timeout=timeout if timeout is not None else config.budget.timeout)
     budget.join()
+    return study, prepared, budget
+
+
+def optimize(config: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
+             progress: bool = True, prepared=None) -> optuna.Study:
+    """Run trials until the study has ``n_trials`` finished ones (default: the budget), counted
+    over every worker sharing the study (see search/workers.py for how the last slots are shared).
+
+    Re-running on an existing study continues it; it never overwrites trials.
+    """
+    study, prepared, budget = start_worker(config, n_trials=n_trials, timeout=timeout, progress=progress, prepared=prepared)
+    if budget is None:
+        return study
+    objective = TrialObjective(config, prepared)
+    tracker = _Progress(config, finished_count(study), budget.target, progress)
     start = time.perf_counter()
     try:
         # One trial per study.optimize call (heartbeats need study.optimize): the budget decides
