@@ -69,7 +69,9 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
                         heartbeats.add(trials[-1]._trial_id)  # first: its own claim samples for seconds
                         budget.claim(trials[-1])
                 budget.release()  # the lock; a Ctrl-C held back during the claim lands here
-                batch.run(trials, heartbeats, budget.label)
+                for trial in trials:  # all before any starts: a worker killed while starting them leaves each labelled
+                    budget.label(trial)
+                batch.run(trials, heartbeats)
             except BaseException as err:  # a bad config, Ctrl-C: no trial is left RUNNING
                 held = budget.release(deliver=False)  # a held-back Ctrl-C waits until the trials are failed
                 reason = "interrupted (KeyboardInterrupt)" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
@@ -102,12 +104,10 @@ class _Batch:
         self.failed = 0  # trials of this process that ended FAIL (budget.max_failed_trials)
         self.told: set[int] = set()  # trial ids
 
-    def run(self, trials: list[optuna.Trial], heartbeats: Heartbeats, label) -> None:
-        """Train and tell ``trials``; ``label(trial)`` records which worker runs it."""
+    def run(self, trials: list[optuna.Trial], heartbeats: Heartbeats) -> None:
         run_configs: dict[int, object] = {}
         for i, trial in enumerate(trials):
             try:
-                label(trial)
                 run_configs[i] = start_trial(trial, self.config)
             except Exception as err:  # this trial fails, as a serial one would; the others train
                 log.exception("trial %d could not start", trial.number)
