@@ -50,7 +50,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import optuna
@@ -427,8 +426,7 @@ def _prepare_once(config: StudyConfig, *, progress: bool) -> None:
     """Build the shared caches and Stage 1 once, before any worker starts. On a GPU this runs in
     a short-lived process so the parent never holds a CUDA context."""
     if config.training.device.startswith("cuda"):
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pool.submit(_prepare_in_child, config, progress).result()
+        run_in_child(_prepare, config, progress, name="fairfront-prepare")
     else:
         _prepare(config, progress)
 
@@ -439,13 +437,46 @@ def _prepare(config: StudyConfig, progress: bool) -> None:
     prepare(config.base_run_config(), progress=progress, with_test_caches=False)
 
 
-def _prepare_in_child(config: StudyConfig, progress: bool) -> None:
+_MAX_MESSAGE = 8000  # characters of a child's error message sent back (a pipe's buffer holds more)
+
+
+def run_in_child(func: Callable[..., object], *args: object, name: str, stop_grace: float = 60.0) -> None:
+    """``func(*args)`` in a fresh spawned process, waited for. A ``ValueError`` there (bad input)
+    is raised here with its message; any other failure is a RuntimeError (the child printed its
+    traceback). Ctrl-C or SIGTERM here stops the child too (SIGTERM, which it takes as Ctrl-C and
+    cleans up after, then SIGKILL after ``stop_grace``) instead of waiting minutes for a cache
+    build to finish: a SIGTERM reaches only this process, not the child."""
+    context = multiprocessing.get_context("spawn")
+    errors = context.SimpleQueue()
+    child = context.Process(target=_child_main, args=(func, args, errors), name=name)
+    child.start()
+    try:
+        child.join()
+    except KeyboardInterrupt:
+        log.warning("interrupted: stopping %s", name)
+        _stop([child], stop_grace)
+        raise
+    if child.exitcode == 0:
+        return
+    if not errors.empty():
+        raise ValueError(errors.get())
+    if child.exitcode == 130:  # Ctrl-C in a terminal reaches the child first
+        raise KeyboardInterrupt
+    how = f"signal {-child.exitcode}" if child.exitcode < 0 else f"exit code {child.exitcode}"
+    raise RuntimeError(f"{name} failed in its own process ({how}); its traceback is above")
+
+
+def _child_main(func: Callable[..., object], args: tuple, errors) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     install_log_redaction()
-    try:
-        _prepare(config, progress)
-    except ValueError as err:  # a plain ValueError crosses the process boundary (subclasses may not unpickle)
-        raise ValueError(str(err)) from None
+    with interrupts_as_keyboard():
+        try:
+            func(*args)
+        except ValueError as err:  # only the message crosses: an exception subclass may not unpickle there
+            errors.put(str(err)[:_MAX_MESSAGE])
+            sys.exit(2)
+        except KeyboardInterrupt:
+            sys.exit(130)
 
 
 def _wait(procs: list, assignment: list[str]) -> None:
@@ -529,4 +560,4 @@ def _worker_main(index: int, config: StudyConfig, target: int, timeout: float | 
     sys.exit(code)
 
 
-__all__ = ["Heartbeats", "TrialBudget", "WorkerRun", "assign_devices", "cpu_threads", "drop_interrupt_tracebacks", "interrupts_as_keyboard", "parse_devices", "run_workers", "worker_config"]
+__all__ = ["Heartbeats", "TrialBudget", "WorkerRun", "assign_devices", "cpu_threads", "drop_interrupt_tracebacks", "interrupts_as_keyboard", "parse_devices", "run_in_child", "run_workers", "worker_config"]

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 import run_study
 from search.config import DistributedConfig
 from search.storage import make_storage
-from search.workers import assign_devices, cpu_threads, parse_devices
+from search.workers import assign_devices, cpu_threads, parse_devices, run_in_child
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "studies" / "demo.yaml"
@@ -282,6 +282,49 @@ def test_a_third_signal_while_stopping_exits_at_once():
     assert proc.returncode == 130, proc.stderr
     assert proc.stdout.split() == ["first:", "interrupted", "second:", "ignored"]
     assert "exiting now" in proc.stderr
+
+
+def test_a_child_s_bad_input_is_a_value_error_with_its_message_and_a_crash_is_a_runtime_error():
+    """GPU prepare runs in a child (search.workers.run_in_child): a bad manifest there must still be
+    the one-line user error of the parent's command."""
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        run_in_child(int, "not a number", name="parse")
+    with pytest.raises(RuntimeError, match=r"crash failed in its own process \(exit code 3\)"):
+        run_in_child(os._exit, 3, name="crash")
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Children of ``pid`` started by multiprocessing's spawn (not its resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_sigterm_to_the_parent_stops_a_child_it_waits_for():
+    """``--workers`` on a GPU prepares in a child; a SIGTERM (docker stop, scancel) reaches only
+    the parent, which used to wait for the child's whole cache build before it stopped."""
+    script = (
+        "import sys, time\n"
+        "from search.workers import interrupts_as_keyboard, run_in_child\n"
+        "with interrupts_as_keyboard():\n"
+        "    try:\n"
+        "        run_in_child(time.sleep, 300, name='sleeper')\n"
+        "    except KeyboardInterrupt:\n"
+        "        sys.exit(130)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (children := _spawned_children(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert children, "the child never started"
+        time.sleep(2)  # let it import and start sleeping
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "stopping sleeper" in err
+    assert not any(Path(f"/proc/{c}").exists() for c in children), "the child outlived its parent"
 
 
 @pytest.mark.parametrize("where", ["bad password from the environment", "unreachable host given literally"])
