@@ -36,6 +36,15 @@ def _load_study(args: argparse.Namespace):
     return load_study_config(args.study, storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None))
 
 
+def _remember_study_args(study, args: argparse.Namespace) -> str:
+    """Store how this command named the study, for the commands its notes and report print."""
+    from search.study_args import format_study_args, remember_study_args
+
+    given = format_study_args(args.study, storage=args.storage, study_name=args.study_name)
+    remember_study_args(study, given)
+    return given
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from model import load_train_config, prepare
 
@@ -98,13 +107,14 @@ def _window_size(text: str) -> tuple[int, int]:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from search import optimize
+    from search import open_study, optimize
     from search.storage import mask_url
     from search.study import FINISHED, finished_count
 
     config = _load_study(args)
     if args.warm_start:
         config = dataclasses.replace(config, warm_start=True)
+    given = _remember_study_args(open_study(config), args)  # before the first trial note names it
     code = 0
     workers = config.distributed.workers if args.workers is None else args.workers
     devices = args.devices or config.distributed.devices
@@ -134,7 +144,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     storage = args.storage if args.storage and "${" in args.storage else mask_url(config.storage_url)
     print("\nnext:")
     print(f'  optuna-dashboard "{storage}"')
-    print(f"  python run_study.py export --study {args.study} --pick knee --out best.yaml")
+    print(f"  python run_study.py export {given} --pick knee --out best.yaml")
     print("  python run_study.py train --config best.yaml")
     return code
 
@@ -182,6 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     config = _load_study(args)
     study = open_study(config, create=False)
+    _remember_study_args(study, args)
     trials = select_trials(study, args.trials)
     results = evaluate_study(config, study, trials, tune_threshold=not args.no_tune_threshold, batch_size=args.batch_size,
                              progress=not args.quiet)

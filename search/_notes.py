@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 import objectives
 from search._figures import label
 from search.config import StudyConfig
+from search.study_args import UNKNOWN
 
 DETECTION = ("auc", "acc", "eer", "ap")
 FAIRNESS = ("f_fpr", "f_oae", "f_dp", "f_meo")
@@ -99,7 +100,8 @@ def test_table(test: dict, metrics: Sequence[str] = objectives.METRIC_NAMES) -> 
     return md_table(["test set", *(label(m) for m in metrics)], rows)
 
 
-def trial_note(trial: FrozenTrial, config: StudyConfig, *, test: dict | None = None, curves_url: str | None = None) -> str:
+def trial_note(trial: FrozenTrial, config: StudyConfig, *, test: dict | None = None, curves_url: str | None = None,
+               study_args: str = UNKNOWN) -> str:
     attrs = trial.user_attrs
     out = [f"## Trial {trial.number} · {trial.state.name}" + (f" · reference config {attrs['reference_config']}" if attrs.get("reference_config") else "")]
     if trial.state == TrialState.COMPLETE and trial.values:
@@ -145,5 +147,5 @@ def trial_note(trial: FrozenTrial, config: StudyConfig, *, test: dict | None = N
                  "yes" if r.get("degenerate") else ""] for r in curve]
         out.append(md_table(["epoch", "lr", "loss", "fair %", "AUC", "F_MEO", "F_FPR", "gate mean [min, max]", "degenerate"], rows))
     out.append(f"Seed {attrs.get('seed', '?')} · code {attrs.get('code_version', 'unknown')} · export: "
-               f"`python run_study.py export --study <study.yaml> --pick trial:{trial.number} --out trial-{trial.number}.yaml`")
+               f"`python run_study.py export {study_args} --pick trial:{trial.number} --out trial-{trial.number}.yaml`")
     return "\n\n".join(part for part in out if part)

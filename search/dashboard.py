@@ -42,6 +42,7 @@ from search import _figures
 from search._chromium import chromium, find_chromium
 from search._notes import trial_note
 from search.config import StudyConfig
+from search.study_args import study_args
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def write_trial_note(study: optuna.Study, config: StudyConfig, trial: FrozenTria
         test = load_test_results(study).get(trial.number)
     curves = trial_artifacts(study, trial).get("curves.png")
     image = f"/artifacts/{study._study_id}/{trial._trial_id}/{curves}" if curves else None
-    body = trial_note(trial, config, test=test, curves_url=image)
+    body = trial_note(trial, config, test=test, curves_url=image, study_args=study_args(study))
     save_note(_TrialRef(study, trial), body)
     return body
 

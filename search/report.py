@@ -31,6 +31,7 @@ from search._figures import StudyView, hypervolume_history, label
 from search._notes import DETECTION, FAIRNESS, STALE, degenerate_epochs, fmt_metric, fmt_value, gate_range, is_number, md_table, ranges
 from search.config import StudyConfig
 from search.evaluate import load_test_results
+from search.study_args import UNKNOWN, study_args
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,9 @@ def _pareto_sections(view: StudyView, config: StudyConfig) -> list[Section]:
     return [main, detection, fairness, hyper, gate]
 
 
-def _test_sections(view: StudyView, results: dict[int, dict]) -> list[Section]:
+def _test_sections(view: StudyView, results: dict[int, dict], args: str = UNKNOWN) -> list[Section]:
     if not results:
-        return [Section("Test sets", "Not evaluated yet: `python run_study.py evaluate --study <study.yaml> --trials pareto`.")]
+        return [Section("Test sets", f"Not evaluated yet: `python run_study.py evaluate {args} --trials pareto`.")]
     numbers = [n for n in sorted(results)]
     datasets = sorted({d for r in results.values() for d in r.get("datasets", [])})
     kinds = {t.number: view.kind(t) for t in view.trials}
@@ -199,7 +200,7 @@ def build_sections(study: optuna.Study, config: StudyConfig, out: Path) -> tuple
                 Section("Pareto front", "Validation objectives of every complete trial; red: feasible Pareto front (numbered), "
                         "blue: other feasible trials, grey crosses: infeasible (stopped as degenerate).", image=front_png)]
     sections += _pareto_sections(view, config)
-    sections += _test_sections(view, load_test_results(study))
+    sections += _test_sections(view, load_test_results(study), study_args(study))
     sections.append(Section("Hypervolume over trials", "", image=hv_png))
     sections.append(_importance_section(importances, imp_png))
     if blur_png is not None:

@@ -355,3 +355,33 @@ def test_a_machine_that_cannot_compile_stops_the_study_before_preparing_anything
     assert "training.compile_sinkhorn: torch.compile failed on cpu (OSError: no C compiler found)" in capsys.readouterr().err
     assert not (tmp_path / "work" / "data").exists()  # no synthetic data, cache or Stage 1 was built
     assert open_study(load_study_config(path), create=False).trials == []
+
+
+def test_the_commands_a_trial_note_and_the_report_print_name_the_study_as_optimize_was_given_it(study_run, tmp_path, monkeypatch):
+    """A study run with --storage and --study-name overrides: the note's export command, copied
+    from the dashboard and run as it stands, must export that trial (it used to say
+    `--study <study.yaml>` and could not name the storage)."""
+    import shlex
+
+    from search import dashboard
+    from search.pareto import is_feasible
+    from search.report import build_report
+
+    path, _, _ = study_run
+    storage, name = f"sqlite:///{tmp_path / 'elsewhere.db'}", "renamed study"
+    assert run_study.main(["-q", "optimize", "--study", str(path), "--storage", storage, "--study-name", name, "--n-trials", "5"]) == 0
+    config = load_study_config(path, storage=storage, study_name=name)
+    study = open_study(config, create=False)
+    trial = next(t for t in study.get_trials() if is_feasible(t))  # export refuses a degenerate trial
+    note = dashboard.read_trial_note(study, trial)
+    command = re.search(r"`(python run_study.py export [^`]+)`", note).group(1)
+    argv = shlex.split(command)
+    assert argv[argv.index("--storage") + 1] == storage and argv[argv.index("--study-name") + 1] == name
+    monkeypatch.chdir(tmp_path)
+    assert run_study.main(["-q", *argv[2:]]) == 0
+    exported = yaml.safe_load((tmp_path / f"trial-{trial.number}.yaml").read_text())
+    assert exported["training"]["lr"] == trial.params["lr"]
+
+    markdown = build_report(study, config, tmp_path / "report").markdown.read_text()
+    evaluate = re.search(r"`python run_study.py evaluate ([^`]+) --trials pareto`", markdown).group(1)
+    assert shlex.split(evaluate) == argv[3:argv.index("--pick")]
