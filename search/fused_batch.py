@@ -56,11 +56,11 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
     study, prepared, budget = start_worker(config, n_trials=n_trials, timeout=timeout, progress=progress, prepared=prepared)
     if budget is None:
         return study
-    batch = _Batch(study, config, prepared, progress)
-    start = time.perf_counter()
-    while batch.failed < config.budget.max_failed_trials and (slots := budget.next_slots(group_size)):
-        trials: list[optuna.Trial] = []
-        with Heartbeats(budget.storage) as heartbeats:
+    with Heartbeats(budget.storage) as heartbeats:
+        batch = _Batch(study, config, prepared, heartbeats, progress)
+        start = time.perf_counter()
+        while batch.failed < config.budget.max_failed_trials and (slots := budget.next_slots(group_size)):
+            trials: list[optuna.Trial] = []
             try:
                 with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": we write them
                     warnings.filterwarnings("ignore", message="Heartbeat of storage")
@@ -71,13 +71,12 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
                 budget.release()  # the lock; a Ctrl-C held back during the claim lands here
                 for trial in trials:  # all before any starts: a worker killed while starting them leaves each labelled
                     budget.label(trial)
-                batch.run(trials, heartbeats)
+                batch.run(trials)
             except BaseException as err:  # a bad config, Ctrl-C: no trial is left RUNNING
                 held = budget.release(deliver=False)  # a held-back Ctrl-C waits until the trials are failed
                 reason = "interrupted (KeyboardInterrupt)" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
                 for trial in trials:
-                    if trial._trial_id not in batch.told:
-                        batch.tell_failed(trial, reason)
+                    batch.tell_failed(trial, reason)
                 if held:
                     signal.raise_signal(held[0])
                 raise
@@ -95,16 +94,17 @@ def batching_advice(sampler: str, group_size: int) -> str | None:
 
 
 class _Batch:
-    """Trains claimed trials (one fused pass per group that can share batches) and tells them."""
+    """Trains claimed trials (one fused pass per group that can share batches) and tells them.
+    A trial's heartbeat stops when it is settled: told, or lost to another worker."""
 
-    def __init__(self, study: optuna.Study, config: StudyConfig, prepared, progress: bool) -> None:
-        self.study, self.config, self.prepared, self.progress = study, config, prepared, progress
+    def __init__(self, study: optuna.Study, config: StudyConfig, prepared, heartbeats: Heartbeats, progress: bool) -> None:
+        self.study, self.config, self.prepared, self.heartbeats, self.progress = study, config, prepared, heartbeats, progress
         self.store = artifact_store(config.artifact_dir)
         self.annotate = TrialAnnotator(config)
         self.failed = 0  # trials of this process that ended FAIL (budget.max_failed_trials)
-        self.told: set[int] = set()  # trial ids
+        self.settled: set[int] = set()  # trial ids
 
-    def run(self, trials: list[optuna.Trial], heartbeats: Heartbeats) -> None:
+    def run(self, trials: list[optuna.Trial]) -> None:
         run_configs: dict[int, object] = {}
         for i, trial in enumerate(trials):
             try:
@@ -112,7 +112,6 @@ class _Batch:
             except Exception as err:  # this trial fails, as a serial one would; the others train
                 log.exception("trial %d could not start", trial.number)
                 self.tell_failed(trial, f"{type(err).__name__}: {err}")
-                heartbeats.discard(trial._trial_id)
         groups: dict[str, list[int]] = {}
         for i, run_config in run_configs.items():  # e.g. a searched batch_size splits the batch
             groups.setdefault(fusion_key(run_config), []).append(i)
@@ -131,7 +130,6 @@ class _Batch:
             if error is not None:
                 for i in members:
                     self.tell_failed(trials[i], f"{type(error).__name__}: {error}")
-                    heartbeats.discard(trials[i]._trial_id)
                 continue
             for i, result in zip(members, results):
                 try:
@@ -139,8 +137,6 @@ class _Batch:
                 except Exception as err:  # e.g. an artifact upload: this trial fails, as a serial one would
                     log.exception("recording trial %d failed", trials[i].number)
                     self.tell_failed(trials[i], f"{type(err).__name__}: {err}")
-                finally:
-                    heartbeats.discard(trials[i]._trial_id)
         log.info("fused batch of %d trials: %.1f s", len(trials), time.perf_counter() - start)
 
     def _finish(self, trial: optuna.Trial, result, run_dir) -> None:
@@ -157,6 +153,9 @@ class _Batch:
         self._told(frozen)
 
     def tell_failed(self, trial: optuna.Trial, reason: str) -> None:
+        """End ``trial`` FAIL with ``reason``, unless it is settled already."""
+        if trial._trial_id in self.settled:
+            return
         try:
             trial.set_user_attr("fail_reason", reason)
             frozen = self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -165,22 +164,26 @@ class _Batch:
             return
         except Exception:  # the storage is gone: the trial's heartbeat stops, another worker fails it
             log.exception("could not fail trial %d", trial.number)
-            self.told.add(trial._trial_id)
+            self._settle(trial._trial_id)
             return
         self._told(frozen)
 
     def _lost(self, trial: optuna.Trial) -> None:
         """Failed by another worker: a failure of this run too, or a worker whose heartbeats never
         arrive would claim new trials forever."""
-        self.told.add(trial._trial_id)
+        self._settle(trial._trial_id)
         self.failed += 1
 
     def _told(self, frozen: optuna.trial.FrozenTrial) -> None:
-        self.told.add(frozen._trial_id)
+        self._settle(frozen._trial_id)
         self.failed += frozen.state == TrialState.FAIL
         if self.progress:
             print(describe_trial(frozen, self.config.metric_names), flush=True)
         self.annotate(self.study, frozen)
+
+    def _settle(self, trial_id: int) -> None:
+        self.settled.add(trial_id)
+        self.heartbeats.discard(trial_id)
 
 
 __all__ = ["optimize_fused"]
