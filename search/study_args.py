@@ -31,6 +31,8 @@ def format_study_args(study_file: str | Path, *, storage: str | None = None, stu
 
 
 def remember_study_args(study: optuna.Study, args: str) -> None:
+    """Store ``args`` on ``study``. No lock: when a SLURM array's tasks write it at once, Optuna
+    keeps one write and drops the others' IntegrityError (they hold the same arguments)."""
     if study.user_attrs.get(ATTR) != args:
         study.set_user_attr(ATTR, args)
 

@@ -169,20 +169,24 @@ def test_distributed_config_is_validated():
 
 def test_workers_opening_a_new_study_at_the_same_moment_all_get_it(storage_url, tmp_path):
     """A SLURM array's tasks start together on a fresh database: the schema, the study, its
-    metric names and its stored definition are each written once, and no task fails."""
+    metric names, its stored definition and the arguments that name it are each written once,
+    and no task fails."""
     import dataclasses
 
     from search import load_study_config
     from search.study import DEFINITION_ATTR, open_study
+    from search.study_args import remember_study_args, study_args
 
     config = load_study_config(REPO / "studies" / "demo.yaml", storage=storage_url)
     config = dataclasses.replace(config, workdir=tmp_path / "work")
-    errors, barrier = [], threading.Barrier(8)
+    errors, barrier, opened = [], threading.Barrier(8), threading.Barrier(8)
 
     def worker():
         barrier.wait()
         try:
-            open_study(config)
+            study = open_study(config)
+            opened.wait(60)  # then all write the arguments that name it at once
+            remember_study_args(study, "--study studies/demo.yaml")
         except Exception as err:  # noqa: BLE001 - what the test counts
             errors.append(repr(err))
 
@@ -194,3 +198,4 @@ def test_workers_opening_a_new_study_at_the_same_moment_all_get_it(storage_url, 
     assert errors == []
     study = optuna.load_study(study_name=config.name, storage=storage_url)
     assert study.metric_names == config.metric_names and DEFINITION_ATTR in study.user_attrs
+    assert study_args(study) == "--study studies/demo.yaml"
