@@ -36,13 +36,11 @@ def _load_study(args: argparse.Namespace):
     return load_study_config(args.study, storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None))
 
 
-def _remember_study_args(study, args: argparse.Namespace) -> str:
-    """Store how this command named the study, for the commands its notes and report print."""
-    from search.study_args import format_study_args, remember_study_args
+def _study_args(args: argparse.Namespace) -> str:
+    """How this command named the study: stored on it for the commands its notes and report print."""
+    from search.study_args import format_study_args
 
-    given = format_study_args(args.study, storage=args.storage, study_name=args.study_name)
-    remember_study_args(study, given)
-    return given
+    return format_study_args(args.study, storage=args.storage, study_name=args.study_name)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -107,14 +105,14 @@ def _window_size(text: str) -> tuple[int, int]:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from search import open_study, optimize
+    from search import optimize
     from search.storage import mask_url
     from search.study import FINISHED, finished_count
 
     config = _load_study(args)
     if args.warm_start:
         config = dataclasses.replace(config, warm_start=True)
-    given = _remember_study_args(open_study(config), args)  # before the first trial note names it
+    given = _study_args(args)
     code = 0
     workers = config.distributed.workers if args.workers is None else args.workers
     devices = args.devices or config.distributed.devices
@@ -122,14 +120,15 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         from search.workers import run_workers
 
         run = run_workers(config, workers=workers, devices=devices, n_trials=args.n_trials, timeout=args.timeout,
-                          progress=not args.quiet, verbose=args.verbose, fuse=args.fuse)
+                          progress=not args.quiet, verbose=args.verbose, fuse=args.fuse, study_args=given)
         study, code = run.study, run.exit_code
     elif args.fuse:
         from search.fused_batch import optimize_fused
 
-        study = optimize_fused(config, group_size=args.fuse, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
+        study = optimize_fused(config, group_size=args.fuse, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet,
+                               study_args=given)
     else:
-        study = optimize(config, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
+        study = optimize(config, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet, study_args=given)
     target, finished = args.n_trials or config.budget.n_trials, finished_count(study)
     if finished < target and code == 0:  # failed trials, a timeout: the same exit status as with --workers
         print(f"optimize: the study has {finished} of its {target} finished trials (a timeout ended this run, or trials failed: "
@@ -188,11 +187,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from search import open_study
     from search.evaluate import evaluate_study, results_frame, select_trials
+    from search.study_args import remember_study_args
     from search.pareto import is_feasible
 
     config = _load_study(args)
     study = open_study(config, create=False)
-    _remember_study_args(study, args)
+    remember_study_args(study, _study_args(args))
     trials = select_trials(study, args.trials)
     results = evaluate_study(config, study, trials, tune_threshold=not args.no_tune_threshold, batch_size=args.batch_size,
                              progress=not args.quiet)

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 
 def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | None = None,
-                   timeout: float | None = None, progress: bool = True, prepared=None) -> optuna.Study:
+                   timeout: float | None = None, progress: bool = True, prepared=None,
+                   study_args: str | None = None) -> optuna.Study:
     """Run the study to ``n_trials`` finished trials (default: the budget; counted over every
     worker of the study), ``group_size`` at a time; no new group starts after ``timeout``
     seconds (default: the budget's)."""
@@ -53,7 +54,8 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if advice := batching_advice(config.sampler.name, group_size):
         log.warning(advice)
-    study, prepared, budget = start_worker(config, n_trials=n_trials, timeout=timeout, progress=progress, prepared=prepared)
+    study, prepared, budget = start_worker(config, n_trials=n_trials, timeout=timeout, progress=progress, prepared=prepared,
+                                           study_args=study_args)
     if budget is None:
         return study
     with Heartbeats(budget.storage) as heartbeats:

@@ -22,6 +22,7 @@ from search.objective import TrialDiverged, TrialObjective
 from search.samplers import build_sampler
 from search.space import enqueue_reference_configs
 from search.storage import make_storage, mask_url, sqlite_file, storage_of, study_lock
+from search.study_args import remember_study_args
 from search.workers import TrialBudget
 
 log = logging.getLogger(__name__)
@@ -171,13 +172,16 @@ def warm_start(study: optuna.Study, config: StudyConfig) -> None:
 
 
 def start_worker(config: StudyConfig, *, n_trials: int | None, timeout: float | None, progress: bool,
-                 prepared=None) -> tuple[optuna.Study, object, TrialBudget | None]:
+                 prepared=None, study_args: str | None = None) -> tuple[optuna.Study, object, TrialBudget | None]:
     """What every worker (``optimize``, a ``--fuse`` worker) does before its first trial: open the
     study, check that ``compile_sinkhorn`` can compile here, prepare, warm-start, and join the
     shared budget of ``n_trials`` (default: the budget's), with ``timeout`` (default: the budget's).
+    ``study_args``: the command-line arguments that named the study (search/study_args.py).
     Returns (study, prepared data, budget); the budget is None when the study already has its trials."""
     target = n_trials or config.budget.n_trials
     study = open_study(config)  # first: an unreachable storage fails before minutes of preparation
+    if study_args:
+        remember_study_args(study, study_args)
     base = config.base_run_config()
     compile_sinkhorn(base.training.compile_sinkhorn, resolve_device(base.training.device))  # and a machine that cannot compile
     prepared = prepared or prepare(base, progress=progress, with_test_caches=False)
@@ -192,13 +196,14 @@ def start_worker(config: StudyConfig, *, n_trials: int | None, timeout: float | 
 
 
 def optimize(config: StudyConfig, *, n_trials: int | None = None, timeout: float | None = None,
-             progress: bool = True, prepared=None) -> optuna.Study:
+             progress: bool = True, prepared=None, study_args: str | None = None) -> optuna.Study:
     """Run trials until the study has ``n_trials`` finished ones (default: the budget), counted
     over every worker sharing the study (see search/workers.py for how the last slots are shared).
 
     Re-running on an existing study continues it; it never overwrites trials.
     """
-    study, prepared, budget = start_worker(config, n_trials=n_trials, timeout=timeout, progress=progress, prepared=prepared)
+    study, prepared, budget = start_worker(config, n_trials=n_trials, timeout=timeout, progress=progress, prepared=prepared,
+                                           study_args=study_args)
     if budget is None:
         return study
     objective = TrialObjective(config, prepared)

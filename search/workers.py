@@ -362,12 +362,13 @@ class WorkerRun:
 
 def run_workers(config: StudyConfig, *, workers: int, devices: str | None = None, n_trials: int | None = None,
                 timeout: float | None = None, progress: bool = True, verbose: bool = False,
-                stop_grace: float = 60.0, fuse: int | None = None) -> WorkerRun:
+                stop_grace: float = 60.0, fuse: int | None = None, study_args: str | None = None) -> WorkerRun:
     """Start ``workers`` processes on this node, each pinned to a device, sharing the study; wait
     for them. ``prepare`` runs once before they start (they then load its caches). A worker that
     crashes does not stop the others; Ctrl-C / SIGTERM stops them all cleanly. ``fuse=K``: each
-    worker trains K trials at a time (search/fused_batch.py)."""
+    worker trains K trials at a time (search/fused_batch.py). ``study_args``: as for ``optimize``."""
     from search.study import finished_count, open_study, warm_start
+    from search.study_args import remember_study_args
 
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -379,6 +380,8 @@ def run_workers(config: StudyConfig, *, workers: int, devices: str | None = None
     threads = cpu_threads(assignment)
     target = n_trials or config.budget.n_trials
     study = open_study(config)  # first: an unreachable storage fails before minutes of preparation
+    if study_args:
+        remember_study_args(study, study_args)
     _prepare_once(worker_config(config, assignment[0]), progress=progress)
     warm_start(study, config)
     if finished_count(study) >= target:

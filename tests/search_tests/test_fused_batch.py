@@ -56,6 +56,9 @@ def test_fused_batches_finish_the_budget_and_record_each_trial(tmp_path):
     # each fused trial has its dashboard note, as a serial one does
     notes = study._storage.get_study_system_attrs(study._study_id)
     assert all(note_ver_key(t._trial_id) in notes for t in after)
+    from search.dashboard import read_trial_note
+
+    assert f"run_study.py export --study {path} --pick trial:6" in read_trial_note(study, after[6])  # as optimize named it
 
 
 def test_a_batch_longer_than_the_grace_period_keeps_its_trials_alive(tmp_path, monkeypatch):

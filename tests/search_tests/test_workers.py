@@ -171,6 +171,11 @@ def test_the_study_files_worker_count_is_the_default_on_sqlite(study_files, tmp_
     trials = _load(url, "two").get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4, run.output
     assert len({t.user_attrs["worker"] for t in trials}) == 2
+    from search.dashboard import read_trial_note
+
+    # a worker's trial note names the study as the command line did: the storage stays a reference
+    note = read_trial_note(_load(url, "two"), trials[0])
+    assert f"export --study {two} --storage '${{FAIRFRONT_STORAGE}}' --study-name two --pick trial:{trials[0].number}" in note
     run = Run(two, "one", url, "--n-trials", "2", "--workers", "1")
     assert run.wait() == 0, run.output
     assert len({t.user_attrs["worker"] for t in _load(url, "one").get_trials()}) == 1
