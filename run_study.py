@@ -140,7 +140,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
           + f" ({infeasible} degenerate)")
     _print_front(study, config)
     # the storage as the user gave it: "${VAR}" stays a reference, a literal password is masked
-    storage = args.storage if args.storage and "${" in args.storage else mask_url(config.storage_url)
+    storage = mask_url(args.storage or config.storage_url)
     print("\nnext:")
     print(f'  optuna-dashboard "{storage}"')
     print(f"  python run_study.py export {given} --pick knee --out best.yaml")

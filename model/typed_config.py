@@ -19,7 +19,7 @@ import yaml
 
 T = TypeVar("T")
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class ConfigError(ValueError):
@@ -53,7 +53,7 @@ def expand_env(value: str, where: str) -> str:
             raise ConfigError(f"{where}: environment variable ${{{name}}} is not set")
         return os.environ[name]
 
-    return _ENV_REF.sub(repl, value)
+    return ENV_REFERENCE.sub(repl, value)
 
 
 def from_dict(cls: type[T], data: Any, *, where: str = "", base_dir: Path | None = None) -> T:

@@ -133,7 +133,7 @@ class _Batch:
                 for i in members:
                     self.tell_failed(trials[i], f"{type(error).__name__}: {error}")
                 continue
-            for i, result in zip(members, results):
+            for i, result in zip(members, results, strict=True):  # a missing result must not keep a trial beating
                 try:
                     self._finish(trials[i], result, run_configs[i].run_dir)
                 except Exception as err:  # e.g. an artifact upload: this trial fails, as a serial one would

@@ -41,6 +41,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
+from model.typed_config import ENV_REFERENCE
 from search.config import DistributedConfig
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,9 @@ def register_secret(url: str) -> None:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (what logs and messages show)."""
-    return _URL_PASSWORD.sub(r"\g<head>***", url)
+    """``url`` with its password replaced by ``***`` (what logs and messages show); a password
+    given as a ``${VAR}`` reference is no secret and stays."""
+    return _URL_PASSWORD.sub(lambda m: m.group(0) if ENV_REFERENCE.fullmatch(m.group("password")) else f"{m.group('head')}***", url)
 
 
 def redact(text: object) -> str:

@@ -24,7 +24,7 @@ def format_study_args(study_file: str | Path, *, storage: str | None = None, stu
     """``--study F [--storage URL] [--study-name N]``, quoted for a POSIX shell."""
     parts = ["--study", str(study_file)]
     if storage:
-        parts += ["--storage", storage if "${" in storage else mask_url(storage)]
+        parts += ["--storage", mask_url(storage)]
     if study_name:
         parts += ["--study-name", study_name]
     return shlex.join(parts)

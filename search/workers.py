@@ -441,19 +441,23 @@ def _prepare(config: StudyConfig, progress: bool) -> None:
 
 
 _MAX_MESSAGE = 8000  # characters of a child's error message sent back (a pipe's buffer holds more)
+_USER_ERRORS = (FileNotFoundError, ValueError)  # run_study.py's one-line errors: they cross with their type
 
 
 def run_in_child(func: Callable[..., object], *args: object, name: str, stop_grace: float = 60.0) -> None:
-    """``func(*args)`` in a fresh spawned process, waited for. A ``ValueError`` there (bad input)
-    is raised here with its message; any other failure is a RuntimeError (the child printed its
-    traceback). Ctrl-C or SIGTERM here stops the child too (SIGTERM, which it takes as Ctrl-C and
-    cleans up after, then SIGKILL after ``stop_grace``) instead of waiting minutes for a cache
-    build to finish: a SIGTERM reaches only this process, not the child."""
+    """``func(*args)`` in a fresh spawned process, waited for. A ``ValueError`` or
+    ``FileNotFoundError`` there (bad input) is raised here with its message; any other failure is
+    a RuntimeError (the child printed its traceback). Ctrl-C or SIGTERM here stops the child too
+    (SIGTERM, which it takes as Ctrl-C and cleans up after, then SIGKILL after ``stop_grace``)
+    instead of waiting minutes for a cache build to finish: a SIGTERM reaches only this process.
+    The child ignores SIGINT: a terminal's Ctrl-C reaches it too, and only the parent's SIGTERM
+    may count as its first signal, or the user's second Ctrl-C would be its third (exit at once,
+    no clean-up)."""
     context = multiprocessing.get_context("spawn")
     errors = context.SimpleQueue()
     child = context.Process(target=_child_main, args=(func, args, errors), name=name)
-    child.start()
     try:
+        child.start()
         child.join()
     except KeyboardInterrupt:
         log.warning("interrupted: stopping %s", name)
@@ -462,21 +466,25 @@ def run_in_child(func: Callable[..., object], *args: object, name: str, stop_gra
     if child.exitcode == 0:
         return
     if not errors.empty():
-        raise ValueError(errors.get())
-    if child.exitcode == 130:  # Ctrl-C in a terminal reaches the child first
+        kind, message = errors.get()
+        raise next(e for e in _USER_ERRORS if e.__name__ == kind)(message)
+    if child.exitcode == 130:  # stopped by a SIGTERM sent to it alone (its own Ctrl-C is ignored)
         raise KeyboardInterrupt
-    how = f"signal {-child.exitcode}" if child.exitcode < 0 else f"exit code {child.exitcode}"
-    raise RuntimeError(f"{name} failed in its own process ({how}); its traceback is above")
+    if child.exitcode < 0:
+        raise RuntimeError(f"{name} was killed by signal {-child.exitcode} (out of memory?)")
+    raise RuntimeError(f"{name} failed in its own process (exit code {child.exitcode}); its traceback is above")
 
 
 def _child_main(func: Callable[..., object], args: tuple, errors) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     install_log_redaction()
     with interrupts_as_keyboard():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # see run_in_child; the context restores it
         try:
             func(*args)
-        except ValueError as err:  # only the message crosses: an exception subclass may not unpickle there
-            errors.put(str(err)[:_MAX_MESSAGE])
+        except _USER_ERRORS as err:  # only type and message cross: a subclass may not unpickle there
+            kind = next(e for e in _USER_ERRORS if isinstance(err, e))
+            errors.put((kind.__name__, str(err)[:_MAX_MESSAGE]))
             sys.exit(2)
         except KeyboardInterrupt:
             sys.exit(130)

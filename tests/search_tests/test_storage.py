@@ -50,6 +50,9 @@ def test_mask_and_redact_remove_passwords_in_any_form():
     clean = redact(text)
     assert "p@ss" not in clean and "p%40ss" not in clean and "alice:***@db.example" in clean
     assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    # a reference to the environment is no secret; a literal password beside one is
+    assert mask_url("postgresql://alice:${DB_PASSWORD}@db/f") == "postgresql://alice:${DB_PASSWORD}@db/f"
+    assert mask_url("postgresql://alice:s3cret@${DB_HOST}/f") == "postgresql://alice:***@${DB_HOST}/f"
 
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "opening %s", (url,), None)
     try:
@@ -199,3 +202,16 @@ def test_workers_opening_a_new_study_at_the_same_moment_all_get_it(storage_url, 
     study = optuna.load_study(study_name=config.name, storage=storage_url)
     assert study.metric_names == config.metric_names and DEFINITION_ATTR in study.user_attrs
     assert study_args(study) == "--study studies/demo.yaml"
+
+
+def test_stored_study_arguments_never_hold_a_literal_password():
+    """They are shown in every trial note: a ``${VAR}`` stays a reference, a path with spaces is quoted."""
+    import shlex
+
+    from search.study_args import format_study_args
+
+    shown = format_study_args("my studies/ff.yaml", storage="postgresql://fair:s3cret@${DB_HOST}/optuna", study_name="ff 1")
+    assert "s3cret" not in shown
+    assert shlex.split(shown) == ["--study", "my studies/ff.yaml", "--storage", "postgresql://fair:***@${DB_HOST}/optuna",
+                                  "--study-name", "ff 1"]
+    assert shlex.split(format_study_args("s.yaml", storage="${FAIRFRONT_STORAGE}")) == ["--study", "s.yaml", "--storage", "${FAIRFRONT_STORAGE}"]

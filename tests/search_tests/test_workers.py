@@ -6,6 +6,7 @@ Plus the docker files: compose parses as intended and every command it runs is v
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -289,13 +290,17 @@ def test_a_third_signal_while_stopping_exits_at_once():
     assert "exiting now" in proc.stderr
 
 
-def test_a_child_s_bad_input_is_a_value_error_with_its_message_and_a_crash_is_a_runtime_error():
+def test_a_child_s_bad_input_keeps_its_type_and_message_and_a_crash_says_how_it_ended():
     """GPU prepare runs in a child (search.workers.run_in_child): a bad manifest there must still be
-    the one-line user error of the parent's command."""
+    the one-line user error (exit 2) of the parent's command."""
     with pytest.raises(ValueError, match="invalid literal for int"):
         run_in_child(int, "not a number", name="parse")
+    with pytest.raises(FileNotFoundError, match="no-such-file"):
+        run_in_child(open, "/no-such-file", name="open")
     with pytest.raises(RuntimeError, match=r"crash failed in its own process \(exit code 3\)"):
         run_in_child(os._exit, 3, name="crash")
+    with pytest.raises(RuntimeError, match="killed by signal 9"):
+        run_in_child(signal.raise_signal, signal.SIGKILL, name="killed")  # as the OOM killer would
 
 
 def _spawned_children(pid: int) -> list[int]:
@@ -304,31 +309,58 @@ def _spawned_children(pid: int) -> list[int]:
     return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
-def test_sigterm_to_the_parent_stops_a_child_it_waits_for():
-    """``--workers`` on a GPU prepares in a child; a SIGTERM (docker stop, scancel) reaches only
-    the parent, which used to wait for the child's whole cache build before it stopped."""
+SLOW_CLEAN_UP = """
+import time
+from pathlib import Path
+
+def build(marker):
+    Path(marker).write_text("building")
+    try:
+        time.sleep(300)
+    finally:  # as a cache build removes its partial folder
+        time.sleep(3)
+        Path(marker).write_text("cleaned up")
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the parent", "Ctrl-C twice in a terminal"])
+def test_an_interrupted_parent_stops_the_child_it_waits_for_and_the_child_cleans_up(tmp_path, how):
+    """``--workers`` on a GPU prepares in a child. A SIGTERM (docker stop, scancel) reaches only the
+    parent, which used to wait for the child's whole cache build. A terminal's Ctrl-C reaches both:
+    the user's second one must not end the child's clean-up."""
+    (tmp_path / "slow_clean_up.py").write_text(SLOW_CLEAN_UP)
+    marker = tmp_path / "marker"
     script = (
-        "import sys, time\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import slow_clean_up\n"
         "from search.workers import interrupts_as_keyboard, run_in_child\n"
         "with interrupts_as_keyboard():\n"
         "    try:\n"
-        "        run_in_child(time.sleep, 300, name='sleeper')\n"
+        f"        run_in_child(slow_clean_up.build, {str(marker)!r}, name='builder')\n"
         "    except KeyboardInterrupt:\n"
         "        sys.exit(130)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not (children := _spawned_children(proc.pid)) and time.monotonic() < deadline:
+        while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert children, "the child never started"
-        time.sleep(2)  # let it import and start sleeping
-        proc.send_signal(signal.SIGTERM)
+        children = _spawned_children(proc.pid)
+        assert children and marker.exists(), "the child never started"
+        if how == "SIGTERM to the parent":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(1)
+            os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err
-    assert "stopping sleeper" in err
+    assert "stopping builder" in err
+    assert marker.read_text() == "cleaned up", err
     assert not any(Path(f"/proc/{c}").exists() for c in children), "the child outlived its parent"
 
 
