@@ -117,7 +117,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     workers = config.distributed.workers if args.workers is None else args.workers
     devices = args.devices or config.distributed.devices
     if workers > 1 or devices:
-        from search.workers import run_workers
+        from search.local_workers import run_workers
 
         run = run_workers(config, workers=workers, devices=devices, n_trials=args.n_trials, timeout=args.timeout,
                           progress=not args.quiet, verbose=args.verbose, fuse=args.fuse, study_args=given)
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     from search.storage import install_log_redaction, redact
-    from search.workers import drop_interrupt_tracebacks, interrupts_as_keyboard
+    from search.processes import drop_interrupt_tracebacks, interrupts_as_keyboard
 
     install_log_redaction()  # no storage password in any log line
     drop_interrupt_tracebacks()

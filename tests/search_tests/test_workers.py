@@ -26,7 +26,8 @@ from optuna.trial import TrialState
 import run_study
 from search.config import DistributedConfig
 from search.storage import make_storage
-from search.workers import assign_devices, cpu_threads, parse_devices, run_in_child
+from search.local_workers import assign_devices, cpu_threads, parse_devices
+from search.processes import run_in_child
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "studies" / "demo.yaml"
@@ -273,7 +274,7 @@ def test_a_third_signal_while_stopping_exits_at_once():
     must not need SIGKILL when that clean-up hangs on an unreachable database."""
     script = (
         "import os, signal, time\n"
-        "from search.workers import interrupts_as_keyboard\n"
+        "from search.processes import interrupts_as_keyboard\n"
         "with interrupts_as_keyboard():\n"
         "    try:\n"
         "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
@@ -291,7 +292,7 @@ def test_a_third_signal_while_stopping_exits_at_once():
 
 
 def test_a_child_s_bad_input_keeps_its_type_and_message_and_a_crash_says_how_it_ended():
-    """GPU prepare runs in a child (search.workers.run_in_child): a bad manifest there must still be
+    """GPU prepare runs in a child (search.processes.run_in_child): a bad manifest there must still be
     the one-line user error (exit 2) of the parent's command."""
     with pytest.raises(ValueError, match="invalid literal for int"):
         run_in_child(int, "not a number", name="parse")
@@ -334,7 +335,7 @@ def test_an_interrupted_parent_stops_the_child_it_waits_for_and_the_child_cleans
         "import sys\n"
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "import slow_clean_up\n"
-        "from search.workers import interrupts_as_keyboard, run_in_child\n"
+        "from search.processes import interrupts_as_keyboard, run_in_child\n"
         "with interrupts_as_keyboard():\n"
         "    try:\n"
         f"        run_in_child(slow_clean_up.build, {str(marker)!r}, name='builder')\n"
