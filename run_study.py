@@ -106,7 +106,7 @@ def _window_size(text: str) -> tuple[int, int]:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from search import optimize
-    from search.storage import mask_url
+    from search.credentials import mask_url
     from search.study import FINISHED, finished_count
 
     config = _load_study(args)
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from search.storage import install_log_redaction, redact
+    from search.credentials import install_log_redaction, redact
     from search.processes import drop_interrupt_tracebacks, interrupts_as_keyboard
 
     install_log_redaction()  # no storage password in any log line

@@ -20,7 +20,7 @@ import optuna
 
 from search.config import StudyConfig
 from search.processes import drop_interrupt_tracebacks, interrupts_as_keyboard, run_in_child, stop_processes
-from search.storage import install_log_redaction
+from search.credentials import install_log_redaction
 
 log = logging.getLogger(__name__)
 

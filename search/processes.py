@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from search.storage import install_log_redaction
+from search.credentials import install_log_redaction
 
 log = logging.getLogger(__name__)
 

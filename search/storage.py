@@ -3,8 +3,8 @@ nodes) as an Optuna ``RDBStorage`` with heartbeats, retry of a dead worker's tri
 transient database errors, and credentials kept out of every message.
 
 * Credentials come from the environment (``--storage '${FAIRFRONT_STORAGE}'``); every URL this
-  module opens is remembered, and :func:`redact` / :class:`RedactingFilter` replace its password in
-  log records and error messages, including the ones SQLAlchemy and the drivers raise.
+  module opens is registered with search/credentials.py, which keeps its password out of every
+  log record and error message.
 * Opening the storage fails once, clearly (:class:`StorageError`); during a study, connection
   losses, deadlocks and "database is locked" are retried with exponential back-off for
   ``distributed.retry_seconds``.
@@ -12,18 +12,13 @@ transient database errors, and credentials kept out of every message.
   that died (SIGKILL, node loss) once its last heartbeat is older than ``grace_period``; the trial
   is re-queued with the same parameters up to ``max_retry`` times (Optuna 5's
   ``RetryHeartbeatStaleTrialCallback``; ``RetryFailedTrialCallback`` is its deprecated alias).
-* :func:`study_lock` is a study-wide mutex (a PostgreSQL advisory lock, MySQL ``GET_LOCK`` or a
-  file lock for SQLite) held while a worker decides whether to start a trial and creates it; the
-  server or the kernel releases it when its holder dies. See search/workers.py for why.
+* The study-wide lock the workers share is in search/study_lock.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
-import fcntl
-import hashlib
 import logging
 import re
 import threading
@@ -41,63 +36,10 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from model.typed_config import ENV_REFERENCE
 from search.config import DistributedConfig
+from search.credentials import mask_url, redact, register_secret
 
 log = logging.getLogger(__name__)
-
-# --- credentials ----------------------------------------------------------------------------
-
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*:)(?P<password>[^@\s'\"]+)(?=@)")
-_secrets: set[str] = set()
-_MIN_SECRET = 4  # shorter passwords are masked only inside URLs, not as free text
-
-
-def register_secret(url: str) -> None:
-    """Remember the password of ``url`` (raw and decoded) so :func:`redact` removes it anywhere."""
-    match = _URL_PASSWORD.search(url)
-    candidates = {match.group("password")} if match else set()
-    with contextlib.suppress(Exception):
-        candidates.add(make_url(url).password or "")
-    _secrets.update(s for s in candidates if len(s) >= _MIN_SECRET)
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (what logs and messages show); a password
-    given as a ``${VAR}`` reference is no secret and stays."""
-    return _URL_PASSWORD.sub(lambda m: m.group(0) if ENV_REFERENCE.fullmatch(m.group("password")) else f"{m.group('head')}***", url)
-
-
-def redact(text: object) -> str:
-    """``str(text)`` with every URL password and every registered secret replaced by ``***``."""
-    text = _URL_PASSWORD.sub(r"\g<head>***", str(text))
-    for secret in sorted(_secrets, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
-
-
-class RedactingFilter(logging.Filter):
-    """A handler filter that redacts the formatted message and traceback of every record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text)
-        return True
-
-
-def install_log_redaction() -> None:
-    """Add a :class:`RedactingFilter` to every handler of the root logger and of Optuna's own."""
-    for logger in (logging.getLogger(), logging.getLogger("optuna")):
-        for handler in logger.handlers:
-            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-                handler.addFilter(RedactingFilter())
-
 
 class StorageError(ValueError):
     """The storage cannot be opened (bad URL, unreachable server, wrong credentials, missing
@@ -363,121 +305,7 @@ def _trials_without_heartbeat(storage: RDBStorage, study_id: int, grace: float) 
     return [trial_id for (trial_id,) in rows if (storage.get_trial(trial_id).datetime_start or cutoff) < cutoff]
 
 
-# --- the study lock --------------------------------------------------------------------------
-
-
-class StudyLock:
-    """A mutex shared by every worker of one study; released by the server or kernel when its
-    holder dies. ``acquire`` blocks; transient errors are retried like every storage call."""
-
-    def __init__(self, retry_seconds: float) -> None:
-        self.retry_seconds = retry_seconds
-        self.held = False
-
-    def acquire(self) -> None:
-        call_with_retry(self._acquire, retry_seconds=self.retry_seconds, what="study lock")
-        self.held = True
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self._release()
-
-    def __enter__(self) -> "StudyLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def _acquire(self) -> None:
-        raise NotImplementedError
-
-    def _release(self) -> None:
-        raise NotImplementedError
-
-
-class _SQLLock(StudyLock):
-    """A session-level lock on a dedicated autocommit connection (PostgreSQL advisory lock, MySQL
-    GET_LOCK): the server drops it with the connection when the worker dies."""
-
-    def __init__(self, engine: sqlalchemy.Engine, study_name: str, retry_seconds: float) -> None:
-        super().__init__(retry_seconds)
-        self.engine, self.connection = engine, None
-        digest = hashlib.sha256(f"fairfront/{study_name}".encode()).digest()
-        self.key = int.from_bytes(digest[:8], "big", signed=True)
-        self.name = "fairfront-" + digest.hex()[:40]
-        self.postgres = engine.dialect.name == "postgresql"
-
-    def _acquire(self) -> None:
-        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        try:
-            if self.postgres:
-                # A partitioned holder is noticed by keepalives (seconds), not the kernel default (hours).
-                connection.exec_driver_sql("SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3")
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
-            else:
-                connection.execute(sqlalchemy.text("SELECT GET_LOCK(:name, -1)"), {"name": self.name})
-        except BaseException:
-            connection.invalidate()
-            connection.close()
-            raise
-        self.connection = connection
-
-    def _release(self) -> None:
-        connection, self.connection = self.connection, None
-        try:
-            if self.postgres:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
-            else:
-                connection.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:name)"), {"name": self.name})
-            connection.close()
-        except Exception as err:  # the lock goes with the connection anyway
-            log.warning("storage: releasing the study lock failed (%s); dropping its connection", error_reason(err))
-            with contextlib.suppress(Exception):
-                connection.invalidate()
-                connection.close()
-
-
-class _FileLock(StudyLock):
-    """``flock`` on a file beside the SQLite database (SQLite serves one node anyway)."""
-
-    def __init__(self, path: Path, retry_seconds: float) -> None:
-        super().__init__(retry_seconds)
-        self.path, self.handle = path, None
-
-    def _acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except BaseException:
-            handle.close()
-            raise
-        self.handle = handle
-
-    def _release(self) -> None:
-        handle, self.handle = self.handle, None
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
-
-
-def study_lock(storage: RDBStorage, study_name: str, *, fallback_dir: Path) -> StudyLock:
-    """The study-wide lock for ``storage``'s backend (see the module docstring)."""
-    retry = getattr(storage, "retry_seconds", 120.0)
-    url = make_url(storage.url)
-    backend = url.get_backend_name()
-    if backend in ("postgresql", "mysql", "mariadb"):
-        return _SQLLock(storage.engine, study_name, retry)
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)
-    if database := sqlite_file(storage.url):
-        return _FileLock(Path(f"{database}.{safe}.lock"), retry)
-    log.warning("storage: no server-side lock for %r; workers on other nodes may overshoot the trial budget", backend)
-    return _FileLock(fallback_dir / f".{safe}.lock", retry)
-
-
 __all__ = [
-    "RedactingFilter", "ResilientRDBStorage", "RetryDeadWorkerTrial", "StorageError", "StudyLock", "call_with_retry",
-    "error_reason", "fail_dead_trials", "install_log_redaction", "is_transient", "make_storage", "mask_url", "redact",
-    "register_secret", "storage_of", "study_lock",
+    "ResilientRDBStorage", "RetryDeadWorkerTrial", "StorageError", "call_with_retry", "error_reason", "fail_dead_trials",
+    "is_transient", "make_storage", "sqlite_file", "storage_of",
 ]

@@ -21,7 +21,9 @@ from search.dashboard import TrialAnnotator
 from search.objective import TrialDiverged, TrialObjective
 from search.samplers import build_sampler
 from search.space import enqueue_reference_configs
-from search.storage import make_storage, mask_url, sqlite_file, storage_of, study_lock
+from search.credentials import mask_url
+from search.storage import make_storage, sqlite_file, storage_of
+from search.study_lock import study_lock
 from search.study_args import remember_study_args
 from search.workers import TrialBudget
 

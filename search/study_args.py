@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 
-from search.storage import mask_url
+from search.credentials import mask_url
 
 ATTR = "fairfront_study_args"
 UNKNOWN = "--study <study.yaml>"  # a study last run by an older fairfront, or from Python

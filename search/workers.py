@@ -55,7 +55,8 @@ from optuna.trial import TrialState
 from search.config import StudyConfig
 from search.samplers import build_sampler
 from search.space import suggest
-from search.storage import error_reason, fail_dead_trials, storage_of, study_lock
+from search.storage import error_reason, fail_dead_trials, storage_of
+from search.study_lock import study_lock
 
 log = logging.getLogger(__name__)
 

@@ -19,17 +19,9 @@ import pytest
 from optuna.trial import TrialState
 
 from search.config import DistributedConfig
-from search.storage import (
-    RedactingFilter,
-    StorageError,
-    fail_dead_trials,
-    make_storage,
-    mask_url,
-    redact,
-    register_secret,
-    storage_of,
-    study_lock,
-)
+from search.credentials import RedactingFilter, mask_url, redact, register_secret
+from search.storage import StorageError, fail_dead_trials, make_storage, storage_of
+from search.study_lock import study_lock
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = DistributedConfig(heartbeat_interval=1, grace_period=2, max_retry=1, connect_timeout=3, retry_seconds=20)
@@ -131,7 +123,8 @@ def test_dead_workers_trial_is_failed_and_requeued_with_its_parameters(storage_u
 _HOLD_LOCK = textwrap.dedent("""
     import sys, time
     from search.config import DistributedConfig
-    from search.storage import make_storage, study_lock
+    from search.storage import make_storage
+    from search.study_lock import study_lock
     storage = make_storage(sys.argv[1], DistributedConfig())
     lock = study_lock(storage, "locked", fallback_dir=None)
     lock.acquire()
