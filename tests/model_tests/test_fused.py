@@ -17,7 +17,8 @@ import objectives
 from model import load_train_config, prepare, train
 from model.config import ModelConfig
 from model.detector import AdapterDetector
-from model.fused import FusedDetector, check_fusable, fusion_key, train_fused
+from model.fused import check_fusable, fusion_key, train_fused
+from model.fused_detector import FusedDetector
 
 from _run_patches import nan_gradient_at_call
 
