@@ -55,8 +55,8 @@ from model.prepare import PreparedData, prepare
 from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_everything
 from model.tokens import read_batches
 from model.train import (
-    EpochCallback, TrainResult, _eval_batches, _token_source, _train_source, _write_outputs, close_epoch, epoch_record, groups_left_out,
-    non_finite_scores_reason,
+    EpochCallback, TrainResult, close_epoch, epoch_record, eval_batches, groups_left_out, non_finite_scores_reason, rows_source,
+    training_source, write_run_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def _predict_fused(model: FusedDetector, source, batch_size: int, device: torch.
     """Scores [K, N] (float64) and gates [K, N] of every row of a source, in row order."""
     model.eval()
     scores, gates = [], []
-    for tokens in read_batches(source, _eval_batches(len(source), batch_size)):
+    for tokens in read_batches(source, eval_batches(len(source), batch_size)):
         with autocast(device):
             logits, gate = model(tokens.cls, tokens.patches)
         scores.append(torch.sigmoid(logits.float()).cpu())
@@ -191,7 +191,7 @@ def train_fused(
     train_rows, val_rows = (np.flatnonzero(frame["split"].to_numpy() == s) for s in ("train", "val"))
     labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
     groups = torch.tensor(frame["group"].to_numpy(), dtype=torch.long)
-    train_source, val_source = _train_source(prepared, first, train_rows, device), _token_source(prepared, val_rows, device, shared.feature_mode)
+    train_source, val_source = training_source(prepared, first, train_rows, device), rows_source(prepared, val_rows, device, shared.feature_mode)
     prior_fake = float(labels[train_rows].mean())
 
     detectors, rng_states, cuda_states = [], [], []
@@ -315,6 +315,6 @@ def train_fused(
     results = []
     for trial in everyone:
         if write_outputs:
-            trial.result.output_dir = _write_outputs(trial.config, trial.result, trial.best_state)
+            trial.result.output_dir = write_run_outputs(trial.config, trial.result, trial.best_state)
         results.append(trial.result)
     return results

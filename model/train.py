@@ -181,7 +181,7 @@ def train(
     train_rows, val_rows = (np.flatnonzero(frame["split"].to_numpy() == s) for s in ("train", "val"))
     labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
     groups = torch.tensor(frame["group"].to_numpy(), dtype=torch.long)
-    train_source, val_source = _train_source(prepared, config, train_rows, device), _token_source(prepared, val_rows, device, cfg.feature_mode)
+    train_source, val_source = training_source(prepared, config, train_rows, device), rows_source(prepared, val_rows, device, cfg.feature_mode)
 
     detector = AdapterDetector(
         prepared.backbone.width, config.model, dropout=cfg.dropout, gate_init_bias=cfg.gate_init_bias,
@@ -255,22 +255,23 @@ def train(
             break
     bar.close()
     if write_outputs:
-        result.output_dir = _write_outputs(config, result, best_state)
+        result.output_dir = write_run_outputs(config, result, best_state)
     return result
 
 
-def _token_source(prepared: PreparedData, rows: np.ndarray, device: torch.device, feature_mode: str) -> TokenSource:
+def rows_source(prepared: PreparedData, rows: np.ndarray, device: torch.device, feature_mode: str) -> TokenSource:
+    """The tokens of manifest ``rows``: from the cache (held on the device when they fit), or online."""
     if feature_mode == "online":
         return OnlineTokens(prepared.backbone, list(prepared.manifest.frame["path"].iloc[rows]), device)
     return prepared.held_tokens.get(prepared.cache, rows, device)
 
 
-def _train_source(prepared: PreparedData, config: TrainRunConfig, rows: np.ndarray, device: torch.device) -> TokenSource:
+def training_source(prepared: PreparedData, config: TrainRunConfig, rows: np.ndarray, device: torch.device) -> TokenSource:
     """The training split's tokens: item i is row i of the split or, with augmented views, item
     v * len(rows) + i is view v of row i (augment.view_rows; augment.source_batches picks them)."""
     augment, feature_mode = config.augment, config.training.feature_mode
     if not augment.views:
-        return _token_source(prepared, rows, device, feature_mode)
+        return rows_source(prepared, rows, device, feature_mode)
     if augment.identity() != prepared.config.augment.identity():
         raise ValueError("augment: this run's settings differ from those its data was prepared with; prepare it again")
     if feature_mode == "online":  # the same views, made on the fly
@@ -285,7 +286,7 @@ def _predict(detector: AdapterDetector, source: TokenSource, batch_size: int, de
     """Scores (sigmoid) and gate values for every row of a source, in row order."""
     detector.eval()
     scores, gates = [], []
-    for tokens in read_batches(source, _eval_batches(len(source), batch_size)):
+    for tokens in read_batches(source, eval_batches(len(source), batch_size)):
         with autocast(device):
             out = detector(tokens.cls, tokens.patches)
         scores.append(torch.sigmoid(out.logits.float()).cpu())
@@ -293,7 +294,7 @@ def _predict(detector: AdapterDetector, source: TokenSource, batch_size: int, de
     return torch.cat(scores).numpy().astype(np.float64), torch.cat(gates).numpy()
 
 
-def _eval_batches(n: int, batch_size: int) -> list[np.ndarray]:
+def eval_batches(n: int, batch_size: int) -> list[np.ndarray]:
     """Row indices 0..n-1 in order, in near-equal batches of at most ``batch_size``."""
     return np.array_split(np.arange(n), max(1, -(-n // batch_size)))
 
@@ -303,7 +304,8 @@ def predict_scores(detector: AdapterDetector, source: TokenSource, *, device: to
     return _predict(detector, source, batch_size, device)[0]
 
 
-def _write_outputs(config: TrainRunConfig, result: TrainResult, best_state: dict | None) -> Path:
+def write_run_outputs(config: TrainRunConfig, result: TrainResult, best_state: dict | None) -> Path:
+    """curve.csv, metrics.json, config.yaml and best.pt in the run's folder (serial and fused runs alike)."""
     out = config.run_dir
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame([r.flat() for r in result.epochs]).to_csv(out / "curve.csv", index=False)
