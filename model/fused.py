@@ -147,6 +147,55 @@ def _new_detector(config: TrainRunConfig, prepared: PreparedData, prior_fake: fl
     return detector
 
 
+def _start_group(configs: list[TrainRunConfig], callbacks: list[EpochCallback | None], prepared: PreparedData, prior_fake: float,
+                 device: torch.device) -> tuple[FusedDetector, list[_Trial]]:
+    """The serial runs' initialisations (seeded one trial after the other), stacked, each trial
+    with its optimizer and its copy of the random state that follows its initialisation."""
+    detectors, rng_states, cuda_states = [], [], []
+    for config in configs:
+        seed_everything(config.training.seed)
+        detectors.append(_new_detector(config, prepared, prior_fake))
+        rng_states.append(torch.get_rng_state())
+        cuda_states.append(torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    model = FusedDetector(detectors).to(device)
+    log.info("fused group of %d trials, %s parameters each", len(configs), f"{sum(p[0].numel() for p in model.stacked.values()):,}")
+    trials = [_Trial(config, callbacks[k], build_optimizer(model.trainable_groups(k), config.training), rng_states[k], cuda_states[k])
+              for k, config in enumerate(configs)]
+    return model, trials
+
+
+def _fair_groups(trials: list[_Trial], device: torch.device) -> list[tuple[int, list[int], torch.Tensor]]:
+    """(min_group_size, the trials with lambda_fair > 0 that use it, their indices on the device):
+    one fairness-loss call per entry and step."""
+    fair_trials = [k for k, t in enumerate(trials) if t.cfg.lambda_fair > 0]
+    groups = []
+    for size in sorted({trials[k].cfg.fair_min_group_size for k in fair_trials}):
+        members = [k for k in fair_trials if trials[k].cfg.fair_min_group_size == size]
+        groups.append((size, members, torch.tensor(members).to(device, non_blocking=True)))
+    return groups
+
+
+def _fair_loss(logits: torch.Tensor, y_cpu: torch.Tensor, g_cpu: torch.Tensor, trials: list[_Trial], fair_groups, lambdas: torch.Tensor,
+               *, fuse: bool, compiled: bool) -> torch.Tensor:
+    """lambda_fair * fairness loss per trial, [K]; 0 (in the graph) for a trial without the term,
+    as the serial run adds it."""
+    fair = logits.sum(1) * 0
+    if not fair_groups:
+        return fair
+    probabilities = torch.sigmoid(logits)
+    for size, members, index in fair_groups:
+        blurs, scalings = [trials[k].cfg.sinkhorn_blur for k in members], [trials[k].cfg.sinkhorn_scaling for k in members]
+        if fuse:
+            values = objectives.fairness_loss_multi(probabilities[index], y_cpu, g_cpu, blurs=blurs, scalings=scalings,
+                                                    min_group_size=size, compiled=compiled)
+        else:  # exactly the serial run's call, per trial
+            values = torch.stack([objectives.fairness_loss(probabilities[k], y_cpu, g_cpu, blur=blur, scaling=scaling,
+                                                           min_group_size=size, compiled=compiled)
+                                  for k, blur, scaling in zip(members, blurs, scalings)])
+        fair = fair.index_put((index,), lambdas[index] * values)
+    return fair
+
+
 @torch.no_grad()
 def _predict_fused(model: FusedDetector, source, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Scores [K, N] (float64) and gates [K, N] of every row of a source, in row order."""
@@ -194,19 +243,7 @@ def train_fused(
     train_source, val_source = training_source(prepared, first, train_rows, device), rows_source(prepared, val_rows, device, shared.feature_mode)
     prior_fake = float(labels[train_rows].mean())
 
-    detectors, rng_states, cuda_states = [], [], []
-    for config in configs:  # exactly the serial initialisation, one trial after the other
-        seed_everything(config.training.seed)
-        detectors.append(_new_detector(config, prepared, prior_fake))
-        rng_states.append(torch.get_rng_state())
-        cuda_states.append(torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-    model = FusedDetector(detectors).to(device)
-    del detectors
-    log.info("fused group of %d trials, %s parameters each", len(configs), f"{sum(p[0].numel() for p in model.stacked.values()):,}")
-    trials = []
-    for k, config in enumerate(configs):
-        optimizer = build_optimizer(model.trainable_groups(k), config.training)
-        trials.append(_Trial(config, callbacks[k], optimizer, rng_states[k], cuda_states[k]))
+    model, trials = _start_group(configs, callbacks, prepared, prior_fake, device)
     everyone = list(trials)
 
     shuffle = torch.Generator().manual_seed(shared.seed)
@@ -229,11 +266,7 @@ def train_fused(
         smoothing = torch.tensor([[1 - t.cfg.label_smoothing] for t in trials], dtype=torch.float32, device=device)
         offset = torch.tensor([[0.5 * t.cfg.label_smoothing] for t in trials], dtype=torch.float32, device=device)
         lambdas = torch.tensor([t.cfg.lambda_fair for t in trials], dtype=torch.float32, device=device)
-        fair_trials = [k for k, t in enumerate(trials) if t.cfg.lambda_fair > 0]
-        fair_groups = []  # (min_group_size, trials with it, their index on the device): one loss call each
-        for size in sorted({trials[k].cfg.fair_min_group_size for k in fair_trials}):
-            members = [k for k in fair_trials if trials[k].cfg.fair_min_group_size == size]
-            fair_groups.append((size, members, torch.tensor(members).to(device, non_blocking=True)))
+        fair_groups = _fair_groups(trials, device)
         dropout = _dropout(trials, model.dropout_p, device)
         order = torch.randperm(len(train_rows), generator=shuffle).split(shared.batch_size)
         items = source_batches(order, first.augment, shared.seed, epoch, len(train_rows))
@@ -247,22 +280,7 @@ def train_fused(
                 logits = model(tokens.cls, tokens.patches, dropout)[0].float()  # [K, B]
             target = y * smoothing + offset
             bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
-            fair = logits.sum(1) * 0  # what the serial run adds when lambda_fair is 0
-            if fair_trials:
-                probabilities = torch.sigmoid(logits)
-                for size, members, index in fair_groups:
-                    if fuse_fairness:
-                        values = objectives.fairness_loss_multi(
-                            probabilities[index], y_cpu, g_cpu, blurs=[trials[k].cfg.sinkhorn_blur for k in members],
-                            scalings=[trials[k].cfg.sinkhorn_scaling for k in members], min_group_size=size,
-                            compiled=shared.compile_sinkhorn,
-                        )
-                    else:
-                        values = torch.stack([objectives.fairness_loss(
-                            probabilities[k], y_cpu, g_cpu, blur=trials[k].cfg.sinkhorn_blur,
-                            scaling=trials[k].cfg.sinkhorn_scaling, min_group_size=size,
-                            compiled=shared.compile_sinkhorn) for k in members])
-                    fair = fair.index_put((index,), lambdas[index] * values)
+            fair = _fair_loss(logits, y_cpu, g_cpu, trials, fair_groups, lambdas, fuse=fuse_fairness, compiled=shared.compile_sinkhorn)
             loss = bce + fair
             model.zero_grad_stacked()
             loss.sum().backward()
