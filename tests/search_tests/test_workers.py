@@ -304,6 +304,18 @@ def test_a_child_s_bad_input_keeps_its_type_and_message_and_a_crash_says_how_it_
         run_in_child(signal.raise_signal, signal.SIGKILL, name="killed")  # as the OOM killer would
 
 
+def test_the_gpu_prepare_path_builds_the_study_s_inputs_in_a_spawned_child(tmp_path):
+    """``--workers`` on a GPU prepares through run_in_child: the study config must cross to a fresh
+    interpreter and the caches and Stage 1 it builds there must be on disk for the workers."""
+    from search import load_study_config
+    from search.local_workers import _prepare, worker_config
+
+    config = worker_config(load_study_config(_study_yaml(tmp_path, "child", epochs=1)), "cpu")
+    run_in_child(_prepare, config, False, name="fairfront-prepare")
+    assert [m.parent.name for m in (config.workdir / "features").glob("*/meta.json")], "no complete feature cache"
+    assert list(config.workdir.rglob("stage1*.pt")), "no Stage 1 checkpoint"
+
+
 def _spawned_children(pid: int) -> list[int]:
     """Children of ``pid`` started by multiprocessing's spawn (not its resource tracker)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
