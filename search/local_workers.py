@@ -153,7 +153,7 @@ def _worker_context(*, gpu: bool) -> multiprocessing.context.BaseContext:
     if gpu or "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["search.study"])
+    context.set_forkserver_preload(["search.local_workers", "search.study"])
     return context
 
 
