@@ -128,7 +128,8 @@ def stop_processes(procs: list, grace: float) -> None:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():
-            log.error("worker %s did not stop within %.0f s; killed (its trial fails after the grace period)", p.name, grace)
+            log.error("%s did not stop within %.0f s; killed (a trial it was running fails after the heartbeat grace period)",
+                      p.name, grace)
             p.kill()
             p.join()
 
