@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
 import torch
 from torch import nn
 
@@ -22,7 +21,20 @@ from model.config import BackboneConfig
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers fairfront-tiny-vit beside the built-ins
+
+
+@functools.cache
+def open_clip_factory():
+    """open_clip, with fairfront-tiny-vit registered beside the built-ins.
+
+    Imported on first use, not with this module: open_clip (and the torchvision it imports) takes
+    ~2.5 s, and only building a backbone needs it: `show`, `export`, `report`, `dashboard` and
+    every `--help` do not.
+    """
+    import open_clip
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+    return open_clip
 
 
 class BackboneError(ValueError):
@@ -43,6 +55,7 @@ class FrozenBackbone(nn.Module):
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         self.config = config
+        open_clip = open_clip_factory()
         if config.name not in open_clip.list_models():
             raise BackboneError(f"backbone.name: unknown open_clip model {config.name!r}")
         pretrained = None

@@ -119,3 +119,19 @@ def test_vit_l14_goes_through_the_same_code_path():
     assert backbone.token_shapes() == (256, 1024)
     assert backbone.layers == (23, 22)
     assert backbone.image_size == 224
+
+
+def test_only_building_a_backbone_imports_open_clip():
+    # open_clip and its torchvision take seconds to import; every `--help`, `show` and `export`
+    # would pay them for nothing.
+    import subprocess
+    import sys
+
+    code = ("import sys, run_study, search, search.local_workers, search.fused_batch, model.train\n"
+            "print(sorted(m for m in ('open_clip', 'torchvision') if m in sys.modules))\n"
+            "from model.backbone import FrozenBackbone\n"
+            "from model.config import BackboneConfig\n"
+            "FrozenBackbone(BackboneConfig(name='fairfront-tiny-vit', weights='random'))\n"
+            "print(sorted(m for m in ('open_clip', 'torchvision') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "['open_clip', 'torchvision']"]
