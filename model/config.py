@@ -131,6 +131,10 @@ class TrainingConfig:
     # Stop when every validation prediction is still one class after this many epochs
     # (the reference saw 5 degenerate epochs as normal, 11 as pathological). None: never stop.
     stop_if_degenerate_after: int | None = None
+    # Stop after this many epochs in a row that did not improve the best validation AUC: the
+    # reference project's `early-stop` (15-20 there). Degenerate epochs do not count (that phase
+    # has its own rule above), nor does the last epoch. None: run every epoch.
+    early_stop_patience: int | None = None
     feature_mode: Literal["cache", "online"] = "cache"
     # torch.compile the fairness loss's Sinkhorn iterations (objectives/_sinkhorn_packed.py): a few
     # fused kernels per 8 iterations instead of ~12 ops each; the first step of a process compiles
@@ -155,6 +159,7 @@ class TrainingConfig:
         _check(self.head_lr_mult > 0, f"head_lr_mult must be > 0, got {self.head_lr_mult}")
         _check(0 < self.threshold < 1, f"threshold must be in (0, 1), got {self.threshold}")
         _check(self.stop_if_degenerate_after is None or self.stop_if_degenerate_after >= 1, "stop_if_degenerate_after must be >= 1 or null")
+        _check(self.early_stop_patience is None or self.early_stop_patience >= 1, f"early_stop_patience must be >= 1 or null, got {self.early_stop_patience}")
         _check(self.fair_min_group_size >= 1, f"fair_min_group_size must be >= 1, got {self.fair_min_group_size}")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

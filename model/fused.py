@@ -317,7 +317,7 @@ def train_fused(
                 continue
             record = epoch_record(epoch, trial.optimizer.param_groups[0]["lr"], (sums[k] / len(train_rows)).tolist(), y_val, scores[k],
                                   g_val, gates[k], cfg.threshold, seconds)
-            if close_epoch(result, record, trial.callback, cfg.stop_if_degenerate_after):
+            if close_epoch(result, record, trial.callback, cfg):
                 trial.best_state = model.state_dict_of(k)
             if result.status == "stopped":
                 log.info("trial %d stopped after epoch %d: %s", everyone.index(trial), epoch, result.stop_reason)

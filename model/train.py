@@ -2,8 +2,9 @@
 
 ``train(config, callback=...)`` returns the run's history. After every epoch it hands an
 EpochRecord to the optional callback; a callback that returns a string stops the run with that
-reason. That is how ``search/`` observes and stops trials; the run's own stopping rule
-(``training.stop_if_degenerate_after``) works the same way with or without a search.
+reason. That is how ``search/`` observes and stops trials; the run's own stopping rules
+(``training.stop_if_degenerate_after``, ``training.early_stop_patience``) work the same way with
+or without a search.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 import objectives
 from model.augment import ViewPlan, source_batches
-from model.config import TrainRunConfig, train_config_to_yaml_dict
+from model.config import TrainingConfig, TrainRunConfig, train_config_to_yaml_dict
 from model.detector import AdapterDetector
 from model.optim import build_optimizer, lr_factor, set_lr
 from model.prepare import PreparedData, prepare
@@ -134,17 +135,17 @@ def epoch_record(epoch: int, lr: float, losses: list[float], labels: np.ndarray,
     )
 
 
-def close_epoch(result: TrainResult, record: EpochRecord, callback: EpochCallback | None, stop_after: int | None) -> bool:
+def close_epoch(result: TrainResult, record: EpochRecord, callback: EpochCallback | None, cfg: TrainingConfig) -> bool:
     """Add ``record`` to the run: it becomes the best epoch when is_better_epoch says so, the
-    callback sees it (every epoch, the last one too), and the run is "stopped" when the degenerate
-    rule or the callback gives a reason. Returns whether it is the new best epoch (the caller keeps
-    its weights)."""
+    callback sees it (every epoch, the last one too), and the run is "stopped" when a stopping rule
+    of ``cfg`` or the callback gives a reason. Returns whether it is the new best epoch (the caller
+    keeps its weights)."""
     improved = is_better_epoch(record, result.best)
     if improved:
         result.best_epoch = record.epoch
     result.epochs.append(record)
     asked = callback(record) if callback else None
-    reason = degenerate_stop_reason(result.epochs, stop_after) or asked
+    reason = degenerate_stop_reason(result.epochs, cfg.stop_if_degenerate_after) or patience_stop_reason(result, cfg) or asked
     if reason:
         result.status, result.stop_reason = "stopped", reason
     return improved
@@ -162,6 +163,20 @@ def degenerate_stop_reason(epochs: list[EpochRecord], after: int | None) -> str 
     if after is not None and len(epochs) == after and all(r.degenerate for r in epochs):
         return f"degenerate: every validation prediction was one class in each of the first {after} epochs"
     return None
+
+
+def patience_stop_reason(result: TrainResult, cfg: TrainingConfig) -> str | None:
+    """Stop a run after ``cfg.early_stop_patience`` epochs in a row that did not improve its best
+    epoch. Degenerate epochs do not count (the first non-degenerate one is the new best anyway, and
+    stop_if_degenerate_after rules that phase); nor does the last epoch stop a run: there is nothing
+    left to save, the run completed."""
+    best, done, patience = result.best, len(result.epochs), cfg.early_stop_patience
+    if patience is None or best is None or best.degenerate or done >= cfg.num_epochs:
+        return None
+    last_degenerate = max((r.epoch for r in result.epochs if r.degenerate), default=0)
+    if done - max(best.epoch, last_degenerate) < patience:
+        return None
+    return f"early stop: validation AUC has not improved on epoch {best.epoch}'s {best.val['auc']:.4f} in the last {patience} epochs"
 
 
 def train(
@@ -248,7 +263,7 @@ def train(
             epoch, cfg.num_epochs, record.train_loss, 100 * record.fair_share, metrics["auc"], metrics["f_meo"], metrics["f_fpr"],
             record.gate_mean, record.gate_min, record.gate_max, "  DEGENERATE" if record.degenerate else "", record.seconds,
         )
-        if close_epoch(result, record, callback, cfg.stop_if_degenerate_after):
+        if close_epoch(result, record, callback, cfg):
             best_state = copy.deepcopy(detector.state_dict())
         if result.status == "stopped":
             log.info("run stopped after epoch %d: %s", epoch, result.stop_reason)

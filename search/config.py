@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 COUPLED_PARAMS = ("lr", "weight_decay", "lambda_fair", "sinkhorn_blur")
 _TRAINING_FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
 _TRAINING_HINTS = typing.get_type_hints(TrainingConfig)
-_NOT_SEARCHABLE = {"device", "feature_mode", "stop_if_degenerate_after", "seed", "compile_sinkhorn"}  # run settings
+# run settings, and stopping rules (a sampler would only learn that more patience never hurts)
+_NOT_SEARCHABLE = {"device", "feature_mode", "stop_if_degenerate_after", "early_stop_patience", "seed", "compile_sinkhorn"}
 
 
 @dataclass(frozen=True)

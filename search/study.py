@@ -36,6 +36,9 @@ DEFINITION_ATTR = "fairfront_definition"
 # Settings of where and how fast a trial runs, not of what it computes: they may differ between
 # the nodes of one study (and between invocations) without making trials incomparable.
 _RUN_SETTINGS = ("device", "compile_sinkhorn", "feature_mode")
+# Definition keys that came after studies were stored without them, with the value those studies'
+# trials ran with: such a study adopts the key, and a YAML that keeps that value continues it.
+_ADDED_LATER = {"augment": {"views": 0}, "training": {"early_stop_patience": None}}
 
 
 def study_definition(config: StudyConfig) -> dict:
@@ -75,8 +78,8 @@ def check_definition(study: optuna.Study, config: StudyConfig, wanted: dict) -> 
         stored = {**wanted, "objectives": [[m, d] for m, d in zip(study.metric_names, config.directions)]}
     elif stored is None or not study.get_trials(deepcopy=False):
         stored = {}
-    elif "augment" not in stored:  # stored before augmentation existed: its trials had none
-        stored = {**stored, "augment": {"views": 0}}
+    else:
+        stored = {**stored, **{section: {**keys, **stored.get(section, {})} for section, keys in _ADDED_LATER.items()}}
     adopted = {**wanted, **stored}
     if adopted != wanted:
         was, now = _flat(adopted), _flat(wanted)

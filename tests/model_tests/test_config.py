@@ -58,6 +58,7 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
         ("training", "dropout", 1.5, r"training: dropout must be in \[0, 1\)"),
         ("training", "optimizer", "lion", r"training.optimizer: 'lion' is not one of"),
         ("training", "lr", -1.0, r"lr must be >= 0"),
+        ("training", "early_stop_patience", 0, r"training: early_stop_patience must be >= 1 or null, got 0"),
         ("backbone", "weights", "", r"backbone: weights: give a local checkpoint path"),
         ("data", "manifest", "x.csv", r"data: give exactly one of 'manifest' or 'synthetic'"),
     ],

@@ -123,6 +123,19 @@ def test_a_trial_stopped_early_leaves_the_group_and_the_others_are_unchanged(bas
     assert_same_runs(serial, fused)
 
 
+def test_each_trial_keeps_its_own_early_stop_patience(base, tmp_path):
+    config, prepared = base
+    trials = [dict(TRIALS[1], lr=5e-3, early_stop_patience=1), dict(TRIALS[0], lr=5e-3, early_stop_patience=1),
+              dict(TRIALS[1], lr=5e-3, early_stop_patience=2), dict(TRIALS[2], lr=5e-3, early_stop_patience=1)]
+    configs = configs_for(config.with_training(num_epochs=6), trials, tmp_path / "fused")
+    fused = train_fused(configs, prepared, progress=False)
+    serial = [train(dataclasses.replace(c, output_dir=tmp_path / "serial" / c.run_dir.name), prepared=prepared, progress=False)
+              for c in configs]
+    assert_same_runs(serial, fused)
+    assert [len(r.epochs) for r in fused] == [5, 4, 6, 6]  # (where each one's curve puts it: test_train_e2e's first_patience_stop)
+    assert all(r.stop_reason.startswith("early stop") for r in fused[:2]) and fused[2].status == fused[3].status == "completed"
+
+
 def test_each_trial_picks_its_best_epoch_among_its_non_degenerate_ones(base, tmp_path):
     config, prepared = base
     trials = [dict(TRIALS[0], lr=1e-2), dict(TRIALS[1], lr=3e-3)]  # each leaves the one-class phase once

@@ -13,6 +13,7 @@ import model.tokens as tokens
 import objectives
 import run_study
 from model import load_train_config, prepare, train
+from model.train import EpochRecord, TrainResult, close_epoch
 
 from _run_patches import nan_gradient_at_call, predict_one_class_in
 
@@ -121,6 +122,64 @@ def test_zero_learning_rate_stays_degenerate_and_is_stopped(tmp_path):
     assert len(result.epochs) == 2
     assert result.stop_reason.startswith("degenerate")
     assert all(r.degenerate for r in result.epochs)
+
+
+def first_patience_stop(records, patience, num_epochs):
+    """Where an early stop with this patience ends a run, read off that run's full curve: the first
+    epoch before the last that ends ``patience`` epochs in a row, none degenerate, none better than
+    the best non-degenerate AUC before them."""
+    best, streak = None, 0
+    for epoch, record in enumerate(records, 1):
+        if record.degenerate:
+            streak = 0
+        elif best is None or record.val["auc"] > best:
+            best, streak = record.val["auc"], 0
+        else:
+            streak += 1
+        if streak >= patience and epoch < num_epochs:
+            return epoch
+    return None
+
+
+def test_early_stop_patience_ends_the_run_where_its_full_curve_says_and_changes_nothing_before(tmp_path):
+    config = load_train_config(tiny_config(tmp_path, num_epochs=7, lr=1e-3, T_0=2))  # in and out of the degenerate phase
+    prepared = prepare(config, progress=False, with_test_caches=False)
+    full = train(config, prepared=prepared, progress=False, write_outputs=False)
+    stops = {patience: first_patience_stop(full.epochs, patience, 7) for patience in (1, 2, 3)}
+    assert stops[1] is not None, "the test needs an epoch that does not improve on the best"
+    for patience, stop in stops.items():
+        run = train(config.with_training(early_stop_patience=patience), prepared=prepared, progress=False, write_outputs=False)
+        if stop is None:
+            assert (run.status, run.stop_reason, len(run.epochs)) == ("completed", None, 7)
+        else:
+            assert (run.status, len(run.epochs)) == ("stopped", stop), patience
+            assert run.stop_reason == (f"early stop: validation AUC has not improved on epoch {run.best_epoch}'s "
+                                       f"{run.best.val['auc']:.4f} in the last {patience} epochs")
+        assert [r.flat() | {"seconds": 0} for r in run.epochs] == [r.flat() | {"seconds": 0} for r in full.epochs[:len(run.epochs)]]
+        assert run.best_epoch == max((e for e, r in enumerate(run.epochs, 1) if not r.degenerate), key=lambda e: run.epochs[e - 1].val["auc"])
+
+
+def test_early_stop_patience_does_not_count_the_degenerate_phase_nor_stop_the_last_epoch():
+    config = load_train_config(DEMO_TRAIN).with_training(num_epochs=6, early_stop_patience=2, stop_if_degenerate_after=None)
+    training = config.training
+
+    def run(curve):  # (degenerate, auc) per epoch
+        result = TrainResult(status="completed", stop_reason=None)
+        for epoch, (degenerate, auc) in enumerate(curve, 1):
+            record = EpochRecord(epoch=epoch, lr=1e-3, train_loss=0.5, train_bce=0.5, train_fair=0.0, fair_share=0.0, val={"auc": auc},
+                                 gate_mean=0.5, gate_min=0.5, gate_max=0.5, degenerate=degenerate, seconds=0.0)
+            close_epoch(result, record, None, training)
+            if result.status == "stopped":
+                break
+        return len(result.epochs), result.status
+
+    # degenerate epochs whose AUC falls do not count: the first real epoch (4) is the best, and
+    # epoch 6, two past it, is the last one
+    assert run([(True, 0.9), (True, 0.8), (True, 0.7), (False, 0.6), (False, 0.5), (False, 0.55)]) == (6, "completed")
+    assert run([(True, 0.9), (False, 0.6), (False, 0.5), (False, 0.55), (False, 0.9), (False, 0.9)]) == (4, "stopped")
+    assert run([(False, 0.7), (False, 0.8), (False, 0.75), (False, 0.85), (False, 0.8), (False, 0.8)]) == (6, "completed")
+    assert run([(False, 0.7), (False, 0.8), (False, 0.75), (False, 0.8), (False, 0.9), (False, 0.9)]) == (4, "stopped")  # a tie is no improvement
+    assert run([(False, 0.8), (False, 0.7), (True, 0.6), (False, 0.7), (False, 0.7), (False, 0.9)]) == (5, "stopped")  # epoch 3 restarts the count
 
 
 def test_callback_can_stop_a_run(tmp_path):

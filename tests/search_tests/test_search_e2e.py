@@ -217,19 +217,28 @@ def test_a_manifest_edited_in_place_is_refused_and_its_study_kept(study_run, tmp
     assert [(t.number, t.state, t.values) for t in open_study(config, create=False).get_trials()] == before
 
 
-def test_a_study_stored_before_augmentation_existed_refuses_views_but_not_idle_settings(study_run, tmp_path, capsys):
+@pytest.mark.parametrize("section, key, keeps, changes, message", [
+    ("augment", "views", {"augment": {"views": 0, "hflip": 0.3}}, {"augment": {"views": 2}}, "augment.views: 0 in the study, 2 in the YAML"),
+    ("training", "early_stop_patience", {}, {"training": {"early_stop_patience": 2}},
+     "training.early_stop_patience: null in the study, 2 in the YAML"),
+])
+def test_a_study_stored_before_a_key_existed_continues_unless_the_yaml_changes_what_its_trials_ran(
+        study_run, tmp_path, capsys, section, key, keeps, changes, message):
     path, config, _ = study_run
     study = open_study(config, create=False)
     definition = study.user_attrs[DEFINITION_ATTR]
-    assert definition["augment"] == {"views": 0}
+    assert key in definition[section]
+    older = {**definition, section: {k: v for k, v in definition[section].items() if k != key}}  # as an older version stored it
+    if section == "augment":
+        del older[section]
     data = yaml.safe_load(path.read_text())
     data["budget"]["n_trials"] = 1  # already met: nothing trains
-    for augment, code in (({"views": 0, "hflip": 0.3}, 0), ({"views": 2}, 2)):
-        study.set_user_attr(DEFINITION_ATTR, {k: v for k, v in definition.items() if k != "augment"})  # as an older version stored it
-        changed = tmp_path / "augmented.yaml"
-        changed.write_text(yaml.safe_dump(data | {"augment": augment}))
-        assert run_study.main(["-q", "optimize", "--study", str(changed)]) == code, augment
-    assert "augment.views: 0 in the study, 2 in the YAML" in capsys.readouterr().err
+    for override, code in ((keeps, 0), (changes, 2)):
+        study.set_user_attr(DEFINITION_ATTR, older)
+        changed = tmp_path / "changed.yaml"
+        changed.write_text(yaml.safe_dump({**data, **{s: {**data.get(s, {}), **v} for s, v in override.items()}}))
+        assert run_study.main(["-q", "optimize", "--study", str(changed)]) == code, override
+    assert message in capsys.readouterr().err
     study.set_user_attr(DEFINITION_ATTR, definition)
 
 
@@ -276,6 +285,29 @@ def test_forced_degenerate_trials_are_stopped_recorded_and_never_exported(tmp_pa
         pick_trial(study, "knee")
     with pytest.raises(PickError, match="infeasible|PRUNED"):
         pick_trial(study, f"trial:{trials[0].number}")
+
+
+def test_a_trial_ended_by_early_stop_patience_is_feasible_and_its_export_stops_where_it_did(tmp_path, capsys):
+    path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="patience", n_trials=2, stopping={"degenerate_after_epochs": None},
+                           search_space={"lr": {"low": 0.99e-3, "high": 1.01e-3, "log": True}})  # out of the one-class phase at epoch 5
+    data = yaml.safe_load(path.read_text())
+    data["training"].update(num_epochs=7, T_0=2, early_stop_patience=1)
+    path.write_text(yaml.safe_dump(data))
+    assert run_study.main(["-q", "optimize", "--study", str(path)]) == 0
+    study = open_study(load_study_config(path), create=False)
+    stopped = [t for t in study.get_trials() if t.user_attrs.get("stop_reason", "").startswith("early stop")]
+    assert stopped, "the test needs a trial that stopped early"
+    trial = stopped[0]
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["degenerate"] is False
+    assert trial.user_attrs["stopped_epoch"] == trial.user_attrs["epochs_run"] < 7
+    assert pick_trial(study, f"trial:{trial.number}") == trial  # feasible: it may be picked and exported
+    out = tmp_path / "stopped.yaml"
+    assert run_study.main(["export", "--study", str(path), "--pick", f"trial:{trial.number}", "--out", str(out)]) == 0
+    assert yaml.safe_load(out.read_text())["training"]["early_stop_patience"] == 1
+    assert run_study.main(["-q", "train", "--config", str(out), "--output-dir", str(tmp_path / "retrain")]) == 0
+    metrics = json.loads((tmp_path / "retrain" / "metrics.json").read_text())
+    assert (metrics["status"], metrics["stop_reason"], metrics["epochs_run"]) == ("stopped", trial.user_attrs["stop_reason"], trial.user_attrs["epochs_run"])
+    assert [metrics["val"][m] for m in ("auc", "f_meo", "f_fpr")] == trial.values
 
 
 def test_a_trial_never_out_of_the_degenerate_phase_is_infeasible_without_a_stop_rule(tmp_path):

@@ -77,6 +77,7 @@ def mutate(path_keys, value):
         (["search_space", "T_0"], {"low": 1.5, "high": 4}, r"search_space.T_0.low: T_0 is an integer, got 1.5"),
         (["search_space", "optimizer"], {"low": 1, "high": 2}, r"search_space.optimizer: optimizer is not numeric; give choices"),
         (["search_space", "compile_sinkhorn"], {"choices": [True, False]}, r"search_space.compile_sinkhorn: not a searchable training key"),
+        (["search_space", "early_stop_patience"], {"low": 3, "high": 10}, r"search_space.early_stop_patience: not a searchable training key"),
         (["search_space", "batch_size"], {"choices": [1, 32]}, r"search_space: a trial with batch_size=1 would be an invalid training config \(batch_size must be >= 2"),
         (["search_space", "warmup_epochs"], {"low": 1, "high": 12}, r"search_space: a trial with warmup_epochs=12 would be an invalid training config \(warmup_epochs must be < num_epochs"),
         (["stopping", "record_degenerate_as"], "pruned", r"stopping.record_degenerate_as: pruned trials teach the gp sampler nothing"),
