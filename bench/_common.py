@@ -187,7 +187,7 @@ def synthetic_prepared(
     )
     torch.manual_seed(seed)
     stage1 = Stage1Adapter(width, ModelConfig()).state_dict()
-    backbone = types.SimpleNamespace(width=width)  # cache mode reads only the width from the backbone
+    backbone = types.SimpleNamespace(shape=types.SimpleNamespace(width=width))  # cache mode reads only its width
     return PreparedData(config, manifest, {}, backbone, cache, directory / "stage1.pt", stage1)
 
 

@@ -28,11 +28,11 @@ def build_rate(manifest, backbone_config, workers: int, root, augment=None, warm
     """(images, img/s, seconds) of one build from scratch; with ``augment``: the views cache.
     ``warm_up``: a small manifest built first, untimed (the backbone's move to the device and its
     first forward are fixed costs, not the rate; the timed build starts its own loader workers)."""
-    from model.backbone import FrozenBackbone
+    from model.backbone import LazyBackbone
     from model.cache import open_or_build_cache
     from model.runtime import resolve_device
 
-    backbone = FrozenBackbone(backbone_config)
+    backbone = LazyBackbone(backbone_config)
     if warm_up is not None:
         shutil.rmtree(root.with_name(root.name + "-warm-up"), ignore_errors=True)
         open_or_build_cache(warm_up, backbone, root.with_name(root.name + "-warm-up"), device=resolve_device("auto"),

@@ -26,19 +26,19 @@ from bench._common import WORK, demo_prepared, gpu_note, machine, markdown_table
 
 def measure(config, manifest, backbone_config, *, epochs: int, root, label: str) -> dict:
     from model import PreparedData, train
-    from model.backbone import FrozenBackbone
+    from model.backbone import LazyBackbone
     from model.cache import open_or_build_cache
     from model.config import ModelConfig
     from model.detector import Stage1Adapter
     from model.runtime import resolve_device
 
     device = resolve_device(config.training.device)
-    backbone = FrozenBackbone(backbone_config)
+    backbone = LazyBackbone(backbone_config)
     shutil.rmtree(root, ignore_errors=True)
     with timer() as build:
         cache = open_or_build_cache(manifest, backbone, root, device=device, num_workers=config.data.num_workers, progress=False)
     torch.manual_seed(0)
-    stage1 = Stage1Adapter(backbone.width, ModelConfig()).state_dict()
+    stage1 = Stage1Adapter(backbone.shape.width, ModelConfig()).state_dict()
     config = dataclasses.replace(config, backbone=backbone_config)
     seconds = {}
     for mode in ("cache", "online"):
@@ -50,7 +50,7 @@ def measure(config, manifest, backbone_config, *, epochs: int, root, label: str)
     n = len(manifest.frame)
     cache_epoch, online_epoch = statistics.median(seconds["cache"]), statistics.median(seconds["online"])
     return {
-        "backbone": label, "images (train+val)": n, "token shape": f"[{backbone.token_shapes()[0]}, {backbone.width}]",
+        "backbone": label, "images (train+val)": n, "token shape": f"[{backbone.shape.token_shapes()[0]}, {backbone.shape.width}]",
         "cache epoch s": cache_epoch, "online epoch s": online_epoch, "ratio online/cache": online_epoch / cache_epoch,
         "cache build img/s": n / build(), "epochs timed": epochs,
     }

@@ -64,7 +64,7 @@ def describe(config, prepared) -> str:
 
     t = config.training
     iterations = sinkhorn_iterations(t.sinkhorn_blur, t.sinkhorn_scaling)
-    trainable = AdapterDetector(prepared.backbone.width, config.model, dropout=t.dropout, gate_init_bias=t.gate_init_bias).parameter_counts()["trainable"]
+    trainable = AdapterDetector(prepared.backbone.shape.width, config.model, dropout=t.dropout, gate_init_bias=t.gate_init_bias).parameter_counts()["trainable"]
     return (f"Stage 2 hidden ratio {config.model.stage2_hidden_ratio:g}, {trainable:,} trainable parameters, "
             f"sinkhorn_scaling {t.sinkhorn_scaling:g} ({iterations} Sinkhorn iterations at blur {t.sinkhorn_blur:g})")
 

@@ -49,21 +49,58 @@ class FrozenTokens:
     patches: torch.Tensor  # [B, L, D]
 
 
+@dataclass(frozen=True)
+class BackboneShape:
+    """What a cache key and the adapters need of a backbone, read off its open_clip model config
+    without building it: a trial on a finished cache never builds the ViT (ViT-L-14 takes ~5 s and
+    ~2.5 GB of host memory to build, in every worker process)."""
+
+    width: int
+    n_layers: int
+    image_size: int
+    patch_size: int
+    layers: tuple[int, int]  # the Stage 1 and Stage 2 layers, as block indices 0..n_layers-1
+
+    @classmethod
+    def of(cls, config: BackboneConfig) -> "BackboneShape":
+        open_clip = open_clip_factory()
+        model_config = open_clip.get_model_config(config.name)
+        if model_config is None:
+            raise BackboneError(f"backbone.name: unknown open_clip model {config.name!r}")
+        from open_clip.model import CLIPVisionCfg
+
+        vision = CLIPVisionCfg(**model_config["vision_cfg"])
+        if vision.timm_model_name or not isinstance(vision.layers, int):
+            raise BackboneError(f"backbone.name: {config.name} is not an open_clip VisionTransformer (the adapters read its blocks' tokens)")
+        n_layers = vision.layers
+        layers = []
+        for layer, key in ((config.stage1_layer, "stage1_layer"), (config.stage2_layer, "stage2_layer")):
+            if not -n_layers <= layer < n_layers:
+                raise BackboneError(f"backbone.{key}: {layer} is out of range for {config.name} with {n_layers} blocks")
+            layers.append(layer % n_layers)
+        return cls(width=vision.width, n_layers=n_layers, image_size=_as_int_size(vision.image_size),
+                   patch_size=_as_int_size(vision.patch_size), layers=tuple(layers))
+
+    def token_shapes(self) -> tuple[int, int]:
+        """(number of patch tokens L, width D)."""
+        grid = self.image_size // self.patch_size
+        return grid * grid, self.width
+
+
 class FrozenBackbone(nn.Module):
     """An open_clip vision tower in eval mode with gradients off, returning per-layer tokens."""
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         self.config = config
-        open_clip = open_clip_factory()
-        if config.name not in open_clip.list_models():
-            raise BackboneError(f"backbone.name: unknown open_clip model {config.name!r}")
+        self.shape = BackboneShape.of(config)
         pretrained = None
         if config.weights != "random":
             weights = Path(config.weights)
             if not weights.is_file():
                 raise BackboneError(f"backbone.weights: checkpoint file not found: {weights}")
             pretrained = str(weights)
+        open_clip = open_clip_factory()
         # Random initialisation must be reproducible: the cache key and the demo rely on it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -78,21 +115,18 @@ class FrozenBackbone(nn.Module):
         self.visual = clip.visual
         self.visual.requires_grad_(False)
         self.visual.eval()
-        self.width = int(self.visual.transformer.width)
-        self.n_layers = len(self.visual.transformer.resblocks)
-        self.image_size = _as_int_size(self.visual.image_size)
-        self.layers = tuple(self._layer_index(v, key) for v, key in ((config.stage1_layer, "stage1_layer"), (config.stage2_layer, "stage2_layer")))
+        built = (int(self.visual.transformer.width), len(self.visual.transformer.resblocks), _as_int_size(self.visual.image_size),
+                 _as_int_size(self.visual.patch_size))
+        if built != (self.shape.width, self.shape.n_layers, self.shape.image_size, self.shape.patch_size):
+            raise BackboneError(f"backbone.name: {config.name} built as (width, blocks, image size, patch) {built}, "
+                                f"its config says {self.shape}")  # the cache key was made from the config
+        self.width, self.n_layers, self.image_size, self.layers = self.shape.width, self.shape.n_layers, self.shape.image_size, self.shape.layers
         self.preprocess = open_clip.image_transform(
             self.visual.image_size,
             is_train=False,
             mean=getattr(self.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN,
             std=getattr(self.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD,
         )
-
-    def _layer_index(self, layer: int, key: str) -> int:
-        if not -self.n_layers <= layer < self.n_layers:
-            raise BackboneError(f"backbone.{key}: {layer} is out of range for {self.config.name} with {self.n_layers} blocks")
-        return layer % self.n_layers
 
     def train(self, mode: bool = True) -> "FrozenBackbone":
         return super().train(False)  # frozen: dropout and friends stay off, whatever the caller says
@@ -110,8 +144,27 @@ class FrozenBackbone(nn.Module):
 
     def token_shapes(self) -> tuple[int, int]:
         """(number of patch tokens L, width D)."""
-        grid = self.image_size // _as_int_size(self.visual.patch_size)
-        return grid * grid, self.width
+        return self.shape.token_shapes()
+
+
+class LazyBackbone:
+    """A backbone's shape at once, and the FrozenBackbone itself only when something asks for
+    :attr:`module` (a cache build, online tokens): what ``prepare`` hands to every run."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        self.config = config
+        self.shape = BackboneShape.of(config)
+        self._module: FrozenBackbone | None = None
+
+    @property
+    def built(self) -> bool:
+        return self._module is not None
+
+    @property
+    def module(self) -> FrozenBackbone:
+        if self._module is None:
+            self._module = FrozenBackbone(self.config)
+        return self._module
 
 
 def weights_identity(config: BackboneConfig) -> str:

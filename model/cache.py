@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from model.augment import ViewPlan
-from model.backbone import FrozenBackbone, weights_identity
+from model.backbone import LazyBackbone, weights_identity
 from model.config import AugmentConfig
 from model.images import ImageDataset
 from model.manifest import Manifest
@@ -70,7 +70,7 @@ def _images_fingerprint(paths) -> str:
     return digest.hexdigest()
 
 
-def cache_key(manifest: Manifest, backbone: FrozenBackbone, weights_id: str, augment: AugmentConfig | None = None) -> str:
+def cache_key(manifest: Manifest, backbone: LazyBackbone, weights_id: str, augment: AugmentConfig | None = None) -> str:
     """Everything the cached numbers depend on; change any of it and the cache is rebuilt."""
     description = {
         "format": CACHE_FORMAT,
@@ -78,8 +78,8 @@ def cache_key(manifest: Manifest, backbone: FrozenBackbone, weights_id: str, aug
         "images": _images_fingerprint(manifest.frame["path"]),
         "backbone": backbone.config.name,
         "weights": weights_id,
-        "layers": list(backbone.layers),
-        "image_size": backbone.image_size,
+        "layers": list(backbone.shape.layers),
+        "image_size": backbone.shape.image_size,
         "precision": backbone.config.precision,
         "dtype": backbone.config.cache_dtype,
     }
@@ -118,7 +118,7 @@ def open_cache(directory: Path, key: str) -> FeatureCache:
 
 def open_or_build_cache(
     manifest: Manifest,
-    backbone: FrozenBackbone,
+    backbone: LazyBackbone,
     root: Path,
     *,
     device: torch.device,
@@ -146,7 +146,7 @@ def open_or_build_cache(
     return open_cache(directory, key)
 
 
-def _build(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbone: FrozenBackbone, directory: Path, key: str, *,
+def _build(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbone: LazyBackbone, directory: Path, key: str, *,
            device, num_workers, progress) -> None:
     staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -159,20 +159,20 @@ def _build(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbon
     _publish(manifest, len(rows), backbone, staging, directory, key, seconds)
 
 
-def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbone: FrozenBackbone, staging: Path, *,
+def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbone: LazyBackbone, staging: Path, *,
              device, num_workers, progress) -> float:
     """The backbone's tokens of manifest rows ``rows``, each in its view (None: as it is), written
     to ``staging`` (without meta.json); returns the seconds it took."""
     paths = list(manifest.frame["path"].iloc[rows])
     lines = manifest.frame["line"].to_numpy()[rows]
-    length, width = backbone.token_shapes()
+    length, width = backbone.shape.token_shapes()
     dtype = np.dtype(backbone.config.cache_dtype)
     cls = np.lib.format.open_memmap(staging / "cls.npy", mode="w+", dtype=dtype, shape=(len(paths), width))
     patches = np.lib.format.open_memmap(staging / "patches.npy", mode="w+", dtype=dtype, shape=(len(paths), length, width))
 
-    backbone.to(device)
+    module = backbone.module.to(device)  # (built here, the first time a cache is missing)
     loader = DataLoader(
-        ImageDataset(paths, backbone.preprocess, views),
+        ImageDataset(paths, module.preprocess, views),
         batch_size=backbone.config.batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -187,7 +187,7 @@ def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backb
             bad = [f"line {line} {path} ({reason})" for line, path, reason in zip(lines[offset:end], paths[offset:end], failures) if reason]
             raise CacheError(f"{manifest.path}: image(s) that cannot be decoded: {'; '.join(bad)}; fix or remove those rows")
         with autocast(device, backbone.config.precision == "bf16"):
-            tokens = backbone(images.to(device, non_blocking=True))
+            tokens = module(images.to(device, non_blocking=True))
         # in the storage dtype on the device: half the copy for float16, and an overflow (a token
         # beyond float16's 65504 becomes inf) is caught here, not as a NaN loss in every trial
         batch_cls, batch_patches = (t.to(getattr(torch, dtype.name)) for t in (tokens.cls, tokens.patches))
@@ -206,9 +206,9 @@ def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backb
     return time.perf_counter() - start
 
 
-def _publish(manifest: Manifest, n: int, backbone: FrozenBackbone, staging: Path, directory: Path, key: str, seconds: float) -> None:
+def _publish(manifest: Manifest, n: int, backbone: LazyBackbone, staging: Path, directory: Path, key: str, seconds: float) -> None:
     """meta.json last, then the finished folder renamed into place (unless another worker's is there)."""
-    length, width = backbone.token_shapes()
+    length, width = backbone.shape.token_shapes()
     meta = {
         "key": key,
         "manifest": str(manifest.path),

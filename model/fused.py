@@ -141,7 +141,7 @@ def _new_detector(config: TrainRunConfig, prepared: PreparedData, prior_fake: fl
     """The serial run's untrained detector (model/train.py builds it the same way)."""
     cfg = config.training
     detector = AdapterDetector(
-        prepared.backbone.width, config.model, dropout=cfg.dropout, gate_init_bias=cfg.gate_init_bias, prior_fake=prior_fake,
+        prepared.backbone.shape.width, config.model, dropout=cfg.dropout, gate_init_bias=cfg.gate_init_bias, prior_fake=prior_fake,
     )
     detector.stage1.load_state_dict(prepared.stage1_state)
     return detector

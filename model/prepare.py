@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from model.backbone import FrozenBackbone, file_sha256, weights_identity
+from model.backbone import LazyBackbone, file_sha256, weights_identity
 from model.cache import FeatureCache, open_or_build_cache
 from model.config import TrainRunConfig
 from model.manifest import Manifest, ManifestError, load_manifest
@@ -31,7 +31,7 @@ class PreparedData:
     config: TrainRunConfig
     manifest: Manifest  # train + val
     test_manifests: dict[str, Manifest]
-    backbone: FrozenBackbone
+    backbone: LazyBackbone  # built only if a cache is missing or a run reads images online
     cache: FeatureCache  # of `manifest`
     stage1_checkpoint: Path
     stage1_state: dict[str, torch.Tensor]
@@ -105,9 +105,9 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
     needs it builds it then (PreparedData.views_cache)."""
     manifest, test_manifests = load_manifests(config, progress=progress)
     device = resolve_device(config.training.device)
-    backbone = FrozenBackbone(config.backbone)
+    backbone = LazyBackbone(config.backbone)
     given = config.stage1.checkpoint  # checked before any feature is extracted
-    given_state = None if given is None else load_stage1_state(given, backbone.width, config.model)
+    given_state = None if given is None else load_stage1_state(given, backbone.shape.width, config.model)
     cache_root = config.workdir / "features"
     workers = config.data.num_workers
     cache = open_or_build_cache(manifest, backbone, cache_root, device=device, num_workers=workers, progress=progress)
@@ -118,7 +118,7 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
             for name, m in test_manifests.items()
         }
     if given is None:
-        checkpoint, state = _train_or_reuse_stage1(config, manifest, cache, backbone.width, device)
+        checkpoint, state = _train_or_reuse_stage1(config, manifest, cache, backbone.shape.width, device)
     else:
         checkpoint, state = given, given_state
     prepared = PreparedData(config, manifest, test_manifests, backbone, cache, checkpoint, state, test_caches)

@@ -199,7 +199,7 @@ def train(
     train_source, val_source = training_source(prepared, config, train_rows, device), rows_source(prepared, val_rows, device, cfg.feature_mode)
 
     detector = AdapterDetector(
-        prepared.backbone.width, config.model, dropout=cfg.dropout, gate_init_bias=cfg.gate_init_bias,
+        prepared.backbone.shape.width, config.model, dropout=cfg.dropout, gate_init_bias=cfg.gate_init_bias,
         prior_fake=float(labels[train_rows].mean()),
     )
     detector.stage1.load_state_dict(prepared.stage1_state)
@@ -277,7 +277,7 @@ def train(
 def rows_source(prepared: PreparedData, rows: np.ndarray, device: torch.device, feature_mode: str) -> TokenSource:
     """The tokens of manifest ``rows``: from the cache (held on the device when they fit), or online."""
     if feature_mode == "online":
-        return OnlineTokens(prepared.backbone, list(prepared.manifest.frame["path"].iloc[rows]), device)
+        return OnlineTokens(prepared.backbone.module, list(prepared.manifest.frame["path"].iloc[rows]), device)
     return prepared.held_tokens.get(prepared.cache, rows, device)
 
 
@@ -291,7 +291,7 @@ def training_source(prepared: PreparedData, config: TrainRunConfig, rows: np.nda
         raise ValueError("augment: this run's settings differ from those its data was prepared with; prepare it again")
     if feature_mode == "online":  # the same views, made on the fly
         views = ViewPlan.of(augment, rows)
-        return OnlineTokens(prepared.backbone, list(prepared.manifest.frame["path"].iloc[views.rows]), device, views)
+        return OnlineTokens(prepared.backbone.module, list(prepared.manifest.frame["path"].iloc[views.rows]), device, views)
     views = prepared.views_cache(device)
     return prepared.held_tokens.get(views, np.arange(len(views)), device)
 

@@ -125,8 +125,8 @@ def test_the_views_cache_holds_each_training_image_in_each_view(augmented):
     for item in (0, len(train_rows) + 5, 2 * len(train_rows) + 9):  # view 0 of row 0, view 1 of row 5, view 2 of row 9
         assert rows[item] == train_rows[item % len(train_rows)] and numbers[item] == item // len(train_rows)
         plan = ViewPlan(config.augment, rows[item : item + 1], numbers[item : item + 1])
-        images, failures = ImageDataset([frame["path"].iloc[rows[item]]], prepared.backbone.preprocess, plan).batch([0])
-        expected = prepared.backbone(images)
+        images, failures = ImageDataset([frame["path"].iloc[rows[item]]], prepared.backbone.module.preprocess, plan).batch([0])
+        expected = prepared.backbone.module(images)
         np.testing.assert_allclose(views.patches[item], expected.patches[0].numpy(), rtol=1e-5, atol=1e-5)
     plain = prepared.cache.patches[train_rows[5]]
     assert not np.allclose(views.patches[len(train_rows) + 5], plain, atol=1e-3)  # augmented, not the plain image

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.backbone import FrozenBackbone
+from model.backbone import LazyBackbone
 from model.cache import CacheError, open_cache, open_or_build_cache
 from model.config import BackboneConfig
 from model.manifest import load_manifest
@@ -30,7 +30,7 @@ def manifest(dataset):
 
 @pytest.fixture
 def backbone():
-    return FrozenBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", batch_size=8, cache_dtype="float32"))
+    return LazyBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", batch_size=8, cache_dtype="float32"))
 
 
 def build(manifest, backbone, root):
@@ -43,9 +43,9 @@ def test_cache_holds_the_backbone_tokens_in_manifest_order(manifest, backbone, t
     assert isinstance(cache.patches, np.memmap)  # memory-mapped, not loaded
     from model.images import ImageDataset
 
-    images, failures = ImageDataset(list(manifest.frame["path"])[5:7], backbone.preprocess).batch([0, 1])
+    images, failures = ImageDataset(list(manifest.frame["path"])[5:7], backbone.module.preprocess).batch([0, 1])
     assert failures == ["", ""]
-    expected = backbone(images)
+    expected = backbone.module(images)
     np.testing.assert_allclose(cache.patches[5:7], expected.patches.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cache.cls[5:7], expected.cls.numpy(), rtol=1e-5, atol=1e-5)
 
@@ -82,9 +82,9 @@ def test_replaced_image_changes_the_key(manifest, backbone, tmp_path):
 
 def test_other_layer_or_weights_change_the_key(manifest, backbone, tmp_path):
     first = build(manifest, backbone, tmp_path)
-    other = FrozenBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", seed=1, cache_dtype="float32"))
+    other = LazyBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", seed=1, cache_dtype="float32"))
     assert build(manifest, other, tmp_path).key != first.key
-    other = FrozenBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", stage2_layer=1, cache_dtype="float32"))
+    other = LazyBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", stage2_layer=1, cache_dtype="float32"))
     assert build(manifest, other, tmp_path).key != first.key
 
 
@@ -137,8 +137,8 @@ def test_partial_build_without_meta_is_not_used(manifest, backbone, tmp_path):
 def test_tokens_beyond_float16_are_refused_naming_the_manifest_rows_and_the_fix(manifest, tmp_path):
     from model.backbone import FrozenTokens
 
-    backbone = FrozenBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", batch_size=8, cache_dtype="float16"))
-    forward = backbone.forward
+    backbone = LazyBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", batch_size=8, cache_dtype="float16"))
+    forward = backbone.module.forward
     calls = []
 
     def overflowing(images):  # the second batch has a token of 1e5 (float16 stops at 65504)
@@ -148,11 +148,11 @@ def test_tokens_beyond_float16_are_refused_naming_the_manifest_rows_and_the_fix(
             tokens = FrozenTokens(cls=tokens.cls, patches=tokens.patches.index_fill(1, torch.tensor([3]), 1e5))
         return tokens
 
-    backbone.forward = overflowing
+    backbone.module.forward = overflowing
     with pytest.raises(CacheError, match=r"manifest.csv: the images at lines 10-17 give tokens that are not finite in float16 .*backbone.cache_dtype: float32"):
         build(manifest, backbone, tmp_path)
     assert list(tmp_path.iterdir()) == []  # no partial cache left behind
-    backbone.forward = forward
+    backbone.module.forward = forward
     assert np.isfinite(build(manifest, backbone, tmp_path).patches).all()
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model.backbone import BackboneError, FrozenBackbone
+from model.backbone import BackboneError, BackboneShape, FrozenBackbone, LazyBackbone
 from model.config import BackboneConfig, ModelConfig
 from model.detector import AdapterDetector
 
@@ -91,12 +91,17 @@ def test_random_backbone_weights_are_reproducible():
         ({"weights": "/nonexistent/open_clip_model.safetensors"}, "checkpoint file not found"),
         ({"stage1_layer": 4}, "out of range"),
         ({"stage2_layer": -5}, "out of range"),
+        ({"name": "RN50"}, r"backbone.name: RN50 is not an open_clip VisionTransformer"),
+        ({"name": "ViT-B-16-SigLIP"}, r"backbone.name: ViT-B-16-SigLIP is not an open_clip VisionTransformer"),  # (a timm tower)
     ],
 )
 def test_backbone_errors_name_the_key(changes, message):
     config = {"name": "fairfront-tiny-vit", "weights": "random"} | changes
     with pytest.raises(BackboneError, match=message):
         FrozenBackbone(BackboneConfig(**config))
+    if "weights" not in changes:  # (a missing file is the cache key's error: weights_identity)
+        with pytest.raises(BackboneError, match=message):  # the same errors before anything is built
+            LazyBackbone(BackboneConfig(**config))
 
 
 def test_a_weights_file_that_is_not_this_backbone_is_named_in_one_line(tmp_path):
@@ -119,6 +124,9 @@ def test_vit_l14_goes_through_the_same_code_path():
     assert backbone.token_shapes() == (256, 1024)
     assert backbone.layers == (23, 22)
     assert backbone.image_size == 224
+    tokens = backbone(torch.zeros(1, 3, 224, 224))  # what the shape read off the config (the cache's) promised
+    assert tokens.cls.shape == (1, 1024) and tokens.patches.shape == (1, 256, 1024)
+    assert BackboneShape.of(backbone.config) == backbone.shape
 
 
 def test_only_building_a_backbone_imports_open_clip():

@@ -79,6 +79,16 @@ def test_online_mode_matches_the_cache_up_to_storage_precision(tmp_path, monkeyp
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
 
 
+def test_runs_on_a_finished_cache_never_build_the_backbone(tmp_path):
+    config = load_train_config(tiny_config(tmp_path, num_epochs=1, warmup_epochs=0))
+    assert prepare(config, progress=False).backbone.built  # the first prepare builds the caches with it
+    prepared = prepare(config, progress=False)  # as every worker's prepare does
+    train(config, prepared=prepared, progress=False, write_outputs=False)
+    assert not prepared.backbone.built
+    train(config.with_training(feature_mode="online"), prepared=prepared, progress=False, write_outputs=False)
+    assert prepared.backbone.built
+
+
 def test_training_from_the_memory_map_equals_training_from_memory(tmp_path, monkeypatch):
     config = load_train_config(tiny_config(tmp_path, num_epochs=2))
     prepared = prepare(config, progress=False, with_test_caches=False)
