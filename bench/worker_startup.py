@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         "Each row: a fresh `python -c` process that imports fairfront and runs model.prepare on finished caches; "
         "its wall time includes the imports (torch, open_clip, scikit-learn, ...), the manifest check and the cache's checksums.",
         f"{args.images} synthetic train + {args.images} val images: the caches are small, so the rows measure the fixed costs.",
-        "With real weights, building the backbone also reads the checkpoint (ViT-L-14: ~0.9 GB) on top of the random "
+        "With real weights, building the backbone also reads the checkpoint (ViT-L-14: ~0.9 GB in float16, as OpenAI ships it) on top of the random "
         "initialisation timed here.",
         "A node pays the difference once per worker: 8 ViT-L-14 workers that built the backbone held 8 x its extra "
         "memory for a model none of them ran, memory the page cache of the memory-mapped feature cache can use instead.",

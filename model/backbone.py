@@ -179,7 +179,7 @@ def weights_identity(config: BackboneConfig) -> str:
 
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes, hashed once per process while its size and mtime stay the
-    same (ViT-L-14's 1.7 GB take seconds, and the study definition and the cache key both ask)."""
+    same (ViT-L-14's 0.9-1.7 GB take seconds, and the study definition and the cache key both ask)."""
     stat = path.stat()
     return _file_sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
 

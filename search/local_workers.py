@@ -153,7 +153,9 @@ def _worker_context(*, gpu: bool) -> multiprocessing.context.BaseContext:
     if gpu or "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["search.local_workers", "search.study"])
+    # (open_clip by name: model.backbone imports it only when a backbone is needed, and every
+    # worker's prepare reads the backbone's shape from it)
+    context.set_forkserver_preload(["search.local_workers", "search.study", "open_clip"])
     return context
 
 

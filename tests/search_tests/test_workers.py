@@ -396,6 +396,25 @@ def test_a_storage_that_cannot_be_opened_is_one_masked_error(study_files, postgr
     assert "Traceback" not in everything
 
 
+def _heavy_modules_loaded(queue) -> None:
+    import sys
+
+    queue.put(sorted(m for m in ("torch", "optuna", "open_clip", "search.study") if m in sys.modules))
+
+
+def test_cpu_workers_start_with_the_heavy_imports_done():
+    """K CPU workers fork from one server that imported them, instead of K processes importing
+    torch, optuna and open_clip at once on the same cores."""
+    from search.local_workers import _worker_context
+
+    context = _worker_context(gpu=False)
+    queue = context.SimpleQueue()
+    worker = context.Process(target=_heavy_modules_loaded, args=(queue,))
+    worker.start()
+    worker.join(120)
+    assert queue.get() == ["open_clip", "optuna", "search.study", "torch"]
+
+
 def test_devices_are_assigned_round_robin_and_cpu_threads_shared():
     assert parse_devices("cpu", "auto") == ["cpu"]
     assert parse_devices(None, "cpu") == ["cpu"]  # the study asks for the CPU: respected
