@@ -120,7 +120,6 @@ class FrozenBackbone(nn.Module):
         if built != (self.shape.width, self.shape.n_layers, self.shape.image_size, self.shape.patch_size):
             raise BackboneError(f"backbone.name: {config.name} built as (width, blocks, image size, patch) {built}, "
                                 f"its config says {self.shape}")  # the cache key was made from the config
-        self.width, self.n_layers, self.image_size, self.layers = self.shape.width, self.shape.n_layers, self.shape.image_size, self.shape.layers
         self.preprocess = open_clip.image_transform(
             self.visual.image_size,
             is_train=False,
@@ -133,18 +132,15 @@ class FrozenBackbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> FrozenTokens:
-        wanted = sorted(set(self.layers))
+        layers = self.shape.layers
+        wanted = sorted(set(layers))
         out = self.visual.forward_intermediates(
             images, indices=wanted, output_fmt="NLC", output_extra_tokens=True, intermediates_only=True
         )
         by_layer = dict(zip(wanted, zip(out["image_intermediates_prefix"], out["image_intermediates"])))
-        stage1_prefix, _ = by_layer[self.layers[0]]
-        _, stage2_patches = by_layer[self.layers[1]]
+        stage1_prefix, _ = by_layer[layers[0]]
+        _, stage2_patches = by_layer[layers[1]]
         return FrozenTokens(cls=stage1_prefix[:, 0].float(), patches=stage2_patches.float())
-
-    def token_shapes(self) -> tuple[int, int]:
-        """(number of patch tokens L, width D)."""
-        return self.shape.token_shapes()
 
 
 class LazyBackbone:

@@ -70,8 +70,8 @@ def test_tiny_backbone_is_frozen_and_returns_the_configured_layers():
     assert all(not p.requires_grad for p in backbone.parameters())
     tokens = backbone(torch.randn(3, 3, 64, 64))
     assert tokens.cls.shape == (3, 128) and tokens.patches.shape == (3, 64, 128)
-    assert backbone.layers == (3, 1)
-    assert backbone.token_shapes() == (64, 128)
+    assert backbone.shape.layers == (3, 1)
+    assert backbone.shape.token_shapes() == (64, 128)
     # a different layer gives different tokens: the choice is real
     other = FrozenBackbone(BackboneConfig(name="fairfront-tiny-vit", weights="random", stage2_layer=3))(torch.zeros(1, 3, 64, 64))
     same_input = backbone(torch.zeros(1, 3, 64, 64))
@@ -121,9 +121,9 @@ def test_vit_l14_goes_through_the_same_code_path():
     # Same factory, same VisionTransformer, same token extraction as the tiny config; only the
     # numbers differ. (Random weights: ~300M parameters, a few seconds to build.)
     backbone = FrozenBackbone(BackboneConfig(name="ViT-L-14-quickgelu", weights="random", stage1_layer=-1, stage2_layer=-2))
-    assert backbone.token_shapes() == (256, 1024)
-    assert backbone.layers == (23, 22)
-    assert backbone.image_size == 224
+    assert backbone.shape.token_shapes() == (256, 1024)
+    assert backbone.shape.layers == (23, 22)
+    assert backbone.shape.image_size == 224
     tokens = backbone(torch.zeros(1, 3, 224, 224))  # what the shape read off the config (the cache's) promised
     assert tokens.cls.shape == (1, 1024) and tokens.patches.shape == (1, 256, 1024)
     assert BackboneShape.of(backbone.config) == backbone.shape
