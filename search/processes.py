@@ -44,10 +44,30 @@ def interrupts_as_keyboard() -> Iterator[None]:
         log.error("signal %d a third time: exiting now; running trials are left to the next worker's heartbeat check", signum)
         os._exit(130)
 
+    def swallowed(unraisable) -> None:
+        # The handler raises wherever the main thread is; inside a finalizer or a GC callback
+        # Python prints "Exception ignored" and goes on, and the stop would be lost with it
+        # (the handler has counted the signal). Deliver it again 10 ms later, by an alarm, once
+        # this hook has returned (swallowed again: delivered again).
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and stopping:
+            first = stopping[0]
+            stopping.clear()
+            signal.signal(signal.SIGALRM, lambda signum, frame: handler(first, frame))
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+            armed.append(first)
+            return
+        previous_hook(unraisable)
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGALRM] = signal.getsignal(signal.SIGALRM)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, swallowed
+    armed: list[int] = []
     try:
         yield
     finally:
+        if armed:  # (an alarm still pending would end the process once SIGALRM is restored)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
 

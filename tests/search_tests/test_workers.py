@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -267,6 +268,33 @@ def test_sigterm_stops_a_single_process_worker_cleanly(study_files, tmp_path, ex
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"].startswith("interrupted"), run.output
     assert "RUNNING" not in _states(study) and "Traceback" not in run.output
     assert "optimize: interrupted" in run.output
+
+
+def test_a_signal_that_lands_in_a_finalizer_still_stops_the_process():
+    """Python swallows an exception raised inside ``__del__`` ("Exception ignored"): the
+    KeyboardInterrupt a SIGTERM becomes there must be raised again outside, not lost."""
+    code = textwrap.dedent("""
+        import os, signal, time
+        from search.processes import interrupts_as_keyboard
+
+        class Finalizer:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(10000):  # the handler runs in here
+                    pass
+
+        with interrupts_as_keyboard():
+            try:
+                Finalizer()
+                start = time.monotonic()
+                while time.monotonic() - start < 5:
+                    pass
+                print("lost")
+            except KeyboardInterrupt:
+                print("interrupted")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["interrupted"], proc.stderr
 
 
 def test_a_third_signal_while_stopping_exits_at_once():
