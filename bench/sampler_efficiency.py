@@ -16,7 +16,7 @@ configurations are enqueued as ``warm_start: true`` does, and a degenerate trial
 Hypervolume: feasible (non-degenerate) complete trials, objectives as minimised (-AUC, F_MEO,
 F_FPR), fixed reference point AUC 0.5, F_MEO 1.0, F_FPR 2.0.
 
-    python -m bench.sampler_efficiency [--seeds 8] [--trials 100] [--batch 8]
+    python -m bench.sampler_efficiency [--seeds 8] [--trials 100] [--batch 8] [--n-startup 10]
 """
 
 from __future__ import annotations
@@ -88,15 +88,20 @@ def hypervolume_curve(points: list[tuple[list[float], bool]], directions: list[s
     return curve
 
 
-def run_sampler(name: str, seed: int, trials: int, study_config, surrogate: Surrogate, batch: int = 1) -> tuple[list, list[float]]:
+def run_sampler(name: str, seed: int, trials: int, study_config, surrogate: Surrogate, batch: int = 1,
+                n_startup: int | None = None) -> tuple[list, list[float]]:
     """``batch`` K > 1: K trials are asked (each one sampled while the batch's earlier ones are
-    RUNNING with their parameters, as a fused worker's claim leaves them), then all K are told."""
+    RUNNING with their parameters, as a fused worker's claim leaves them), then all K are told.
+    ``n_startup``: the sampler's ``n_startup_trials`` instead of the demo's."""
     import optuna
 
     from search.samplers import DEGENERATE_ATTR, build_sampler
     from search.space import enqueue_reference_configs, suggest
 
-    sampler = build_sampler(dataclasses.replace(study_config.sampler, name=name, seed=seed))
+    sampler_config = dataclasses.replace(study_config.sampler, name=name, seed=seed)
+    if n_startup is not None:
+        sampler_config = dataclasses.replace(sampler_config, n_startup_trials=n_startup)
+    sampler = build_sampler(sampler_config)
     study = optuna.create_study(directions=study_config.directions, sampler=sampler)
     if study_config.warm_start:
         enqueue_reference_configs(study, study_config.search_space)
@@ -143,8 +148,8 @@ def _init_worker() -> None:
     _STATE.update(config=config, surrogate=surrogate)
 
 
-def _run_one(name: str, seed: int, trials: int, batch: int) -> tuple[list, list[float]]:
-    return run_sampler(name, seed, trials, _STATE["config"], _STATE["surrogate"], batch)
+def _run_one(name: str, seed: int, trials: int, batch: int, n_startup: int | None) -> tuple[list, list[float]]:
+    return run_sampler(name, seed, trials, _STATE["config"], _STATE["surrogate"], batch, n_startup)
 
 
 def main(argv=None) -> int:
@@ -157,6 +162,8 @@ def main(argv=None) -> int:
                         "grows with the trials; the target only needs its first 30)")
     parser.add_argument("--batch", type=int, default=1, help="trials asked before any is told: K fused trials "
                         "(--fuse K) or K workers (default 1: one at a time)")
+    parser.add_argument("--n-startup", type=int, default=None, help="the samplers' n_startup_trials (default: "
+                        "the demo's); 10 is the FF++ study's")
     parser.add_argument("--jobs", type=int, default=1, help="(sampler, seed) runs in parallel processes, one core each; "
                         "overheads stay per-core only while jobs <= free cores")
     args = parser.parse_args(argv)
@@ -166,7 +173,7 @@ def main(argv=None) -> int:
     limits = {k: int(v) for k, v in (item.split("=") for item in args.limit.split(",") if item)}
     if args.batch < 1:
         parser.error("--batch must be >= 1")
-    runs = [(name, seed, min(args.trials, limits.get(name, args.trials)), args.batch)
+    runs = [(name, seed, min(args.trials, limits.get(name, args.trials)), args.batch, args.n_startup)
             for name in args.samplers.split(",") for seed in range(args.seeds)]
     if args.jobs > 1:
         import multiprocessing
@@ -177,7 +184,7 @@ def main(argv=None) -> int:
         _STATE.update(config=study_config, surrogate=surrogate)
         results = [_run_one(*run) for run in runs]
     curves, overheads = {}, {}
-    for (name, seed, trials, _), (points, overhead) in zip(runs, results):
+    for (name, seed, trials, *_), (points, overhead) in zip(runs, results):
         curves.setdefault(name, []).append(hypervolume_curve(points, study_config.directions, study_config.metric_names))
         overheads.setdefault(name, []).append(overhead)
         print(f"{name} seed {seed}: hypervolume at {trials} = {curves[name][-1][-1]:.4f}", flush=True)
@@ -210,6 +217,9 @@ def main(argv=None) -> int:
         "stand-in for the demo, not the demo itself; absolute hypervolumes mean nothing beyond it.",
         "Reference point (fixed): AUC 0.5, F_MEO 1.0, F_FPR 2.0; hypervolume in (-AUC, F_MEO, F_FPR) space of the "
         "feasible (non-degenerate) complete trials, optuna._hypervolume.compute_hypervolume.",
+        f"n_startup_trials {study_config.sampler.n_startup_trials if args.n_startup is None else args.n_startup}"
+        + (" (the demo's)" if args.n_startup is None else " (--n-startup; the demo has "
+           f"{study_config.sampler.n_startup_trials})") + ": random trials before gp and tpe fit their model.",
         f"{args.seeds} sampler seeds per sampler; median and interquartile range over seeds; the demo's 3 reference "
         "configurations are enqueued first (warm_start: true) for every sampler.",
         "Target: the default sampler's (gp) median reaches random search's median 100-trial hypervolume within 30 trials.",
