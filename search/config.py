@@ -86,9 +86,7 @@ class SamplerConfig:
     # at 30 trials, ~3.2 s at 100 on one CPU core): small next to a GPU trial.
     name: Literal["gp", "tpe", "nsga2", "random"] = "gp"
     seed: int | None = 0
-    # gp and tpe: random trials before the model takes over. gp counts the trials started (running
-    # ones too, as --fuse K and parallel workers leave them); tpe, as Optuna does, the finished ones.
-    n_startup_trials: int = 10
+    n_startup_trials: int = 10  # gp and tpe: random trials before the model takes over
     population_size: int = 50  # nsga2
 
     def __post_init__(self) -> None:

@@ -37,36 +37,8 @@ class ConstrainedRandomSampler(optuna.samplers.RandomSampler):
         super().after_trial(study, trial, state, values)
 
 
-class StartedCountGPSampler(optuna.samplers.GPSampler):
-    """Optuna's GPSampler, with ``n_startup_trials`` counted over the trials already started
-    (complete, or running with their parameters) instead of the complete ones only.
-
-    A fused worker asks K trials before it tells any, and K workers ask while the others train.
-    Counted over complete trials, ``--fuse 8`` with 10 startup trials draws 16 at random: the
-    second batch is asked when only 8 trials are complete. Counted over started trials, the
-    model takes over at the 11th, conditioned on the running ones as its q-batch acquisition is.
-    One trial at a time the two counts are equal (the only running trial is the one being
-    sampled), so a serial study samples exactly what GPSampler does.
-    """
-
-    def __init__(self, *, n_startup_trials: int, **kwargs) -> None:
-        # Optuna's own count then only waits for one complete trial, the least a model can fit;
-        # its warning about independent sampling would fire through our startup phase.
-        super().__init__(n_startup_trials=min(n_startup_trials, 1), warn_independent_sampling=False, **kwargs)
-        self._n_started_before_model = n_startup_trials
-
-    def sample_relative(self, study, trial: FrozenTrial, search_space) -> dict:
-        started = [
-            t for t in study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING), use_cache=False)
-            if t.number != trial.number and (t.state == TrialState.COMPLETE or t.params)
-        ]
-        if len(started) < self._n_started_before_model:
-            return {}
-        return super().sample_relative(study, trial, search_space)
-
-
 def _gp(c: SamplerConfig) -> optuna.samplers.BaseSampler:
-    return StartedCountGPSampler(seed=c.seed, n_startup_trials=c.n_startup_trials, constraints_func=degenerate_constraint)
+    return optuna.samplers.GPSampler(seed=c.seed, n_startup_trials=c.n_startup_trials, constraints_func=degenerate_constraint)
 
 
 def _tpe(c: SamplerConfig) -> optuna.samplers.BaseSampler:
