@@ -139,7 +139,8 @@ class DistributedConfig:
     # A RUNNING trial whose last heartbeat is older than this is failed by the next worker that
     # looks (seconds; default 4 x heartbeat_interval) ...
     grace_period: int | None = None
-    # ... and re-queued with the same parameters, at most this many times.
+    # ... and re-queued with the same parameters, at most this many times (so is a trial whose
+    # worker was interrupted: Ctrl-C, SIGTERM).
     max_retry: int = 2
     connect_timeout: float = 10.0  # seconds to reach the database when a worker starts
     retry_seconds: float = 120.0  # transient database errors are retried (with back-off) this long

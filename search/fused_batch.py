@@ -15,7 +15,8 @@ devices and nodes, may share a study with each other and with serial workers:
   other worker, sees the earlier ones RUNNING with their parameters;
 * ask/tell trials get no heartbeat from Optuna, so it writes them itself (``Heartbeats``): a fused
   process killed outright leaves K RUNNING trials that the next worker fails and re-queues;
-* an error or Ctrl-C fails the batch's untold trials, so none stays RUNNING.
+* an error or Ctrl-C fails the batch's untold trials, so none stays RUNNING; after a Ctrl-C or
+  SIGTERM they are re-queued with their parameters, as a serial worker's trial is.
 
 ``run_study.py optimize --fuse K`` runs the study's workers (``--workers``, ``distributed.workers``)
 as fused ones, on ``--devices`` round-robin.
@@ -38,6 +39,7 @@ from search.artifacts import TrialLog, artifact_store
 from search.config import StudyConfig
 from search.dashboard import TrialAnnotator
 from search.objective import finish_trial, start_trial
+from search.storage import requeue_interrupted
 from search.study import describe_trial, finished_count, start_worker
 from search.workers import Heartbeats
 
@@ -79,6 +81,9 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
                 reason = "interrupted (KeyboardInterrupt)" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
                 for trial in trials:
                     batch.tell_failed(trial, reason)
+                    if isinstance(err, KeyboardInterrupt):
+                        with contextlib.suppress(Exception):  # the storage unreachable: failed, not retried
+                            requeue_interrupted(study, trial._trial_id, budget.max_retry)
                 if held:
                     signal.raise_signal(held[0])
                 raise

@@ -12,6 +12,8 @@ transient database errors, and credentials kept out of every message.
   that died (SIGKILL, node loss) once its last heartbeat is older than ``grace_period``; the trial
   is re-queued with the same parameters up to ``max_retry`` times (Optuna 5's
   ``RetryHeartbeatStaleTrialCallback``; ``RetryFailedTrialCallback`` is its deprecated alias).
+  A trial whose worker was interrupted (Ctrl-C, SIGTERM) is failed by that worker and re-queued
+  the same way (``requeue_interrupted``).
 * The study-wide lock the workers share is in search/study_lock.py.
 """
 
@@ -155,9 +157,16 @@ for _name in _RETRIED:
 # --- opening the storage ----------------------------------------------------------------------
 
 
-class RetryDeadWorkerTrial(RetryHeartbeatStaleTrialCallback):
-    """Re-queue a dead worker's trial (same parameters) up to ``max_retry`` times, without the
-    ``fail_reason`` that was written on the dead attempt."""
+class RequeueTrial(RetryHeartbeatStaleTrialCallback):
+    """Re-queue a failed trial with the same parameters (the next trial a worker asks for) up to
+    ``max_retry`` times, without the ``fail_reason`` written on the failed attempt. ``cause``
+    (why it failed) goes in the log line."""
+
+    def __init__(self, max_retry: int, cause: str = "its worker died") -> None:
+        with warnings.catch_warnings():  # "experimental" in Optuna 5
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            super().__init__(max_retry=max_retry)
+        self.cause = cause
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trial = copy.deepcopy(trial)
@@ -165,9 +174,19 @@ class RetryDeadWorkerTrial(RetryHeartbeatStaleTrialCallback):
         before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         super().__call__(study, trial)
         if len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) > before:
-            log.warning("trial %d: its worker died; re-queued with the same parameters", trial.number)
+            log.warning("trial %d: %s; re-queued with the same parameters", trial.number, self.cause)
         else:
-            log.warning("trial %d: its worker died; not retried (distributed.max_retry=%d reached)", trial.number, self._max_retry)
+            log.warning("trial %d: %s; not retried (distributed.max_retry=%d reached)", trial.number, self.cause, self._max_retry)
+
+
+def requeue_interrupted(study: optuna.Study, trial_id: int, max_retry: int) -> None:
+    """Re-queue ``trial_id`` if it ended FAIL because its worker was interrupted (Ctrl-C, SIGTERM:
+    a preempted or cancelled job). The interruption says nothing about its parameters, so the
+    study, when continued, runs them first, as it does a dead worker's trial."""
+    trial = study._storage.get_trial(trial_id)
+    reason = str(trial.user_attrs.get("fail_reason", ""))
+    if trial.state == TrialState.FAIL and reason.startswith("interrupted") and trial.params:
+        RequeueTrial(max_retry, cause="interrupted")(study, trial)
 
 
 def _engine_kwargs(url: str, options: DistributedConfig) -> dict[str, Any]:
@@ -231,7 +250,7 @@ def make_storage(url: str, options: DistributedConfig | None = None) -> Resilien
                 heartbeat = dict(
                     heartbeat_interval=options.heartbeat_interval,
                     grace_period=options.grace_seconds,
-                    heartbeat_stale_trial_callback=RetryDeadWorkerTrial(max_retry=options.max_retry),
+                    heartbeat_stale_trial_callback=RequeueTrial(max_retry=options.max_retry),
                 )
             storage = _create_storage(url, _engine_kwargs(url, options), heartbeat)
     except ImportError as err:
@@ -306,6 +325,6 @@ def _trials_without_heartbeat(storage: RDBStorage, study_id: int, grace: float) 
 
 
 __all__ = [
-    "ResilientRDBStorage", "RetryDeadWorkerTrial", "StorageError", "call_with_retry", "error_reason", "fail_dead_trials",
+    "RequeueTrial", "ResilientRDBStorage", "StorageError", "call_with_retry", "error_reason", "fail_dead_trials", "requeue_interrupted",
     "is_transient", "make_storage", "sqlite_file", "storage_of",
 ]

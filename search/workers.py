@@ -55,7 +55,7 @@ from optuna.trial import TrialState
 from search.config import StudyConfig
 from search.samplers import build_sampler
 from search.space import suggest
-from search.storage import error_reason, fail_dead_trials, storage_of
+from search.storage import error_reason, fail_dead_trials, requeue_interrupted, storage_of
 from search.study_lock import study_lock
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class TrialBudget:
         self.max_poll = float(min(10, self.storage.get_heartbeat_interval() or 10))
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.device, self.sampler = config.training.device, config.sampler
+        self.max_retry = config.distributed.max_retry
         self.space, self.defaults = config.search_space, dataclasses.asdict(config.training)
         self.current: int | None = None  # trial id of the running trial of this worker
         self._saved_handlers: dict | None = None
@@ -200,7 +201,8 @@ class TrialBudget:
 
     def abandon(self) -> None:
         """On an interrupt: this worker's trial must not stay RUNNING (Optuna fails it when the
-        interrupt hits the objective; this covers the moments around it)."""
+        interrupt hits the objective; this covers the moments around it), and it is re-queued
+        with its parameters for when the study continues."""
         self.lock.release()
         for s, handler in (self._saved_handlers or {}).items():
             signal.signal(s, handler)
@@ -211,6 +213,8 @@ class TrialBudget:
             if self.storage.get_trial(self.current).state == TrialState.RUNNING:
                 self.storage.set_trial_user_attr(self.current, "fail_reason", "interrupted (Ctrl-C or SIGTERM)")
                 self.storage.set_trial_state_values(self.current, TrialState.FAIL)
+        with contextlib.suppress(Exception):  # the storage unreachable: the trial is failed, not retried
+            requeue_interrupted(self.study, self.current, self.max_retry)
 
     def _expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline

@@ -113,8 +113,9 @@ def test_an_interrupt_or_an_error_mid_batch_leaves_no_trial_running(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         optimize_fused(config, group_size=3, progress=False)
     trials = open_study(config, create=False).get_trials()
-    assert [t.state for t in trials] == [TrialState.FAIL] * 3
-    assert all(t.user_attrs["fail_reason"] == "interrupted (KeyboardInterrupt)" for t in trials)
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3 + [TrialState.WAITING] * 3  # each re-queued
+    assert all(t.user_attrs["fail_reason"] == "interrupted (KeyboardInterrupt)" for t in trials[:3])
+    assert [(t.system_attrs["failed_trial"], t.params) for t in trials[3:]] == [(t.number, t.params) for t in trials[:3]]
 
     start_trial, calls = fused_batch.start_trial, []
 
@@ -129,7 +130,9 @@ def test_an_interrupt_or_an_error_mid_batch_leaves_no_trial_running(tmp_path, mo
     optimize_fused(config, group_size=2, n_trials=2, progress=False)  # that trial fails alone, as a serial one would
     trials = open_study(config, create=False).get_trials()
     assert trials[4].state == TrialState.FAIL and trials[4].user_attrs["fail_reason"] == "RuntimeError: sampling broke"
-    assert [t.state for t in trials[3:]].count(TrialState.COMPLETE) == 2 and len(trials) == 6
+    assert [t.state for t in trials[3:]] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.params for t in trials[3:]] == [t.params for t in trials[:3]]  # the interrupted trials, run again
+    assert len(trials) == 6
 
 
 def _study_with(tmp_path, name: str, n_trials: int):

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from search.config import DistributedConfig
 from search.credentials import RedactingFilter, mask_url, redact, register_secret
-from search.storage import StorageError, fail_dead_trials, make_storage, storage_of
+from search.storage import StorageError, fail_dead_trials, make_storage, requeue_interrupted, storage_of
 from search.study_lock import study_lock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,6 +118,38 @@ def test_dead_workers_trial_is_failed_and_requeued_with_its_parameters(storage_u
     assert [r.params for r in retries] == [trials[0].params, trials[1].params]
     assert all("fail_reason" not in r.user_attrs for r in retries)
     assert fail_dead_trials(study, storage_of(study)) == []  # nothing twice
+
+
+def test_an_interrupted_trial_is_requeued_with_its_parameters_up_to_max_retry(tmp_path):
+    """Ctrl-C or SIGTERM (a preempted job) says nothing about the trial's parameters: it is
+    queued again, until max_retry copies of it have been; other failures and finished trials
+    are left alone."""
+    study = optuna.create_study(study_name="int", storage=make_storage(f"sqlite:///{tmp_path / 'int.db'}", FAST))
+
+    def ended(state, reason=None):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        if reason is not None:
+            trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, 0.5 if state == TrialState.COMPLETE else None, state=state)
+        return study.trials[trial.number]
+
+    interrupted = ended(TrialState.FAIL, "interrupted (Ctrl-C or SIGTERM)")
+    for other in (ended(TrialState.FAIL, "RuntimeError: diverged"), ended(TrialState.COMPLETE)):
+        requeue_interrupted(study, other._trial_id, max_retry=1)
+    assert study.get_trials(states=[TrialState.WAITING]) == []
+
+    requeue_interrupted(study, interrupted._trial_id, max_retry=1)
+    (copy,) = study.get_trials(states=[TrialState.WAITING])
+    assert copy.params == interrupted.params and copy.system_attrs["failed_trial"] == interrupted.number
+    assert "fail_reason" not in copy.user_attrs
+
+    retry = study.ask()  # the copy runs first, and is interrupted too: max_retry (1) is reached
+    assert retry.number == copy.number and retry.params == interrupted.params
+    retry.set_user_attr("fail_reason", "interrupted (KeyboardInterrupt)")
+    study.tell(retry, state=TrialState.FAIL)
+    requeue_interrupted(study, retry._trial_id, max_retry=1)
+    assert study.get_trials(states=[TrialState.WAITING]) == []
 
 
 _HOLD_LOCK = textwrap.dedent("""

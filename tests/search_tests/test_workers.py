@@ -252,6 +252,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(study_files, postg
     trial = study.trials[interrupted.number]
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"].startswith("interrupted")
     assert "Traceback" not in run.output
+    _assert_requeued(study, trial, run)
 
 
 @pytest.mark.parametrize("extra", [(), ("--fuse", "2")], ids=["serial", "fused"])
@@ -268,6 +269,14 @@ def test_sigterm_stops_a_single_process_worker_cleanly(study_files, tmp_path, ex
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"].startswith("interrupted"), run.output
     assert "RUNNING" not in _states(study) and "Traceback" not in run.output
     assert "optimize: interrupted" in run.output
+    _assert_requeued(study, trial, run)
+
+
+def _assert_requeued(study, trial, run) -> None:
+    """A preempted job's trial is queued again with its parameters, to run first when the study continues."""
+    copies = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
+    assert [(t.state, t.params) for t in copies] == [(TrialState.WAITING, trial.params)], run.output
+    assert f"trial {trial.number}: interrupted; re-queued with the same parameters" in run.output
 
 
 def test_a_signal_that_lands_in_a_finalizer_still_stops_the_process():
