@@ -79,11 +79,11 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
             except BaseException as err:  # a bad config, Ctrl-C: no trial is left RUNNING
                 held = budget.release(deliver=False)  # a held-back Ctrl-C waits until the trials are failed
                 reason = "interrupted (KeyboardInterrupt)" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
-                for trial in trials:
-                    batch.tell_failed(trial, reason)
-                    if isinstance(err, KeyboardInterrupt):
-                        with contextlib.suppress(Exception):  # the storage unreachable: failed, not retried
-                            requeue_interrupted(study, trial._trial_id, budget.max_retry)
+                told = [frozen for trial in trials if (frozen := batch.tell_failed(trial, reason)) is not None]
+                if isinstance(err, KeyboardInterrupt):  # after failing them all: a third signal exits at once
+                    with contextlib.suppress(Exception):  # the storage unreachable: failed, not retried
+                        for frozen in told:
+                            requeue_interrupted(study, frozen, budget.max_retry)
                 if held:
                     signal.raise_signal(held[0])
                 raise
@@ -159,21 +159,23 @@ class _Batch:
             return
         self._told(frozen)
 
-    def tell_failed(self, trial: optuna.Trial, reason: str) -> None:
-        """End ``trial`` FAIL with ``reason``, unless it is settled already."""
+    def tell_failed(self, trial: optuna.Trial, reason: str) -> optuna.trial.FrozenTrial | None:
+        """End ``trial`` FAIL with ``reason``, unless it is settled already; the trial as told,
+        or None when this call did not fail it."""
         if trial._trial_id in self.settled:
-            return
+            return None
         try:
             trial.set_user_attr("fail_reason", reason)
             frozen = self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         except UpdateFinishedTrialError:
             self._lost(trial)
-            return
+            return None
         except Exception:  # the storage is gone: the trial's heartbeat stops, another worker fails it
             log.exception("could not fail trial %d", trial.number)
             self._settle(trial._trial_id)
-            return
+            return None
         self._told(frozen)
+        return frozen
 
     def _lost(self, trial: optuna.Trial) -> None:
         """Failed by another worker: a failure of this run too, or a worker whose heartbeats never

@@ -10,8 +10,8 @@ transient database errors, and credentials kept out of every message.
   ``distributed.retry_seconds``.
 * Heartbeats (``distributed.heartbeat_interval``) let any worker fail the RUNNING trial of a worker
   that died (SIGKILL, node loss) once its last heartbeat is older than ``grace_period``; the trial
-  is re-queued with the same parameters up to ``max_retry`` times (Optuna 5's
-  ``RetryHeartbeatStaleTrialCallback``; ``RetryFailedTrialCallback`` is its deprecated alias).
+  is re-queued with the same parameters up to ``max_retry`` times (``RequeueTrial``: the retry
+  attributes of Optuna 5's ``RetryHeartbeatStaleTrialCallback``, none of the failed attempt's).
   A trial whose worker was interrupted (Ctrl-C, SIGTERM) is failed by that worker and re-queued
   the same way (``requeue_interrupted``).
 * The study-wide lock the workers share is in search/study_lock.py.
@@ -34,7 +34,7 @@ import optuna
 import sqlalchemy
 import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning, StorageInternalError, UpdateFinishedTrialError
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
@@ -157,36 +157,45 @@ for _name in _RETRIED:
 # --- opening the storage ----------------------------------------------------------------------
 
 
-class RequeueTrial(RetryHeartbeatStaleTrialCallback):
-    """Re-queue a failed trial with the same parameters (the next trial a worker asks for) up to
-    ``max_retry`` times, without the ``fail_reason`` written on the failed attempt. ``cause``
-    (why it failed) goes in the log line."""
+class RequeueTrial:
+    """Re-queue a failed trial with the same parameters (WAITING: workers take it before they
+    sample a new one) up to ``max_retry`` times. The copy's ``system_attrs`` name the original
+    trial and the chain of attempts as Optuna's ``RetryHeartbeatStaleTrialCallback`` writes
+    them (``failed_trial``, ``retry_history``). ``cause`` (why it failed) goes in the log line.
+
+    Unlike Optuna's callback it copies nothing the failed attempt recorded: its curve, metrics,
+    artifacts, stop reason or sampler state (NSGA-II's generation) would otherwise stay on the
+    new run, and be shown for it when that run fails before it records its own."""
+
+    KEPT_USER_ATTRS = ("reference_config",)  # set when the trial was queued, not by its run
 
     def __init__(self, max_retry: int, cause: str = "its worker died") -> None:
-        with warnings.catch_warnings():  # "experimental" in Optuna 5
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            super().__init__(max_retry=max_retry)
-        self.cause = cause
+        self.max_retry, self.cause = max_retry, cause
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trial = copy.deepcopy(trial)
-        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
-        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        super().__call__(study, trial)
-        if len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) > before:
-            log.warning("trial %d: %s; re-queued with the same parameters", trial.number, self.cause)
-        else:
-            log.warning("trial %d: %s; not retried (distributed.max_retry=%d reached)", trial.number, self.cause, self._max_retry)
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        if len(history) > self.max_retry:
+            log.warning("trial %d: %s; not retried (distributed.max_retry=%d reached)", trial.number, self.cause, self.max_retry)
+            return
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            user_attrs={k: trial.user_attrs[k] for k in self.KEPT_USER_ATTRS if k in trial.user_attrs},
+            system_attrs={"failed_trial": trial.system_attrs.get("failed_trial", trial.number), "retry_history": history},
+        ))
+        log.warning("trial %d: %s; re-queued with the same parameters", trial.number, self.cause)
 
 
-def requeue_interrupted(study: optuna.Study, trial_id: int, max_retry: int) -> None:
-    """Re-queue ``trial_id`` if it ended FAIL because its worker was interrupted (Ctrl-C, SIGTERM:
-    a preempted or cancelled job). The interruption says nothing about its parameters, so the
-    study, when continued, runs them first, as it does a dead worker's trial."""
-    trial = study._storage.get_trial(trial_id)
+def requeue_interrupted(study: optuna.Study, trial: FrozenTrial, max_retry: int) -> None:
+    """Re-queue ``trial`` if it ended FAIL because its worker was interrupted (Ctrl-C, SIGTERM:
+    a preempted or cancelled job), and no copy of it is queued yet (another worker may have
+    failed it as dead first). The interruption says nothing about its parameters: the study,
+    when continued, runs them again."""
     reason = str(trial.user_attrs.get("fail_reason", ""))
-    if trial.state == TrialState.FAIL and reason.startswith("interrupted") and trial.params:
-        RequeueTrial(max_retry, cause="interrupted")(study, trial)
+    if trial.state != TrialState.FAIL or not reason.startswith("interrupted") or not trial.params:
+        return
+    if any(trial.number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)):
+        return
+    RequeueTrial(max_retry, cause="interrupted")(study, trial)
 
 
 def _engine_kwargs(url: str, options: DistributedConfig) -> dict[str, Any]:
@@ -243,7 +252,7 @@ def make_storage(url: str, options: DistributedConfig | None = None) -> Resilien
     if database := sqlite_file(url):
         database.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings():  # heartbeats and the retry callback are "experimental" in Optuna 5
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
             warnings.simplefilter("ignore", ExperimentalWarning)
             heartbeat = {}
             if options.heartbeat_interval is not None:

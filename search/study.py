@@ -226,7 +226,13 @@ def optimize(config: StudyConfig, *, n_trials: int | None = None, timeout: float
                     # A trial never blocks the study: a crash or divergence ends that trial FAIL and logs why.
                     catch=(Exception,),
                 )
-            except UpdateFinishedTrialError as err:  # our heartbeat was lost and another worker failed the trial
+            except (UpdateFinishedTrialError, ValueError) as err:
+                # Our heartbeat was late and another worker failed the trial: Optuna's tell raises
+                # UpdateFinishedTrialError, or "Cannot tell a FAIL trial." when it sees it first.
+                if isinstance(err, ValueError) and not str(err).startswith("Cannot tell a"):
+                    raise
+                if budget.interrupted:  # raised instead of the interrupt: the stop must not be lost
+                    raise KeyboardInterrupt from err
                 log.warning("trial finished elsewhere (%s); its retry runs on another worker", err)
                 tracker.failed += 1  # a failure of this run: heartbeats that never arrive must not loop forever
             finally:

@@ -81,6 +81,7 @@ class TrialBudget:
         self.max_retry = config.distributed.max_retry
         self.space, self.defaults = config.search_space, dataclasses.asdict(config.training)
         self.current: int | None = None  # trial id of the running trial of this worker
+        self.interrupted = False  # a Ctrl-C / SIGTERM reached the objective
         self._saved_handlers: dict | None = None
         self._deferred: list[int] = []
         self._waiting_for: tuple[int, ...] | None = None
@@ -165,6 +166,7 @@ class TrialBudget:
                 self.label(trial)
                 return objective(trial)
             except KeyboardInterrupt:
+                self.interrupted = True
                 with contextlib.suppress(Exception):
                     trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
                 raise
@@ -209,12 +211,11 @@ class TrialBudget:
         self._saved_handlers = None
         if self.current is None:
             return
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the storage unreachable: another worker fails it (heartbeat)
             if self.storage.get_trial(self.current).state == TrialState.RUNNING:
                 self.storage.set_trial_user_attr(self.current, "fail_reason", "interrupted (Ctrl-C or SIGTERM)")
                 self.storage.set_trial_state_values(self.current, TrialState.FAIL)
-        with contextlib.suppress(Exception):  # the storage unreachable: the trial is failed, not retried
-            requeue_interrupted(self.study, self.current, self.max_retry)
+            requeue_interrupted(self.study, self.storage.get_trial(self.current), self.max_retry)
 
     def _expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline

@@ -120,36 +120,44 @@ def test_dead_workers_trial_is_failed_and_requeued_with_its_parameters(storage_u
     assert fail_dead_trials(study, storage_of(study)) == []  # nothing twice
 
 
-def test_an_interrupted_trial_is_requeued_with_its_parameters_up_to_max_retry(tmp_path):
+def test_an_interrupted_trial_is_requeued_with_its_parameters_up_to_max_retry(tmp_path, caplog):
     """Ctrl-C or SIGTERM (a preempted job) says nothing about the trial's parameters: it is
-    queued again, until max_retry copies of it have been; other failures and finished trials
-    are left alone."""
+    queued again, once, until max_retry copies of it have been; the copy carries nothing its
+    failed attempt recorded. Other failures and finished trials are left alone."""
     study = optuna.create_study(study_name="int", storage=make_storage(f"sqlite:///{tmp_path / 'int.db'}", FAST))
 
     def ended(state, reason=None):
         trial = study.ask()
         trial.suggest_float("x", 0, 1)
+        trial.set_user_attr("curve", [0.5, 0.6])  # what a run records as it goes
+        trial.storage.set_trial_system_attr(trial._trial_id, "NSGAIISampler:generation", 3)
         if reason is not None:
             trial.set_user_attr("fail_reason", reason)
         study.tell(trial, 0.5 if state == TrialState.COMPLETE else None, state=state)
         return study.trials[trial.number]
 
+    study.enqueue_trial({"x": 0.25}, user_attrs={"reference_config": "Exp1"})
     interrupted = ended(TrialState.FAIL, "interrupted (Ctrl-C or SIGTERM)")
+    assert interrupted.user_attrs["reference_config"] == "Exp1"
     for other in (ended(TrialState.FAIL, "RuntimeError: diverged"), ended(TrialState.COMPLETE)):
-        requeue_interrupted(study, other._trial_id, max_retry=1)
+        requeue_interrupted(study, other, max_retry=1)
     assert study.get_trials(states=[TrialState.WAITING]) == []
 
-    requeue_interrupted(study, interrupted._trial_id, max_retry=1)
+    requeue_interrupted(study, interrupted, max_retry=1)
+    requeue_interrupted(study, interrupted, max_retry=1)  # e.g. another worker failed it as dead and re-queued it
     (copy,) = study.get_trials(states=[TrialState.WAITING])
-    assert copy.params == interrupted.params and copy.system_attrs["failed_trial"] == interrupted.number
-    assert "fail_reason" not in copy.user_attrs
+    assert copy.params == interrupted.params
+    assert copy.user_attrs == {"reference_config": "Exp1"}
+    assert copy.system_attrs == {"failed_trial": interrupted.number, "retry_history": [interrupted.number]}
 
-    retry = study.ask()  # the copy runs first, and is interrupted too: max_retry (1) is reached
+    retry = study.ask()  # the copy runs next, and is interrupted too: max_retry (1) is reached
     assert retry.number == copy.number and retry.params == interrupted.params
     retry.set_user_attr("fail_reason", "interrupted (KeyboardInterrupt)")
     study.tell(retry, state=TrialState.FAIL)
-    requeue_interrupted(study, retry._trial_id, max_retry=1)
+    with caplog.at_level(logging.WARNING, logger="search.storage"):
+        requeue_interrupted(study, study.trials[retry.number], max_retry=1)
     assert study.get_trials(states=[TrialState.WAITING]) == []
+    assert f"trial {retry.number}: interrupted; not retried (distributed.max_retry=1 reached)" in caplog.text
 
 
 _HOLD_LOCK = textwrap.dedent("""
