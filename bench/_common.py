@@ -52,6 +52,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+def library_versions() -> str:
+    """The versions a result depends on beside torch: Optuna's samplers change between minor
+    releases (5.1 rewrote how GPSampler treats running and infeasible trials), so a sampler table
+    without them cannot be compared with another."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("optuna", "open_clip_torch", "geomloss", "scikit-learn", "numpy"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return ", ".join(found)
+
+
 def machine() -> dict[str, str]:
     cuda = torch.version.cuda if torch.cuda.is_available() else None
     info = {
@@ -59,6 +74,7 @@ def machine() -> dict[str, str]:
         "cpu": f"{cpu_model()}, {os.cpu_count()} cores visible, {len(os.sched_getaffinity(0))} usable",
         "torch": f"{torch.__version__} (threads {torch.get_num_threads()})",
         "cuda": f"CUDA {cuda}, {torch.cuda.get_device_name(0)}" if cuda else "no CUDA (CPU only)",
+        "libraries": library_versions(),
         "load average (1, 5, 15 min) at start": load_average(),
         "code": git_commit(),
     }
