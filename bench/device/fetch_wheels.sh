@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 packages=(
-  optuna==5.0.0 alembic mako colorlog sqlalchemy greenlet   # search/ (the fused-trials bench reads the demo's space)
+  optuna==5.1.0 alembic mako colorlog sqlalchemy greenlet   # search/ (the fused-trials bench reads the demo's space)
   open_clip_torch==3.3.0 ftfy wcwidth                        # model/backbone.py
   geomloss==0.3.1 pot                                        # objectives/ (geomloss' schedule), tests (POT)
 )
