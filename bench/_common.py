@@ -54,7 +54,7 @@ def git_commit() -> str:
 
 def library_versions() -> str:
     """The versions a result depends on beside torch: Optuna's samplers change between minor
-    releases (5.1 rewrote how GPSampler treats running and infeasible trials), so a sampler table
+    releases (5.1 rewrote how GPSampler conditions on running trials), so a sampler table
     without them cannot be compared with another."""
     from importlib.metadata import PackageNotFoundError, version
 
