@@ -16,7 +16,7 @@ devices and nodes, may share a study with each other and with serial workers:
 * ask/tell trials get no heartbeat from Optuna, so it writes them itself (``Heartbeats``): a fused
   process killed outright leaves K RUNNING trials that the next worker fails and re-queues;
 * an error or Ctrl-C fails the batch's untold trials, so none stays RUNNING; after a Ctrl-C or
-  SIGTERM they are re-queued with their parameters, as a serial worker's trial is.
+  SIGTERM each is first re-queued with its parameters, as a serial worker's trial is.
 
 ``run_study.py optimize --fuse K`` runs the study's workers (``--workers``, ``distributed.workers``)
 as fused ones, on ``--devices`` round-robin.
@@ -41,7 +41,7 @@ from search.dashboard import TrialAnnotator
 from search.objective import finish_trial, start_trial
 from search.storage import requeue_interrupted
 from search.study import describe_trial, finished_count, start_worker
-from search.workers import Heartbeats
+from search.workers import INTERRUPTED, Heartbeats
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,11 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
                 batch.run(trials)
             except BaseException as err:  # a bad config, Ctrl-C: no trial is left RUNNING
                 held = budget.release(deliver=False)  # a held-back Ctrl-C waits until the trials are failed
-                reason = "interrupted (KeyboardInterrupt)" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
-                told = [frozen for trial in trials if (frozen := batch.tell_failed(trial, reason)) is not None]
-                if isinstance(err, KeyboardInterrupt):  # after failing them all: a third signal exits at once
-                    with contextlib.suppress(Exception):  # the storage unreachable: failed, not retried
-                        for frozen in told:
-                            requeue_interrupted(study, frozen, budget.max_retry)
+                reason = INTERRUPTED if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
+                if isinstance(err, KeyboardInterrupt):
+                    batch.requeue(trials, budget.max_retry)
+                for trial in trials:
+                    batch.tell_failed(trial, reason)
                 if held:
                     signal.raise_signal(held[0])
                 raise
@@ -159,23 +158,32 @@ class _Batch:
             return
         self._told(frozen)
 
-    def tell_failed(self, trial: optuna.Trial, reason: str) -> optuna.trial.FrozenTrial | None:
-        """End ``trial`` FAIL with ``reason``, unless it is settled already; the trial as told,
-        or None when this call did not fail it."""
+    def requeue(self, trials: list[optuna.Trial], max_retry: int) -> None:
+        """Queue a copy of each interrupted trial not yet told, before ``tell_failed`` gives back
+        their slots (see ``requeue_interrupted``). Interrupted again meanwhile (a third signal
+        exits at once), the rest stay RUNNING until a live worker fails them (heartbeat) and
+        re-queues them."""
+        with contextlib.suppress(Exception):  # the storage unreachable: failed by heartbeat, re-queued then
+            for trial in trials:
+                if trial._trial_id not in self.settled:
+                    trial.set_user_attr("fail_reason", INTERRUPTED)
+                    requeue_interrupted(self.study, trial.storage.get_trial(trial._trial_id), max_retry)
+
+    def tell_failed(self, trial: optuna.Trial, reason: str) -> None:
+        """End ``trial`` FAIL with ``reason``, unless it is settled already."""
         if trial._trial_id in self.settled:
-            return None
+            return
         try:
             trial.set_user_attr("fail_reason", reason)
             frozen = self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         except UpdateFinishedTrialError:
             self._lost(trial)
-            return None
+            return
         except Exception:  # the storage is gone: the trial's heartbeat stops, another worker fails it
             log.exception("could not fail trial %d", trial.number)
             self._settle(trial._trial_id)
-            return None
+            return
         self._told(frozen)
-        return frozen
 
     def _lost(self, trial: optuna.Trial) -> None:
         """Failed by another worker: a failure of this run too, or a worker whose heartbeats never

@@ -12,8 +12,8 @@ transient database errors, and credentials kept out of every message.
   that died (SIGKILL, node loss) once its last heartbeat is older than ``grace_period``; the trial
   is re-queued with the same parameters up to ``max_retry`` times (``RequeueTrial``: the retry
   attributes of Optuna 5's ``RetryHeartbeatStaleTrialCallback``, none of the failed attempt's).
-  A trial whose worker was interrupted (Ctrl-C, SIGTERM) is failed by that worker and re-queued
-  the same way (``requeue_interrupted``).
+  A trial whose worker was interrupted (Ctrl-C, SIGTERM) is re-queued the same way by that
+  worker, which then fails it (``requeue_interrupted``: the copy waits before the slot is free).
 * The study-wide lock the workers share is in search/study_lock.py.
 """
 
@@ -159,7 +159,8 @@ for _name in _RETRIED:
 
 class RequeueTrial:
     """Re-queue a failed trial with the same parameters (WAITING: workers take it before they
-    sample a new one) up to ``max_retry`` times. The copy's ``system_attrs`` name the original
+    sample a new one) up to ``max_retry`` times, once per trial (a second call, from the other
+    path, finds the copy). The copy's ``system_attrs`` name the original
     trial and the chain of attempts as Optuna's ``RetryHeartbeatStaleTrialCallback`` writes
     them (``failed_trial``, ``retry_history``). ``cause`` (why it failed) goes in the log line.
 
@@ -173,6 +174,8 @@ class RequeueTrial:
         self.max_retry, self.cause = max_retry, cause
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if any(trial.number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)):
+            return  # copied already: its worker queued the copy when interrupted, then lost its heartbeat
         history = [*trial.system_attrs.get("retry_history", []), trial.number]
         if len(history) > self.max_retry:
             log.warning("trial %d: %s; not retried (distributed.max_retry=%d reached)", trial.number, self.cause, self.max_retry)
@@ -186,14 +189,17 @@ class RequeueTrial:
 
 
 def requeue_interrupted(study: optuna.Study, trial: FrozenTrial, max_retry: int) -> None:
-    """Re-queue ``trial`` if it ended FAIL because its worker was interrupted (Ctrl-C, SIGTERM:
-    a preempted or cancelled job), and no copy of it is queued yet (another worker may have
-    failed it as dead first). The interruption says nothing about its parameters: the study,
-    when continued, runs them again."""
+    """Queue a copy of ``trial`` with its parameters if its worker was interrupted (Ctrl-C,
+    SIGTERM: a preempted or cancelled job; ``fail_reason`` says so) and no copy is queued yet. The
+    interruption says nothing about its parameters: the study, when continued, runs them again.
+
+    Call it while the trial is still RUNNING, then fail it: the copy is then WAITING when the slot
+    is given back, and the next worker's ``study.ask`` takes it. Failed first, the slot would be
+    free for a moment with nothing queued, and a worker polling then would fill it with a new point
+    (the last slot: the copy stays queued past the budget). A trial already FAIL is copied too
+    (an interrupt that landed where the caller could not queue first)."""
     reason = str(trial.user_attrs.get("fail_reason", ""))
-    if trial.state != TrialState.FAIL or not reason.startswith("interrupted") or not trial.params:
-        return
-    if any(trial.number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)):
+    if trial.state not in (TrialState.RUNNING, TrialState.FAIL) or not reason.startswith("interrupted") or not trial.params:
         return
     RequeueTrial(max_retry, cause="interrupted")(study, trial)
 

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SESSIONS_ATTR = "worker_sessions"  # study user attribute: how many workers have joined the study
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"  # fail_reason of a trial whose worker was stopped
 
 
 class TrialBudget:
@@ -167,8 +168,10 @@ class TrialBudget:
                 return objective(trial)
             except KeyboardInterrupt:
                 self.interrupted = True
-                with contextlib.suppress(Exception):
-                    trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+                with contextlib.suppress(Exception):  # the storage unreachable: failed by heartbeat, re-queued then
+                    trial.set_user_attr("fail_reason", INTERRUPTED)
+                    # before Optuna fails it and so frees its slot: see requeue_interrupted
+                    requeue_interrupted(self.study, self.storage.get_trial(trial._trial_id), self.max_retry)
                 raise
 
         return claimed
@@ -204,7 +207,8 @@ class TrialBudget:
     def abandon(self) -> None:
         """On an interrupt: this worker's trial must not stay RUNNING (Optuna fails it when the
         interrupt hits the objective; this covers the moments around it), and it is re-queued
-        with its parameters for when the study continues."""
+        with its parameters for when the study continues (by ``wrap`` already, when the
+        interrupt hit the objective)."""
         self.lock.release()
         for s, handler in (self._saved_handlers or {}).items():
             signal.signal(s, handler)
@@ -212,10 +216,12 @@ class TrialBudget:
         if self.current is None:
             return
         with contextlib.suppress(Exception):  # the storage unreachable: another worker fails it (heartbeat)
-            if self.storage.get_trial(self.current).state == TrialState.RUNNING:
-                self.storage.set_trial_user_attr(self.current, "fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+            running = self.storage.get_trial(self.current).state == TrialState.RUNNING
+            if running:
+                self.storage.set_trial_user_attr(self.current, "fail_reason", INTERRUPTED)
+            requeue_interrupted(self.study, self.storage.get_trial(self.current), self.max_retry)  # first: see there
+            if running:
                 self.storage.set_trial_state_values(self.current, TrialState.FAIL)
-            requeue_interrupted(self.study, self.storage.get_trial(self.current), self.max_retry)
 
     def _expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline

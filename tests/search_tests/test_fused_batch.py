@@ -114,7 +114,7 @@ def test_an_interrupt_or_an_error_mid_batch_leaves_no_trial_running(tmp_path, mo
         optimize_fused(config, group_size=3, progress=False)
     trials = open_study(config, create=False).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 3 + [TrialState.WAITING] * 3  # each re-queued
-    assert all(t.user_attrs["fail_reason"] == "interrupted (KeyboardInterrupt)" for t in trials[:3])
+    assert all(t.user_attrs["fail_reason"] == "interrupted (Ctrl-C or SIGTERM)" for t in trials[:3])
     assert [(t.system_attrs["failed_trial"], t.params) for t in trials[3:]] == [(t.number, t.params) for t in trials[:3]]
 
     start_trial, calls = fused_batch.start_trial, []

@@ -152,12 +152,28 @@ def test_an_interrupted_trial_is_requeued_with_its_parameters_up_to_max_retry(tm
 
     retry = study.ask()  # the copy runs next, and is interrupted too: max_retry (1) is reached
     assert retry.number == copy.number and retry.params == interrupted.params
-    retry.set_user_attr("fail_reason", "interrupted (KeyboardInterrupt)")
+    retry.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
     study.tell(retry, state=TrialState.FAIL)
     with caplog.at_level(logging.WARNING, logger="search.storage"):
         requeue_interrupted(study, study.trials[retry.number], max_retry=1)
     assert study.get_trials(states=[TrialState.WAITING]) == []
     assert f"trial {retry.number}: interrupted; not retried (distributed.max_retry=1 reached)" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() on purpose
+def test_a_trial_copied_by_its_interrupted_worker_is_not_copied_again_when_failed_as_dead(tmp_path):
+    """The interrupted worker queues the copy while the trial still runs, then dies before it can
+    fail it (SIGKILL after SIGTERM): the next worker fails it as dead, and finds the copy."""
+    study = optuna.create_study(study_name="both", storage=make_storage(f"sqlite:///{tmp_path / 'both.db'}", FAST))
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    study._storage.record_heartbeat(trial._trial_id)
+    trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+    requeue_interrupted(study, study.trials[trial.number], max_retry=2)
+    assert [t.system_attrs["failed_trial"] for t in study.get_trials(states=[TrialState.WAITING])] == [trial.number]
+    time.sleep(FAST.grace_seconds + 1.5)
+    assert fail_dead_trials(study, storage_of(study)) == [trial.number]
+    assert [(t.state, t.params) for t in study.get_trials()] == [(TrialState.FAIL, trial.params), (TrialState.WAITING, trial.params)]
 
 
 _HOLD_LOCK = textwrap.dedent("""
