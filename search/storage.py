@@ -174,8 +174,17 @@ class RequeueTrial:
         self.max_retry, self.cause = max_retry, cause
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        # Retried here, as a whole, not inside add_trial: a commit whose reply was lost (connection
+        # dropped) is then found by the check below instead of being written a second time.
+        storage = storage_of(study)
+        call_with_retry(self._queue_once, study, trial, retry_seconds=getattr(storage, "retry_seconds", 0.0), what="re-queue")
+
+    def _queue_once(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if any(trial.number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)):
             return  # copied already: its worker queued the copy when interrupted, then lost its heartbeat
+        if not trial.params:  # its worker died before sampling it: a copy would be a new point, not a retry
+            log.warning("trial %d: %s before its parameters were sampled; not re-queued", trial.number, self.cause)
+            return
         history = [*trial.system_attrs.get("retry_history", []), trial.number]
         if len(history) > self.max_retry:
             log.warning("trial %d: %s; not retried (distributed.max_retry=%d reached)", trial.number, self.cause, self.max_retry)
@@ -199,7 +208,7 @@ def requeue_interrupted(study: optuna.Study, trial: FrozenTrial, max_retry: int)
     (the last slot: the copy stays queued past the budget). A trial already FAIL is copied too
     (an interrupt that landed where the caller could not queue first)."""
     reason = str(trial.user_attrs.get("fail_reason", ""))
-    if trial.state not in (TrialState.RUNNING, TrialState.FAIL) or not reason.startswith("interrupted") or not trial.params:
+    if trial.state not in (TrialState.RUNNING, TrialState.FAIL) or not reason.startswith("interrupted"):
         return
     RequeueTrial(max_retry, cause="interrupted")(study, trial)
 

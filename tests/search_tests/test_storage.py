@@ -106,12 +106,14 @@ def test_dead_workers_trial_is_failed_and_requeued_with_its_parameters(storage_u
     silent.suggest_float("x", 0, 1)
     alive = study.ask()
     alive.suggest_float("x", 0, 1)
+    unsampled = study.ask()  # died after its first heartbeat, before sampling: no configuration to run again
+    storage.record_heartbeat(unsampled._trial_id)
     time.sleep(FAST.grace_seconds + 1.5)
     storage.record_heartbeat(alive._trial_id)
-    assert sorted(fail_dead_trials(study, storage_of(study))) == [beating.number, silent.number]
+    assert sorted(fail_dead_trials(study, storage_of(study))) == [beating.number, silent.number, unsampled.number]
 
     trials = study.get_trials()
-    assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING]
+    assert [t.state for t in trials[:4]] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL]
     assert all(trials[i].user_attrs["fail_reason"].startswith("worker lost") for i in (0, 1))
     retries = [t for t in trials if t.state == TrialState.WAITING]
     assert [r.system_attrs["failed_trial"] for r in retries] == [beating.number, silent.number]
@@ -174,6 +176,40 @@ def test_a_trial_copied_by_its_interrupted_worker_is_not_copied_again_when_faile
     time.sleep(FAST.grace_seconds + 1.5)
     assert fail_dead_trials(study, storage_of(study)) == [trial.number]
     assert [(t.state, t.params) for t in study.get_trials()] == [(TrialState.FAIL, trial.params), (TrialState.WAITING, trial.params)]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() on purpose
+def test_a_requeue_whose_commit_reply_was_lost_queues_one_copy(tmp_path, monkeypatch):
+    """The INSERT of the copy commits, then the connection drops before the reply: retrying the
+    INSERT alone would queue the trial twice; retrying the whole re-queue finds the copy."""
+    import sqlite3
+
+    import sqlalchemy.exc
+    from optuna.storages import RDBStorage
+
+    from search.storage import ResilientRDBStorage, call_with_retry
+
+    study = optuna.create_study(study_name="lost", storage=make_storage(f"sqlite:///{tmp_path / 'lost.db'}", FAST))
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+    lost: list[int] = []
+
+    def reply_lost_once(self, study_id, template_trial=None):  # ResilientRDBStorage's own wrapper, around a flaky INSERT
+        def insert():
+            created = RDBStorage._create_new_trial(self, study_id, template_trial)
+            if not lost:
+                lost.append(created.number)
+                raise sqlalchemy.exc.OperationalError("INSERT INTO trials", {}, sqlite3.OperationalError("database is locked"))
+            return created
+
+        return call_with_retry(insert, retry_seconds=self.retry_seconds, what="_create_new_trial")
+
+    monkeypatch.setattr(ResilientRDBStorage, "_create_new_trial", reply_lost_once)
+    requeue_interrupted(study, study.trials[trial.number], max_retry=2)
+    assert lost  # the reply was lost once
+    copies = study.get_trials(states=[TrialState.WAITING])
+    assert [(t.system_attrs["failed_trial"], t.params) for t in copies] == [(trial.number, trial.params)]
 
 
 _HOLD_LOCK = textwrap.dedent("""
