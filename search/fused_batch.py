@@ -94,8 +94,8 @@ def batching_advice(sampler: str, group_size: int) -> str | None:
     """A warning for a sampler that learns badly from trials asked K at a time, or None."""
     if sampler == "tpe" and group_size > 1:
         return (f"sampler tpe with --fuse {group_size}: asked in batches of 4 or 8, TPE did not reach random search's "
-                "100-trial hypervolume within 100 trials on the demo surrogate, GP did within 33-38 "
-                "(bench/results/sampler_efficiency_batch*.md); consider sampler: gp")
+                "100-trial hypervolume within 100 trials on the demo surrogate, GP did within 29-34 "
+                "(bench/results/sampler_efficiency_*batch8*.md); consider sampler: gp")
     return None
 
 
