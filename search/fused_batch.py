@@ -163,11 +163,15 @@ class _Batch:
         their slots (see ``requeue_interrupted``). Interrupted again meanwhile (a third signal
         exits at once), the rest stay RUNNING until a live worker fails them (heartbeat) and
         re-queues them."""
-        with contextlib.suppress(Exception):  # the storage unreachable: failed by heartbeat, re-queued then
-            for trial in trials:
-                if trial._trial_id not in self.settled:
-                    trial.set_user_attr("fail_reason", INTERRUPTED)
-                    requeue_interrupted(self.study, trial.storage.get_trial(trial._trial_id), max_retry)
+        for trial in trials:
+            if trial._trial_id in self.settled:
+                continue
+            # One at a time: a trial another worker failed meanwhile (its heartbeat was late; it
+            # copied it) refuses the attribute, and must not cost the others their copies. The
+            # storage unreachable: failed by heartbeat, re-queued then.
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("fail_reason", INTERRUPTED)
+                requeue_interrupted(self.study, trial.storage.get_trial(trial._trial_id), max_retry)
 
     def tell_failed(self, trial: optuna.Trial, reason: str) -> None:
         """End ``trial`` FAIL with ``reason``, unless it is settled already."""

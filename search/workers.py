@@ -215,12 +215,17 @@ class TrialBudget:
         self._saved_handlers = None
         if self.current is None:
             return
-        with contextlib.suppress(Exception):  # the storage unreachable: another worker fails it (heartbeat)
+        # Each step on its own: a copy that cannot be queued must not keep the trial RUNNING. The
+        # storage unreachable: another worker fails it (heartbeat) and re-queues it.
+        running = False
+        with contextlib.suppress(Exception):
             running = self.storage.get_trial(self.current).state == TrialState.RUNNING
             if running:
                 self.storage.set_trial_user_attr(self.current, "fail_reason", INTERRUPTED)
+        with contextlib.suppress(Exception):
             requeue_interrupted(self.study, self.storage.get_trial(self.current), self.max_retry)  # first: see there
-            if running:
+        if running:
+            with contextlib.suppress(Exception):
                 self.storage.set_trial_state_values(self.current, TrialState.FAIL)
 
     def _expired(self) -> bool:

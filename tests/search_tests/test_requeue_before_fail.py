@@ -1,4 +1,5 @@
-"""An interrupted trial's copy is queued before the trial is failed, in serial and fused workers.
+"""An interrupted trial's copy is queued before the trial is failed, in serial and fused workers,
+and a copy that cannot be queued does not keep the trial RUNNING.
 
 Failing it first gives its slot back with nothing queued: another worker polling at that moment
 (``TrialBudget.next_slots``) fills the slot with a new point, and when that was the last slot the
@@ -19,9 +20,11 @@ except ImportError:  # tests/search_tests is not a package
 
 import search.fused_batch
 import search.study
+import search.workers
 from search import load_study_config, open_study
 from search.fused_batch import optimize_fused
-from search.storage import ResilientRDBStorage
+from search.storage import ResilientRDBStorage, make_storage
+from search.workers import TrialBudget
 
 
 def _copies_waiting_at_each_fail(monkeypatch, study_name: str) -> dict[int, list[int]]:
@@ -78,3 +81,55 @@ def test_a_fused_worker_queues_every_copy_before_its_trials_give_back_their_slot
     assert seen == {0: [0, 1, 2], 1: [0, 1, 2], 2: [0, 1, 2]}
     trials = open_study(config, create=False).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 3 + [TrialState.WAITING] * 3
+
+
+def test_a_fused_trial_failed_elsewhere_meanwhile_does_not_cost_the_others_their_copies(tmp_path, monkeypatch):
+    """Trial 0's heartbeat was late and another worker failed it (and re-queued it there); then the
+    batch is interrupted: trials 1 and 2 are still copied before they are failed."""
+    config = _interrupted_study(tmp_path, "fused-lost")
+
+    def failed_elsewhere_then_interrupted(*args, **kwargs):
+        storage = make_storage(config.storage_url, config.distributed)
+        study_id = storage.get_study_id_from_name(config.name)
+        storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, 0), TrialState.FAIL)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search.fused_batch, "train_fused", failed_elsewhere_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        optimize_fused(config, group_size=3, progress=False)
+    trials = open_study(config, create=False).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3 + [TrialState.WAITING] * 2
+    assert [t.system_attrs["failed_trial"] for t in trials[3:]] == [1, 2]
+
+
+def _running_trial_of_a_worker(tmp_path, name: str):
+    config = _interrupted_study(tmp_path, name)
+    study = open_study(config)
+    budget = TrialBudget(study, config, target=3)
+    trial = study.ask()
+    budget.claim(trial)  # its parameters sampled, as under the lock
+    budget.current = trial._trial_id
+    return config, study, budget, trial
+
+
+def test_abandon_queues_the_copy_before_it_fails_the_trial(tmp_path, monkeypatch):
+    """An interrupt that lands outside the objective (where ``wrap`` cannot queue the copy)."""
+    config, study, budget, trial = _running_trial_of_a_worker(tmp_path, "abandoned")
+    seen = _copies_waiting_at_each_fail(monkeypatch, config.name)
+    budget.abandon()
+    assert seen == {trial.number: [trial.number]}
+    states = [(t.state, t.params) for t in open_study(config, create=False).get_trials()]
+    assert states == [(TrialState.FAIL, trial.params), (TrialState.WAITING, trial.params)]
+
+
+def test_abandon_fails_the_trial_even_when_its_copy_cannot_be_queued(tmp_path, monkeypatch):
+    """Without heartbeats nobody else would ever fail it: it would hold a budget slot for good."""
+    config, study, budget, trial = _running_trial_of_a_worker(tmp_path, "uncopied")
+
+    def storage_refuses(*args, **kwargs):
+        raise RuntimeError("database is read-only")
+
+    monkeypatch.setattr(search.workers, "requeue_interrupted", storage_refuses)
+    budget.abandon()
+    (stored,) = open_study(config, create=False).get_trials()
+    assert stored.state == TrialState.FAIL and stored.user_attrs["fail_reason"].startswith("interrupted")
