@@ -163,6 +163,22 @@ def test_an_interrupted_trial_is_requeued_with_its_parameters_up_to_max_retry(tm
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() on purpose
+def test_a_queued_reference_trial_whose_worker_died_before_sampling_it_is_queued_again(tmp_path):
+    """A warm-start reference has its parameters before they are sampled (``fixed_params``):
+    lost with its worker, it would never run, since warm_start queues each reference once."""
+    study = optuna.create_study(study_name="ref", storage=make_storage(f"sqlite:///{tmp_path / 'ref.db'}", FAST))
+    study.enqueue_trial({"x": 0.25}, user_attrs={"reference_config": "Exp1"})
+    taken = study.ask()  # popped by a worker that died before its claim sampled it
+    study._storage.record_heartbeat(taken._trial_id)
+    time.sleep(FAST.grace_seconds + 1.5)
+    assert fail_dead_trials(study, storage_of(study)) == [taken.number]
+    retry = study.ask()
+    assert retry.number == taken.number + 1 and retry.suggest_float("x", 0, 1) == 0.25
+    assert retry.user_attrs == {"reference_config": "Exp1"}
+    assert study.trials[retry.number].system_attrs["failed_trial"] == taken.number
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() on purpose
 def test_a_trial_copied_by_its_interrupted_worker_is_not_copied_again_when_failed_as_dead(tmp_path):
     """The interrupted worker queues the copy while the trial still runs, then dies before it can
     fail it (SIGKILL after SIGTERM): the next worker fails it as dead, and finds the copy."""
