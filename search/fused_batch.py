@@ -39,7 +39,7 @@ from search.artifacts import TrialLog, artifact_store
 from search.config import StudyConfig
 from search.dashboard import TrialAnnotator
 from search.objective import finish_trial, start_trial
-from search.storage import requeue_interrupted
+from search.storage import error_reason, requeue_interrupted
 from search.study import describe_trial, finished_count, start_worker
 from search.workers import INTERRUPTED, Heartbeats
 
@@ -76,13 +76,13 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
                 for trial in trials:  # all before any starts: a worker killed while starting them leaves each labelled
                     budget.label(trial)
                 batch.run(trials)
-            except BaseException as err:  # a bad config, Ctrl-C: no trial is left RUNNING
+            except BaseException as err:  # a bad config, Ctrl-C: no trial is left RUNNING (but see requeue)
                 held = budget.release(deliver=False)  # a held-back Ctrl-C waits until the trials are failed
                 reason = INTERRUPTED if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
-                if isinstance(err, KeyboardInterrupt):
-                    batch.requeue(trials, budget.max_retry)
+                uncopied = batch.requeue(trials, budget.max_retry) if isinstance(err, KeyboardInterrupt) else set()
                 for trial in trials:
-                    batch.tell_failed(trial, reason)
+                    if trial._trial_id not in uncopied:
+                        batch.tell_failed(trial, reason)
                 if held:
                     signal.raise_signal(held[0])
                 raise
@@ -158,20 +158,26 @@ class _Batch:
             return
         self._told(frozen)
 
-    def requeue(self, trials: list[optuna.Trial], max_retry: int) -> None:
+    def requeue(self, trials: list[optuna.Trial], max_retry: int) -> set[int]:
         """Queue a copy of each interrupted trial not yet told, before ``tell_failed`` gives back
-        their slots (see ``requeue_interrupted``). Interrupted again meanwhile (a third signal
-        exits at once), the rest stay RUNNING until a live worker fails them (heartbeat) and
-        re-queues them."""
-        for trial in trials:
+        their slots (see ``requeue_interrupted``). Returns the ids of trials to leave RUNNING: those
+        not copied because the storage failed, when heartbeats let another worker fail and
+        re-queue them (without heartbeats nobody would, and they are failed). Interrupted again
+        meanwhile (a third signal exits at once), the rest stay RUNNING for that same recovery."""
+        for k, trial in enumerate(trials):
             if trial._trial_id in self.settled:
                 continue
-            # One at a time: a trial another worker failed meanwhile (its heartbeat was late; it
-            # copied it) refuses the attribute, and must not cost the others their copies. The
-            # storage unreachable: failed by heartbeat, re-queued then.
-            with contextlib.suppress(Exception):
+            try:
                 trial.set_user_attr("fail_reason", INTERRUPTED)
                 requeue_interrupted(self.study, trial.storage.get_trial(trial._trial_id), max_retry)
+            except UpdateFinishedTrialError:
+                continue  # another worker failed it meanwhile (its heartbeat was late) and copied it
+            except Exception as err:  # the storage unreachable, retried already: not again for each trial
+                log.warning("could not re-queue the interrupted trials: %s", error_reason(err))
+                if self.heartbeats.interval is None:
+                    return set()
+                return {t._trial_id for t in trials[k:] if t._trial_id not in self.settled}
+        return set()
 
     def tell_failed(self, trial: optuna.Trial, reason: str) -> None:
         """End ``trial`` FAIL with ``reason``, unless it is settled already."""

@@ -182,9 +182,10 @@ class RequeueTrial:
     def _queue_once(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if any(trial.number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)):
             return  # copied already: its worker queued the copy when interrupted, then lost its heartbeat
-        # Its worker died before sampling it: a queued trial (a warm-start reference) still has the
-        # parameters it was queued with; any other copy would be a new point, not a retry.
-        queued_with = trial.system_attrs.get("fixed_params") if not trial.params else None
+        # A queued trial (a warm-start reference) keeps the parameters it was queued with: sampled
+        # only in part or not at all when its worker died, its copy still gets all of them. Any
+        # other trial without parameters is not copied: that would be a new point, not a retry.
+        queued_with = trial.system_attrs.get("fixed_params") or {}
         if not trial.params and not queued_with:
             log.warning("trial %d: %s before its parameters were sampled; not re-queued", trial.number, self.cause)
             return
@@ -193,12 +194,11 @@ class RequeueTrial:
             log.warning("trial %d: %s; not retried (distributed.max_retry=%d reached)", trial.number, self.cause, self.max_retry)
             return
         retry = {"failed_trial": trial.system_attrs.get("failed_trial", trial.number), "retry_history": history}
-        if queued_with:  # queued as enqueue_trial queues: sampled, with these fixed, when it is taken
-            copy = {"system_attrs": {"fixed_params": queued_with, **retry}}
-        else:
-            copy = {"params": trial.params, "distributions": trial.distributions, "system_attrs": retry}
-        kept = {k: trial.user_attrs[k] for k in self.KEPT_USER_ATTRS if k in trial.user_attrs}
-        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, user_attrs=kept, **copy))
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            user_attrs={k: trial.user_attrs[k] for k in self.KEPT_USER_ATTRS if k in trial.user_attrs},
+            system_attrs={**retry, "fixed_params": queued_with} if queued_with else retry,
+        ))
         log.warning("trial %d: %s; re-queued with the same parameters", trial.number, self.cause)
 
 

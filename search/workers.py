@@ -205,26 +205,25 @@ class TrialBudget:
         return held
 
     def abandon(self) -> None:
-        """On an interrupt: this worker's trial must not stay RUNNING (Optuna fails it when the
-        interrupt hits the objective; this covers the moments around it), and it is re-queued
-        with its parameters for when the study continues (by ``wrap`` already, when the
-        interrupt hit the objective)."""
+        """On an interrupt: this worker's trial is re-queued with its parameters for when the
+        study continues, then failed (when the interrupt hit the objective, ``wrap`` queued the
+        copy and Optuna failed it; this covers the moments around it)."""
         self.lock.release()
         for s, handler in (self._saved_handlers or {}).items():
             signal.signal(s, handler)
         self._saved_handlers = None
         if self.current is None:
             return
-        # Each step on its own: a copy that cannot be queued must not keep the trial RUNNING. The
-        # storage unreachable: another worker fails it (heartbeat) and re-queues it.
-        running = False
+        running = copied = False
         with contextlib.suppress(Exception):
             running = self.storage.get_trial(self.current).state == TrialState.RUNNING
             if running:
                 self.storage.set_trial_user_attr(self.current, "fail_reason", INTERRUPTED)
-        with contextlib.suppress(Exception):
             requeue_interrupted(self.study, self.storage.get_trial(self.current), self.max_retry)  # first: see there
-        if running:
+            copied = True
+        # Not copied (the storage failing): with heartbeats, left RUNNING for another worker to
+        # fail and re-queue; without, nobody would, and it would hold a budget slot for good.
+        if running and (copied or not self.heartbeats):
             with contextlib.suppress(Exception):
                 self.storage.set_trial_state_values(self.current, TrialState.FAIL)
 

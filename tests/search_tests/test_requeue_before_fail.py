@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from optuna.trial import TrialState
 
 try:
@@ -51,9 +52,18 @@ class _InterruptedObjective:
         raise KeyboardInterrupt
 
 
-def _interrupted_study(tmp_path, name: str):
+def _interrupted_study(tmp_path, name: str, *, heartbeats: bool = True):
     torch.set_num_threads(1)
-    return load_study_config(write_tiny_study_yaml(tmp_path, name=name, n_trials=3))
+    path = write_tiny_study_yaml(tmp_path, name=name, n_trials=3)
+    if not heartbeats:
+        data = yaml.safe_load(path.read_text())
+        data["distributed"]["heartbeat_interval"] = None
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_study_config(path)
+
+
+def _storage_refuses(*args, **kwargs):
+    raise RuntimeError("database is read-only")
 
 
 def test_a_serial_worker_queues_the_copy_before_its_trial_gives_back_its_slot(tmp_path, monkeypatch):
@@ -102,8 +112,8 @@ def test_a_fused_trial_failed_elsewhere_meanwhile_does_not_cost_the_others_their
     assert [t.system_attrs["failed_trial"] for t in trials[3:]] == [1, 2]
 
 
-def _running_trial_of_a_worker(tmp_path, name: str):
-    config = _interrupted_study(tmp_path, name)
+def _running_trial_of_a_worker(tmp_path, name: str, *, heartbeats: bool = True):
+    config = _interrupted_study(tmp_path, name, heartbeats=heartbeats)
     study = open_study(config)
     budget = TrialBudget(study, config, target=3)
     trial = study.ask()
@@ -122,14 +132,28 @@ def test_abandon_queues_the_copy_before_it_fails_the_trial(tmp_path, monkeypatch
     assert states == [(TrialState.FAIL, trial.params), (TrialState.WAITING, trial.params)]
 
 
-def test_abandon_fails_the_trial_even_when_its_copy_cannot_be_queued(tmp_path, monkeypatch):
-    """Without heartbeats nobody else would ever fail it: it would hold a budget slot for good."""
-    config, study, budget, trial = _running_trial_of_a_worker(tmp_path, "uncopied")
-
-    def storage_refuses(*args, **kwargs):
-        raise RuntimeError("database is read-only")
-
-    monkeypatch.setattr(search.workers, "requeue_interrupted", storage_refuses)
+@pytest.mark.parametrize("heartbeats", [True, False], ids=["heartbeats", "no-heartbeats"])
+def test_a_trial_abandon_cannot_copy_is_left_to_heartbeats_or_failed(tmp_path, monkeypatch, heartbeats):
+    """With heartbeats, another worker fails the trial later and re-queues it (failed here, it
+    would never be copied); without, nobody would, and it would hold a budget slot for good."""
+    config, study, budget, trial = _running_trial_of_a_worker(tmp_path, "uncopied", heartbeats=heartbeats)
+    monkeypatch.setattr(search.workers, "requeue_interrupted", _storage_refuses)
     budget.abandon()
     (stored,) = open_study(config, create=False).get_trials()
-    assert stored.state == TrialState.FAIL and stored.user_attrs["fail_reason"].startswith("interrupted")
+    assert stored.state == (TrialState.RUNNING if heartbeats else TrialState.FAIL)
+    assert stored.user_attrs["fail_reason"].startswith("interrupted")
+
+
+@pytest.mark.parametrize("heartbeats", [True, False], ids=["heartbeats", "no-heartbeats"])
+def test_fused_trials_that_cannot_be_copied_are_left_to_heartbeats_or_failed(tmp_path, monkeypatch, heartbeats):
+    config = _interrupted_study(tmp_path, "fused-uncopied", heartbeats=heartbeats)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search.fused_batch, "train_fused", interrupted)
+    monkeypatch.setattr(search.fused_batch, "requeue_interrupted", _storage_refuses)
+    with pytest.raises(KeyboardInterrupt):
+        optimize_fused(config, group_size=3, progress=False)
+    states = [t.state for t in open_study(config, create=False).get_trials()]
+    assert states == [TrialState.RUNNING if heartbeats else TrialState.FAIL] * 3

@@ -150,7 +150,7 @@ def test_an_interrupted_trial_is_requeued_with_its_parameters_up_to_max_retry(tm
     (copy,) = study.get_trials(states=[TrialState.WAITING])
     assert copy.params == interrupted.params
     assert copy.user_attrs == {"reference_config": "Exp1"}
-    assert copy.system_attrs == {"failed_trial": interrupted.number, "retry_history": [interrupted.number]}
+    assert copy.system_attrs == {"failed_trial": interrupted.number, "retry_history": [interrupted.number], "fixed_params": {"x": 0.25}}
 
     retry = study.ask()  # the copy runs next, and is interrupted too: max_retry (1) is reached
     assert retry.number == copy.number and retry.params == interrupted.params
@@ -163,17 +163,22 @@ def test_an_interrupted_trial_is_requeued_with_its_parameters_up_to_max_retry(tm
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() on purpose
-def test_a_queued_reference_trial_whose_worker_died_before_sampling_it_is_queued_again(tmp_path):
-    """A warm-start reference has its parameters before they are sampled (``fixed_params``):
-    lost with its worker, it would never run, since warm_start queues each reference once."""
+@pytest.mark.parametrize("sampled_before_death", [0, 1])
+def test_a_queued_reference_trial_whose_worker_died_while_sampling_it_is_queued_again_whole(tmp_path, sampled_before_death):
+    """A warm-start reference has its parameters before they are sampled (``fixed_params``): lost
+    with its worker it would never run (warm_start queues each reference once), and a copy of only
+    its sampled part would run another configuration under the reference's name."""
     study = optuna.create_study(study_name="ref", storage=make_storage(f"sqlite:///{tmp_path / 'ref.db'}", FAST))
-    study.enqueue_trial({"x": 0.25}, user_attrs={"reference_config": "Exp1"})
-    taken = study.ask()  # popped by a worker that died before its claim sampled it
+    study.enqueue_trial({"x": 0.25, "y": 0.75}, user_attrs={"reference_config": "Exp1"})
+    taken = study.ask()  # popped by a worker that died before its claim had sampled it all
+    for name in ("x", "y")[:sampled_before_death]:
+        taken.suggest_float(name, 0, 1)
     study._storage.record_heartbeat(taken._trial_id)
     time.sleep(FAST.grace_seconds + 1.5)
     assert fail_dead_trials(study, storage_of(study)) == [taken.number]
     retry = study.ask()
-    assert retry.number == taken.number + 1 and retry.suggest_float("x", 0, 1) == 0.25
+    assert retry.number == taken.number + 1
+    assert (retry.suggest_float("x", 0, 1), retry.suggest_float("y", 0, 1)) == (0.25, 0.75)
     assert retry.user_attrs == {"reference_config": "Exp1"}
     assert study.trials[retry.number].system_attrs["failed_trial"] == taken.number
 
