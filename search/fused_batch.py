@@ -16,7 +16,8 @@ devices and nodes, may share a study with each other and with serial workers:
 * ask/tell trials get no heartbeat from Optuna, so it writes them itself (``Heartbeats``): a fused
   process killed outright leaves K RUNNING trials that the next worker fails and re-queues;
 * an error or Ctrl-C fails the batch's untold trials, so none stays RUNNING; after a Ctrl-C or
-  SIGTERM each is first re-queued with its parameters, as a serial worker's trial is.
+  SIGTERM each is first re-queued with its parameters, as a serial worker's trial is (a storage
+  failing then leaves them RUNNING, for the next worker to fail and re-queue by heartbeat).
 
 ``run_study.py optimize --fuse K`` runs the study's workers (``--workers``, ``distributed.workers``)
 as fused ones, on ``--devices`` round-robin.
