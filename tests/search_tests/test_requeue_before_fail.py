@@ -62,6 +62,10 @@ def _interrupted_study(tmp_path, name: str, *, heartbeats: bool = True):
     return load_study_config(path)
 
 
+def _interrupted_training(*args, **kwargs):  # a Ctrl-C in the middle of a fused batch
+    raise KeyboardInterrupt
+
+
 def _storage_refuses(*args, **kwargs):
     raise RuntimeError("database is read-only")
 
@@ -82,10 +86,7 @@ def test_a_fused_worker_queues_every_copy_before_its_trials_give_back_their_slot
     config = _interrupted_study(tmp_path, "fused")
     seen = _copies_waiting_at_each_fail(monkeypatch, config.name)
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(search.fused_batch, "train_fused", interrupted)
+    monkeypatch.setattr(search.fused_batch, "train_fused", _interrupted_training)
     with pytest.raises(KeyboardInterrupt):
         optimize_fused(config, group_size=3, progress=False)
     assert seen == {0: [0, 1, 2], 1: [0, 1, 2], 2: [0, 1, 2]}
@@ -148,10 +149,7 @@ def test_a_trial_abandon_cannot_copy_is_left_to_heartbeats_or_failed(tmp_path, m
 def test_fused_trials_that_cannot_be_copied_are_left_to_heartbeats_or_failed(tmp_path, monkeypatch, heartbeats):
     config = _interrupted_study(tmp_path, "fused-uncopied", heartbeats=heartbeats)
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(search.fused_batch, "train_fused", interrupted)
+    monkeypatch.setattr(search.fused_batch, "train_fused", _interrupted_training)
     monkeypatch.setattr(search.fused_batch, "requeue_interrupted", _storage_refuses)
     with pytest.raises(KeyboardInterrupt):
         optimize_fused(config, group_size=3, progress=False)
