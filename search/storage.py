@@ -202,10 +202,11 @@ class RequeueTrial:
         log.warning("trial %d: %s; re-queued with the same parameters", trial.number, self.cause)
 
 
-def requeue_interrupted(study: optuna.Study, trial: FrozenTrial, max_retry: int) -> None:
+def requeue_interrupted(study: optuna.Study, trial: FrozenTrial, max_retry: int, *, interrupted: bool = False) -> None:
     """Queue a copy of ``trial`` with its parameters if its worker was interrupted (Ctrl-C,
-    SIGTERM: a preempted or cancelled job; ``fail_reason`` says so) and no copy is queued yet. The
-    interruption says nothing about its parameters: the study, when continued, runs them again.
+    SIGTERM: a preempted or cancelled job; ``fail_reason`` says so, or the caller, which saw the
+    interrupt, passes ``interrupted=True``) and no copy is queued yet. The interruption says
+    nothing about its parameters: the study, when continued, runs them again.
 
     Call it while the trial is still RUNNING, then fail it: the copy is then WAITING when the slot
     is given back, and the next worker's ``study.ask`` takes it. Failed first, the slot would be
@@ -213,7 +214,7 @@ def requeue_interrupted(study: optuna.Study, trial: FrozenTrial, max_retry: int)
     (the last slot: the copy stays queued past the budget). A trial already FAIL is copied too
     (an interrupt that landed where the caller could not queue first)."""
     reason = str(trial.user_attrs.get("fail_reason", ""))
-    if trial.state not in (TrialState.RUNNING, TrialState.FAIL) or not reason.startswith("interrupted"):
+    if trial.state not in (TrialState.RUNNING, TrialState.FAIL) or not (interrupted or reason.startswith("interrupted")):
         return
     RequeueTrial(max_retry, cause="interrupted")(study, trial)
 

@@ -219,7 +219,9 @@ class TrialBudget:
             running = self.storage.get_trial(self.current).state == TrialState.RUNNING
             if running:
                 self.storage.set_trial_user_attr(self.current, "fail_reason", INTERRUPTED)
-            requeue_interrupted(self.study, self.storage.get_trial(self.current), self.max_retry)  # first: see there
+            # first: see there. ``interrupted``: the interrupt hit the objective, and the storage may
+            # have failed ``wrap``'s mark and copy but come back for Optuna's FAIL (no fail_reason then).
+            requeue_interrupted(self.study, self.storage.get_trial(self.current), self.max_retry, interrupted=self.interrupted)
             copied = True
         # Not copied (the storage failing): with heartbeats, left RUNNING for another worker to
         # fail and re-queue; without, nobody would, and it would hold a budget slot for good.

@@ -82,6 +82,28 @@ def test_a_serial_worker_queues_the_copy_before_its_trial_gives_back_its_slot(tm
     assert trials[0].user_attrs["fail_reason"].startswith("interrupted")
 
 
+def test_a_serial_trial_the_storage_could_not_mark_interrupted_is_still_copied(tmp_path, monkeypatch):
+    """The storage fails while ``wrap`` marks and copies the interrupted trial, then comes back for
+    Optuna's FAIL: the trial carries no ``fail_reason``, and the worker, which saw the interrupt,
+    still queues its copy on the way out."""
+    config = _interrupted_study(tmp_path, "serial-unmarked")
+    monkeypatch.setattr(search.study, "TrialObjective", _InterruptedObjective)
+    set_attr = ResilientRDBStorage.set_trial_user_attr
+
+    def refusing_the_mark(self, trial_id, key, value):
+        if key == "fail_reason":
+            raise RuntimeError("connection lost")
+        return set_attr(self, trial_id, key, value)
+
+    monkeypatch.setattr(ResilientRDBStorage, "set_trial_user_attr", refusing_the_mark)
+    with pytest.raises(KeyboardInterrupt):
+        search.study.optimize(config, progress=False)
+    trials = open_study(config, create=False).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # before: no copy
+    assert "fail_reason" not in trials[0].user_attrs
+    assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == 0
+
+
 def test_a_fused_worker_queues_every_copy_before_its_trials_give_back_their_slots(tmp_path, monkeypatch):
     config = _interrupted_study(tmp_path, "fused")
     seen = _copies_waiting_at_each_fail(monkeypatch, config.name)
