@@ -23,6 +23,7 @@ import copy
 import datetime
 import logging
 import re
+import tempfile
 import threading
 import time
 import warnings
@@ -160,7 +161,7 @@ for _name in _RETRIED:
 class RequeueTrial:
     """Re-queue a failed trial with the same parameters (WAITING: workers take it before they
     sample a new one) up to ``max_retry`` times, once per trial (a second call, from the other
-    path, finds the copy). The copy's ``system_attrs`` name the original
+    path, finds the copy: the check and the insert hold a study-wide lock of their own). The copy's ``system_attrs`` name the original
     trial and the chain of attempts as Optuna's ``RetryHeartbeatStaleTrialCallback`` writes
     them (``failed_trial``, ``retry_history``). ``cause`` (why it failed) goes in the log line.
 
@@ -177,7 +178,21 @@ class RequeueTrial:
         # Retried here, as a whole, not inside add_trial: a commit whose reply was lost (connection
         # dropped) is then found by the check below instead of being written a second time.
         storage = storage_of(study)
-        call_with_retry(self._queue_once, study, trial, retry_seconds=getattr(storage, "retry_seconds", 0.0), what="re-queue")
+        call_with_retry(self._queue_once_locked, study, trial, retry_seconds=getattr(storage, "retry_seconds", 0.0), what="re-queue")
+
+    def _queue_once_locked(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        # The check and the insert under one lock of their own, held for milliseconds: a worker
+        # failing the trial as dead (under the study lock) and its interrupted worker (which must
+        # not wait for the study lock: a GP claim holds it for seconds, docker stop kills after
+        # 10) would otherwise both find no copy when its heartbeat went stale before the interrupt.
+        from search.study_lock import study_lock  # it imports this module
+
+        storage = storage_of(study)
+        if storage is None:
+            self._queue_once(study, trial)
+            return
+        with study_lock(storage, f"{study.study_name}/requeue", fallback_dir=Path(tempfile.gettempdir())):
+            self._queue_once(study, trial)
 
     def _queue_once(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if any(trial.number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)):

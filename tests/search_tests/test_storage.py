@@ -200,6 +200,48 @@ def test_a_trial_copied_by_its_interrupted_worker_is_not_copied_again_when_faile
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() on purpose
+def test_an_interrupted_worker_and_a_worker_failing_its_trial_as_dead_at_once_queue_one_copy(storage_url, monkeypatch):
+    """The interrupted worker's heartbeat was already stale (a job suspended, then SIGTERMed): it
+    and another worker, failing the trial as dead, re-queue it at the same moment. Each checks for
+    a copy, then inserts one; unless the two steps hold one lock, both checks find none."""
+    from search.storage import RequeueTrial
+    from search.workers import INTERRUPTED
+
+    study = optuna.create_study(study_name="race", storage=make_storage(storage_url, FAST))
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    trial.set_user_attr("fail_reason", INTERRUPTED)
+    frozen = study.trials[trial.number]
+    both_checked = threading.Barrier(2, timeout=3)
+    add_trial = optuna.Study.add_trial
+
+    def add_once_both_checked(self, template):
+        try:  # under the lock the other re-queue is still waiting for it: this wait times out
+            both_checked.wait()
+        except threading.BrokenBarrierError:
+            pass
+        return add_trial(self, template)
+
+    monkeypatch.setattr(optuna.Study, "add_trial", add_once_both_checked)
+    errors: list[BaseException] = []
+
+    def requeue(cause: str) -> None:
+        try:
+            RequeueTrial(max_retry=2, cause=cause)(study, frozen)
+        except BaseException as err:
+            errors.append(err)
+
+    racers = [threading.Thread(target=requeue, args=(cause,)) for cause in ("interrupted", "its worker died")]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(60)
+    assert not errors
+    copies = study.get_trials(states=[TrialState.WAITING])
+    assert [(t.system_attrs["failed_trial"], t.params) for t in copies] == [(trial.number, trial.params)]  # before: two
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # ask() on purpose
 def test_a_requeue_whose_commit_reply_was_lost_queues_one_copy(tmp_path, monkeypatch):
     """The INSERT of the copy commits, then the connection drops before the reply: retrying the
     INSERT alone would queue the trial twice; retrying the whole re-queue finds the copy."""
