@@ -39,7 +39,8 @@ class ConstrainedRandomSampler(optuna.samplers.RandomSampler):
 
 def _gp(c: SamplerConfig) -> optuna.samplers.BaseSampler:
     # Optuna counts n_startup_trials over COMPLETE trials: asked 8 at a time (--fuse 8, or 8
-    # workers) with 10 startup trials, the model's first trial is the 17th. Counting running
+    # workers) with 10 startup trials, the model's first trial is the 17th (the random phase is
+    # rounded up to whole batches; 16 startup trials give the same study). Counting running
     # trials too, so that it is the 11th, was measured and was worse (trials 11-16 then came
     # from a model of 8 points): bench/results/sampler_efficiency_batch8_startup10*.md.
     return optuna.samplers.GPSampler(seed=c.seed, n_startup_trials=c.n_startup_trials, constraints_func=degenerate_constraint)
