@@ -49,4 +49,6 @@ def test_a_trial_failed_by_another_worker_meanwhile(tmp_path, monkeypatch, inter
         search.study.optimize(config, progress=False)  # before: ValueError "Cannot tell a FAIL trial."
         assert calls == [0, 1, 2]
     states = [t.state for t in open_study(config, create=False).get_trials()]
-    assert states == [TrialState.FAIL] + [TrialState.COMPLETE] * (0 if interrupted else 2)
+    # Interrupted, the worker queues a copy of its trial on the way out (a worker failing it as
+    # dead would have queued one, and then the check finds it; this stand-in does not).
+    assert states == [TrialState.FAIL] + ([TrialState.WAITING] if interrupted else [TrialState.COMPLETE] * 2)
