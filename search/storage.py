@@ -23,7 +23,6 @@ import copy
 import datetime
 import logging
 import re
-import tempfile
 import threading
 import time
 import warnings
@@ -191,7 +190,7 @@ class RequeueTrial:
         if storage is None:
             self._queue_once(study, trial)
             return
-        with study_lock(storage, f"{study.study_name}/requeue", fallback_dir=Path(tempfile.gettempdir())):
+        with study_lock(storage, f"{study.study_name}/requeue", fallback_dir=None):  # None: in-memory, one process
             self._queue_once(study, trial)
 
     def _queue_once(self, study: optuna.Study, trial: FrozenTrial) -> None:

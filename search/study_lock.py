@@ -118,8 +118,20 @@ class _FileLock(StudyLock):
         handle.close()
 
 
-def study_lock(storage: RDBStorage, study_name: str, *, fallback_dir: Path) -> StudyLock:
-    """The study-wide lock for ``storage``'s backend (see the module docstring)."""
+class _NoLock(StudyLock):
+    """No lock: a backend with neither a server-side lock nor a database file (in-memory SQLite,
+    which one process holds), when the caller gives no folder for a lock file."""
+
+    def _acquire(self) -> None:
+        pass
+
+    def _release(self) -> None:
+        pass
+
+
+def study_lock(storage: RDBStorage, study_name: str, *, fallback_dir: Path | None) -> StudyLock:
+    """The study-wide lock for ``storage``'s backend (see the module docstring); a lock file in
+    ``fallback_dir`` for other backends, or none when it is None."""
     retry = getattr(storage, "retry_seconds", 120.0)
     url = make_url(storage.url)
     backend = url.get_backend_name()
@@ -128,6 +140,8 @@ def study_lock(storage: RDBStorage, study_name: str, *, fallback_dir: Path) -> S
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)
     if database := sqlite_file(storage.url):
         return _FileLock(Path(f"{database}.{safe}.lock"), retry)
+    if fallback_dir is None:
+        return _NoLock(retry)
     log.warning("storage: no server-side lock for %r; workers on other nodes may overshoot the trial budget", backend)
     return _FileLock(fallback_dir / f".{safe}.lock", retry)
 
