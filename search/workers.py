@@ -108,6 +108,9 @@ class TrialBudget:
         poll = 1.0
         while True:
             self.lock.acquire()
+            # Held back from here: between failing a dead worker's trial and queueing its copy, an
+            # interrupt would lose the copy.
+            self._defer_interrupts()
             try:
                 dead = fail_dead_trials(self.study, self.storage)
                 if dead:
@@ -116,21 +119,20 @@ class TrialBudget:
                 finished = sum(t.state in FINISHED for t in trials)
                 running = tuple(t.number for t in trials if t.state == TrialState.RUNNING)
                 if finished >= self.target:
-                    self.lock.release()
+                    self.release()
                     return 0
                 if self._expired():
-                    self.lock.release()
+                    self.release()
                     log.info("timeout: not starting another trial")
                     return 0
                 free = self.target - finished - len(running)
                 if free > 0:
                     self._waiting_for = None
-                    self._defer_interrupts()
                     return min(wanted, free)  # lock held: released once the trials exist (claim, then release)
             except BaseException:
-                self.lock.release()
+                self.release()
                 raise
-            self.lock.release()
+            self.release()
             if not self.heartbeats:
                 log.info("budget taken: %d finished + %d running elsewhere (no heartbeats: not waiting for them)", finished, len(running))
                 return 0
@@ -184,9 +186,9 @@ class TrialBudget:
         return self._restore_interrupts(deliver=deliver)
 
     def _defer_interrupts(self) -> None:
-        """Hold Ctrl-C / SIGTERM from the decision to start a trial until the trial exists with its
-        first heartbeat (``study.ask`` can take seconds): interrupted in between, the new trial
-        would stay RUNNING with no one to fail it."""
+        """Hold Ctrl-C / SIGTERM from taking the study lock (dead workers' trials are failed and
+        copied then) until the new trial exists with its first heartbeat (``study.ask`` can take
+        seconds): interrupted in between, the new trial would stay RUNNING with no one to fail it."""
         if threading.current_thread() is not threading.main_thread():
             return
         self._deferred = []

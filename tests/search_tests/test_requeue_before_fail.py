@@ -9,6 +9,8 @@ is written, which is when the slot becomes free to the other workers.
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 import yaml
@@ -177,3 +179,26 @@ def test_fused_trials_that_cannot_be_copied_are_left_to_heartbeats_or_failed(tmp
         optimize_fused(config, group_size=3, progress=False)
     states = [t.state for t in open_study(config, create=False).get_trials()]
     assert states == [TrialState.RUNNING if heartbeats else TrialState.FAIL] * 3
+
+
+def test_an_interrupt_while_a_dead_workers_trial_is_failed_and_copied_waits_for_the_copy(tmp_path, monkeypatch):
+    """A Ctrl-C that lands between the FAIL of a dead worker's trial and its copy (under the study
+    lock, before this worker starts a trial) is held back until the copy is queued."""
+    config = _interrupted_study(tmp_path, "dead-then-interrupted")
+    budget = TrialBudget(open_study(config), config, target=3)
+    copied: list[bool] = []
+
+    def signalled_between_fail_and_copy(study, storage):
+        signal.raise_signal(signal.SIGINT)
+        copied.append(True)
+        return []
+
+    monkeypatch.setattr(search.workers, "fail_dead_trials", signalled_between_fail_and_copy)
+    try:
+        slots = budget.next_slots(1)
+    except KeyboardInterrupt:  # before: it landed between the two
+        slots = None
+    assert copied == [True] and slots == 1
+    with pytest.raises(KeyboardInterrupt):  # delivered once the lock is let go
+        budget.release()
+    assert not budget.lock.held and signal.getsignal(signal.SIGINT) is signal.default_int_handler
