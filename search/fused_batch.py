@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import time
 import warnings
@@ -37,7 +38,7 @@ from optuna.trial import TrialState
 
 from model.fused import fusion_key, train_fused
 from search.artifacts import TrialLog, artifact_store
-from search.config import StudyConfig
+from search.config import SamplerConfig, StudyConfig
 from search.dashboard import TrialAnnotator
 from search.objective import finish_trial, start_trial
 from search.storage import error_reason, requeue_interrupted
@@ -57,6 +58,8 @@ def optimize_fused(config: StudyConfig, *, group_size: int = 8, n_trials: int | 
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if advice := batching_advice(config.sampler.name, group_size):
         log.warning(advice)
+    if note := random_phase_note(config.sampler, group_size):
+        log.info(note)
     study, prepared, budget = start_worker(config, n_trials=n_trials, timeout=timeout, progress=progress, prepared=prepared,
                                            study_args=study_args)
     if budget is None:
@@ -98,6 +101,18 @@ def batching_advice(sampler: str, group_size: int) -> str | None:
                 "100-trial hypervolume within 100 trials on the demo surrogate, GP did within 29-34 "
                 "(bench/results/sampler_efficiency_*batch8*.md); consider sampler: gp")
     return None
+
+
+def random_phase_note(sampler: SamplerConfig, group_size: int) -> str | None:
+    """How many random trials GP starts with when asked ``group_size`` at a time, or None."""
+    if sampler.name != "gp" or group_size <= 1:
+        return None
+    # GPSampler counts n_startup_trials over COMPLETE trials at each ask, and a batch completes
+    # together: the random phase is rounded up to whole batches.
+    random_trials = group_size * math.ceil(sampler.n_startup_trials / group_size)
+    return (f"sampler gp with --fuse {group_size}: its first {random_trials} trials are random "
+            f"(n_startup_trials {sampler.n_startup_trials}, rounded up to whole batches; "
+            "bench/results/sampler_efficiency_startup*_batch8.md)")
 
 
 class _Batch:

@@ -204,3 +204,37 @@ def test_tpe_asked_in_batches_is_warned_about():
 
     assert "consider sampler: gp" in batching_advice("tpe", 8)
     assert batching_advice("tpe", 1) is None and batching_advice("gp", 8) is None
+
+
+@pytest.mark.parametrize("n_startup", [2, 3])
+def test_gp_asked_in_batches_says_how_many_of_its_trials_optuna_samples_at_random(n_startup):
+    """The note's count against Optuna's GPSampler itself, asked 2 at a time as a fused worker asks."""
+    from search.config import SamplerConfig
+    from search.fused_batch import random_phase_note
+    from search.samplers import build_sampler
+
+    config = SamplerConfig(name="gp", n_startup_trials=n_startup)
+    sampler = build_sampler(config)
+    modelled: list[bool] = []  # per trial: did GP's model choose its parameters?
+    sample_relative = sampler.sample_relative
+
+    def recording(study, trial, search_space):
+        params = sample_relative(study, trial, search_space)
+        modelled.append(bool(params))
+        return params
+
+    sampler.sample_relative = recording
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
+    for _ in range(3):
+        batch = [study.ask() for _ in range(2)]
+        for trial in batch:
+            trial.suggest_float("x", 0, 1)
+            trial.suggest_float("y", 1e-4, 1, log=True)
+        for trial in batch:
+            study.tell(trial, [trial.params["x"], trial.params["y"], 1 - trial.params["x"]])
+    random_trials = modelled.index(True)
+    assert modelled == [False] * random_trials + [True] * (6 - random_trials)
+    assert random_trials == (2 if n_startup == 2 else 4)  # 3 is rounded up to two batches
+    assert f"its first {random_trials} trials are random" in random_phase_note(config, 2)
+    assert random_phase_note(config, 1) is None
+    assert random_phase_note(SamplerConfig(name="tpe", n_startup_trials=n_startup), 2) is None
