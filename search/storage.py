@@ -160,9 +160,10 @@ for _name in _RETRIED:
 class RequeueTrial:
     """Re-queue a failed trial with the same parameters (WAITING: workers take it before they
     sample a new one) up to ``max_retry`` times, once per trial (a second call, from the other
-    path, finds the copy: the check and the insert hold a study-wide lock of their own). The copy's ``system_attrs`` name the original
-    trial and the chain of attempts as Optuna's ``RetryHeartbeatStaleTrialCallback`` writes
-    them (``failed_trial``, ``retry_history``). ``cause`` (why it failed) goes in the log line.
+    path, finds the copy: the check and the insert hold a study-wide lock of their own). The
+    copy's ``system_attrs`` name the original trial and the chain of attempts as Optuna's
+    ``RetryHeartbeatStaleTrialCallback`` writes them (``failed_trial``, ``retry_history``).
+    ``cause`` (why it failed) goes in the log line.
 
     Unlike Optuna's callback it copies nothing the failed attempt recorded: its curve, metrics,
     artifacts, stop reason or sampler state (NSGA-II's generation) would otherwise stay on the
