@@ -175,23 +175,22 @@ class RequeueTrial:
         self.max_retry, self.cause = max_retry, cause
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        # Retried here, as a whole, not inside add_trial: a commit whose reply was lost (connection
-        # dropped) is then found by the check below instead of being written a second time.
-        storage = storage_of(study)
-        call_with_retry(self._queue_once_locked, study, trial, retry_seconds=getattr(storage, "retry_seconds", 0.0), what="re-queue")
+        from search.study_lock import study_lock  # it imports this module
 
-    def _queue_once_locked(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        storage = storage_of(study)
         # The check and the insert under one lock of their own, held for milliseconds: a worker
         # failing the trial as dead (under the study lock) and its interrupted worker (which must
         # not wait for the study lock: a GP claim holds it for seconds, docker stop kills after
         # 10) would otherwise both find no copy when its heartbeat went stale before the interrupt.
-        from search.study_lock import study_lock  # it imports this module
+        # None: in-memory SQLite, one process, no lock.
+        lock = study_lock(storage, f"{study.study_name}/requeue", fallback_dir=None)
+        # Retried here, as a whole, not inside add_trial: a commit whose reply was lost (connection
+        # dropped) is then found by the check below instead of being written a second time.
+        call_with_retry(self._queue_once_under, lock, study, trial, retry_seconds=getattr(storage, "retry_seconds", 0.0),
+                        what="re-queue")
 
-        storage = storage_of(study)
-        if storage is None:
-            self._queue_once(study, trial)
-            return
-        with study_lock(storage, f"{study.study_name}/requeue", fallback_dir=None):  # None: in-memory, one process
+    def _queue_once_under(self, lock, study: optuna.Study, trial: FrozenTrial) -> None:
+        with lock:
             self._queue_once(study, trial)
 
     def _queue_once(self, study: optuna.Study, trial: FrozenTrial) -> None:

@@ -210,10 +210,7 @@ class TrialBudget:
         """On an interrupt: this worker's trial is re-queued with its parameters for when the
         study continues, then failed (when the interrupt hit the objective, ``wrap`` queued the
         copy and Optuna failed it; this covers the moments around it)."""
-        self.lock.release()
-        for s, handler in (self._saved_handlers or {}).items():
-            signal.signal(s, handler)
-        self._saved_handlers = None
+        self.release(deliver=False)  # this is the interrupt's own handling: none held back to deliver
         if self.current is None:
             return
         running = copied = False
