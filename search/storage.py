@@ -183,7 +183,7 @@ class RequeueTrial:
         # not wait for the study lock: a GP claim holds it for seconds, docker stop kills after
         # 10) would otherwise both find no copy when its heartbeat went stale before the interrupt.
         # None: in-memory SQLite, one process, no lock.
-        lock = study_lock(storage, f"{study.study_name}/requeue", fallback_dir=None)
+        lock = study_lock(storage, study.study_name, fallback_dir=None, purpose="requeue")
         # Retried here, as a whole, not inside add_trial: a commit whose reply was lost (connection
         # dropped) is then found by the check below instead of being written a second time.
         call_with_retry(self._queue_once_under, lock, study, trial, retry_seconds=getattr(storage, "retry_seconds", 0.0),

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import re
 from pathlib import Path
+from typing import Literal
 
 import sqlalchemy
 from optuna.storages import RDBStorage
@@ -57,10 +58,9 @@ class _SQLLock(StudyLock):
     """A session-level lock on a dedicated autocommit connection (PostgreSQL advisory lock, MySQL
     GET_LOCK): the server drops it with the connection when the worker dies."""
 
-    def __init__(self, engine: sqlalchemy.Engine, study_name: str, retry_seconds: float) -> None:
+    def __init__(self, engine: sqlalchemy.Engine, digest: bytes, retry_seconds: float) -> None:
         super().__init__(retry_seconds)
         self.engine, self.connection = engine, None
-        digest = hashlib.sha256(f"fairfront/{study_name}".encode()).digest()
         self.key = int.from_bytes(digest[:8], "big", signed=True)
         self.name = "fairfront-" + digest.hex()[:40]
         self.postgres = engine.dialect.name == "postgresql"
@@ -129,21 +129,30 @@ class _NoLock(StudyLock):
         pass
 
 
-def study_lock(storage: RDBStorage, study_name: str, *, fallback_dir: Path | None) -> StudyLock:
+Purpose = Literal["trials", "requeue"]
+
+
+def study_lock(storage: RDBStorage, study_name: str, *, fallback_dir: Path | None,
+               purpose: Purpose = "trials") -> StudyLock:
     """The study-wide lock for ``storage``'s backend (see the module docstring); a lock file in
-    ``fallback_dir`` for other backends, or none when it is None."""
+    ``fallback_dir`` for other backends, or none when it is None. Each ``purpose`` is a lock of
+    its own: "trials" guards starting trials, "requeue" the check-then-insert of a retry copy."""
     retry = getattr(storage, "retry_seconds", 120.0)
+    # The purpose leads, so no study name can reach another purpose's key ("X" re-queueing must
+    # not wait on a study named "X/requeue"), and the hash keeps names that differ only in
+    # characters a file name cannot hold ("a b", "a_b") apart.
+    digest = hashlib.sha256(f"fairfront/{purpose}/{study_name}".encode()).digest()
     url = make_url(storage.url)
     backend = url.get_backend_name()
     if backend in ("postgresql", "mysql", "mariadb"):
-        return _SQLLock(storage.engine, study_name, retry)
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)
+        return _SQLLock(storage.engine, digest, retry)
+    stem = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', study_name)}-{digest.hex()[:8]}.{purpose}.lock"
     if database := sqlite_file(storage.url):
-        return _FileLock(Path(f"{database}.{safe}.lock"), retry)
+        return _FileLock(Path(f"{database}.{stem}"), retry)
     if fallback_dir is None:
         return _NoLock(retry)
     log.warning("storage: no server-side lock for %r; workers on other nodes may overshoot the trial budget", backend)
-    return _FileLock(fallback_dir / f".{safe}.lock", retry)
+    return _FileLock(fallback_dir / f".{stem}", retry)
 
 
 __all__ = ["StudyLock", "study_lock"]

@@ -309,6 +309,25 @@ def test_study_lock_is_exclusive_and_dies_with_its_holder(storage_url, tmp_path)
         holder.wait()
 
 
+def test_each_study_and_purpose_has_a_lock_of_its_own(storage_url):
+    """Held: study "X"'s re-queue lock. Free: every other lock, including those of studies whose
+    names a naive key would map onto it ("X/requeue", "X_requeue") or onto each other ("a b", "a_b")."""
+    storage = make_storage(storage_url, FAST)
+    held = [study_lock(storage, "X", fallback_dir=None, purpose="requeue"), study_lock(storage, "a b", fallback_dir=None)]
+    for lock in held:
+        lock.acquire()
+    try:
+        for name, purpose in [("X", "trials"), ("X/requeue", "trials"), ("X_requeue", "trials"), ("X_requeue", "requeue"),
+                              ("a_b", "trials"), ("a b", "requeue")]:
+            other = study_lock(make_storage(storage_url, FAST), name, fallback_dir=None, purpose=purpose)
+            acquired = threading.Event()
+            threading.Thread(target=lambda: (other.acquire(), acquired.set(), other.release()), daemon=True).start()
+            assert acquired.wait(10), f"{name!r} ({purpose}) waits on another study's lock"
+    finally:
+        for lock in held:
+            lock.release()
+
+
 def test_distributed_config_is_validated():
     assert DistributedConfig(heartbeat_interval=10).grace_seconds == 40
     assert DistributedConfig(heartbeat_interval=None).grace_seconds is None
