@@ -166,17 +166,16 @@ def degenerate_stop_reason(epochs: list[EpochRecord], after: int | None) -> str 
 
 
 def patience_stop_reason(result: TrainResult, cfg: TrainingConfig) -> str | None:
-    """Stop a run after ``cfg.early_stop_patience`` epochs in a row that did not improve its best
-    epoch. Degenerate epochs do not count (the first non-degenerate one is the new best anyway, and
-    stop_if_degenerate_after rules that phase); nor does the last epoch stop a run: there is nothing
-    left to save, the run completed."""
+    """Stop a run after ``cfg.early_stop_patience`` non-degenerate epochs since its best epoch that
+    did not improve it. Degenerate epochs are skipped, neither counted nor resetting the count (they
+    cannot be the best epoch, and stop_if_degenerate_after rules the degenerate phase); nor does the
+    last epoch stop a run: there is nothing left to save, the run completed."""
     best, done, patience = result.best, len(result.epochs), cfg.early_stop_patience
     if patience is None or best is None or best.degenerate or done >= cfg.num_epochs:
         return None
-    last_degenerate = max((r.epoch for r in result.epochs if r.degenerate), default=0)
-    if done - max(best.epoch, last_degenerate) < patience:
+    if sum(not r.degenerate for r in result.epochs if r.epoch > best.epoch) < patience:
         return None
-    return f"early stop: validation AUC has not improved on epoch {best.epoch}'s {best.val['auc']:.4f} in the last {patience} epochs"
+    return f"early stop: validation AUC has not improved on epoch {best.epoch}'s {best.val['auc']:.4f} in {patience} non-degenerate epochs since"
 
 
 def train(
@@ -191,13 +190,16 @@ def train(
     cfg = config.training
     device = resolve_device(cfg.device)
     compile_sinkhorn(cfg.compile_sinkhorn and cfg.lambda_fair > 0, device)
-    seed_everything(cfg.seed)
     frame = prepared.manifest.frame
     train_rows, val_rows = (np.flatnonzero(frame["split"].to_numpy() == s) for s in ("train", "val"))
     labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
     groups = torch.tensor(frame["group"].to_numpy(), dtype=torch.long)
     train_source, val_source = training_source(prepared, config, train_rows, device), rows_source(prepared, val_rows, device, cfg.feature_mode)
 
+    # Seeded after the sources: building one (a views cache made on first use) may draw from the
+    # global RNG, and the run must not depend on whether a cache already existed. (fused.py's
+    # groups seed at the same point.)
+    seed_everything(cfg.seed)
     detector = AdapterDetector(
         prepared.backbone.shape.width, config.model, dropout=cfg.dropout, gate_init_bias=cfg.gate_init_bias,
         prior_fake=float(labels[train_rows].mean()),
@@ -328,4 +330,6 @@ def write_run_outputs(config: TrainRunConfig, result: TrainResult, best_state: d
     (out / "config.yaml").write_text(yaml.safe_dump(train_config_to_yaml_dict(config), sort_keys=False))
     if best_state is not None:
         torch.save({"state_dict": best_state, "epoch": result.best_epoch, "config": train_config_to_yaml_dict(config)}, out / "best.pt")
+    else:  # an earlier run's checkpoint in the same folder would be taken for this run's
+        (out / "best.pt").unlink(missing_ok=True)
     return out

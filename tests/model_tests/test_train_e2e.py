@@ -122,6 +122,28 @@ def test_a_later_run_reuses_the_tokens_an_earlier_one_preloaded(tmp_path, monkey
     assert len(unheld.held_tokens) == 0  # memory-mapped sources are not kept
 
 
+def test_a_run_does_not_depend_on_whether_its_views_cache_was_built_before_it(tmp_path):
+    path = tiny_config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(data | {"augment": {"views": 2, "hflip": 0.5}}))
+    config = load_train_config(path)
+    prepared = prepare(config, progress=False, with_test_caches=False, with_views=False)
+    built_by_the_run = train(config, prepared=prepared, progress=False, write_outputs=False)
+    already_there = train(config, prepared=prepared, progress=False, write_outputs=False)
+    assert [r.flat() | {"seconds": 0} for r in built_by_the_run.epochs] == [r.flat() | {"seconds": 0} for r in already_there.epochs]
+
+
+def test_a_run_without_a_checkpoint_leaves_no_earlier_runs_checkpoint_in_its_folder(tmp_path):
+    config = load_train_config(tiny_config(tmp_path, num_epochs=2))
+    prepared = prepare(config, progress=False, with_test_caches=False)
+    assert train(config, prepared=prepared, progress=False).best_epoch is not None
+    assert (config.run_dir / "best.pt").is_file()
+    diverged = train(config.with_training(lr=1e30, grad_clip=None), prepared=prepared, progress=False)
+    assert (diverged.status, diverged.best_epoch) == ("diverged", None), diverged.stop_reason
+    assert not (config.run_dir / "best.pt").exists()
+    assert json.loads((config.run_dir / "metrics.json").read_text())["best_epoch"] is None
+
+
 def test_zero_learning_rate_stays_degenerate_and_is_stopped(tmp_path):
     # The head starts at the training prior (80% fake): with lr 0 every prediction stays "fake".
     config = load_train_config(tiny_config(tmp_path, lr=0.0, num_epochs=6, stop_if_degenerate_after=2))
@@ -136,12 +158,12 @@ def test_zero_learning_rate_stays_degenerate_and_is_stopped(tmp_path):
 
 def first_patience_stop(records, patience, num_epochs):
     """Where an early stop with this patience ends a run, read off that run's full curve: the first
-    epoch before the last that ends ``patience`` epochs in a row, none degenerate, none better than
-    the best non-degenerate AUC before them."""
+    epoch before the last that ends ``patience`` non-degenerate epochs (degenerate ones skipped)
+    none better than the best non-degenerate AUC before them."""
     best, streak = None, 0
     for epoch, record in enumerate(records, 1):
         if record.degenerate:
-            streak = 0
+            continue
         elif best is None or record.val["auc"] > best:
             best, streak = record.val["auc"], 0
         else:
@@ -164,7 +186,7 @@ def test_early_stop_patience_ends_the_run_where_its_full_curve_says_and_changes_
         else:
             assert (run.status, len(run.epochs)) == ("stopped", stop), patience
             assert run.stop_reason == (f"early stop: validation AUC has not improved on epoch {run.best_epoch}'s "
-                                       f"{run.best.val['auc']:.4f} in the last {patience} epochs")
+                                       f"{run.best.val['auc']:.4f} in {patience} non-degenerate epochs since")
         assert [r.flat() | {"seconds": 0} for r in run.epochs] == [r.flat() | {"seconds": 0} for r in full.epochs[:len(run.epochs)]]
         assert run.best_epoch == max((e for e, r in enumerate(run.epochs, 1) if not r.degenerate), key=lambda e: run.epochs[e - 1].val["auc"])
 
@@ -189,7 +211,10 @@ def test_early_stop_patience_does_not_count_the_degenerate_phase_nor_stop_the_la
     assert run([(True, 0.9), (False, 0.6), (False, 0.5), (False, 0.55), (False, 0.9), (False, 0.9)]) == (4, "stopped")
     assert run([(False, 0.7), (False, 0.8), (False, 0.75), (False, 0.85), (False, 0.8), (False, 0.8)]) == (6, "completed")
     assert run([(False, 0.7), (False, 0.8), (False, 0.75), (False, 0.8), (False, 0.9), (False, 0.9)]) == (4, "stopped")  # a tie is no improvement
-    assert run([(False, 0.8), (False, 0.7), (True, 0.6), (False, 0.7), (False, 0.7), (False, 0.9)]) == (5, "stopped")  # epoch 3 restarts the count
+    # a degenerate epoch after the best is skipped: it neither counts nor restarts the count, so a
+    # run that keeps slipping back into one class still stops
+    assert run([(False, 0.8), (False, 0.7), (True, 0.6), (False, 0.7), (False, 0.7), (False, 0.9)]) == (4, "stopped")
+    assert run([(False, 0.8), (True, 0.5), (False, 0.7), (True, 0.5), (False, 0.7), (True, 0.5)]) == (5, "stopped")
 
 
 def test_callback_can_stop_a_run(tmp_path):
