@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,9 @@ class BackboneShape:
     image_size: int
     patch_size: int
     layers: tuple[int, int]  # the Stage 1 and Stage 2 layers, as block indices 0..n_layers-1
+    # The whole open_clip model config (MLP ratio, head width, image mean/std, ...), hashed: the
+    # tokens change with any of it, and the fields above name only a few.
+    config_sha256: str
 
     @classmethod
     def of(cls, config: BackboneConfig) -> "BackboneShape":
@@ -79,7 +83,8 @@ class BackboneShape:
                 raise BackboneError(f"backbone.{key}: {layer} is out of range for {config.name} with {n_layers} blocks")
             layers.append(layer % n_layers)
         return cls(width=vision.width, n_layers=n_layers, image_size=_as_int_size(vision.image_size),
-                   patch_size=_as_int_size(vision.patch_size), layers=tuple(layers))
+                   patch_size=_as_int_size(vision.patch_size), layers=tuple(layers),
+                   config_sha256=hashlib.sha256(json.dumps(model_config, sort_keys=True, default=str).encode()).hexdigest())
 
     def token_shapes(self) -> tuple[int, int]:
         """(number of patch tokens L, width D)."""

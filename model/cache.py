@@ -9,8 +9,9 @@ Layout of one cache (one folder per manifest x backbone x weights x layers x dty
     patches.npy  [N, L, D]  patch tokens of the Stage 2 layer
     meta.json    key, shapes, sampled-block checksums; written LAST, so a folder without it is partial
 
-A cache whose key differs (the manifest, weights or layer choice changed), whose files are
-truncated, or whose checksums do not match is rebuilt, never used.
+A cache whose key differs (the manifest, an image, the weights, the layer choice, the open_clip
+model config or release changed), whose files are truncated, or whose checksums do not match is
+rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from model.augment import ViewPlan
-from model.backbone import LazyBackbone, weights_identity
+from model.backbone import LazyBackbone, open_clip_factory, weights_identity
 from model.config import AugmentConfig
 from model.images import ImageDataset
 from model.manifest import Manifest
@@ -77,6 +79,10 @@ def cache_key(manifest: Manifest, backbone: LazyBackbone, weights_id: str, augme
         "manifest_sha256": manifest.sha256,
         "images": _images_fingerprint(manifest.frame["path"]),
         "backbone": backbone.config.name,
+        "model_config": backbone.shape.config_sha256,
+        # the code that builds (and for random weights, initialises) the model and preprocesses
+        # the images; a rebuild costs about a minute for FF++ on a GPU (target 4)
+        "open_clip": open_clip_factory().__version__,
         "weights": weights_id,
         "layers": list(backbone.shape.layers),
         "image_size": backbone.shape.image_size,
@@ -148,8 +154,9 @@ def open_or_build_cache(
 
 def _build(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbone: LazyBackbone, directory: Path, key: str, *,
            device, num_workers, progress) -> None:
-    staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    # A name no other writer has: nodes sharing a workdir may run containers whose processes all
+    # have the same pid (1 in a Kubernetes pod), and a pid-named folder was shared and deleted.
+    staging = directory.with_name(f"{directory.name}.partial-{uuid.uuid4().hex}")
     staging.mkdir(parents=True)
     try:
         seconds = _extract(manifest, rows, views, backbone, staging, device=device, num_workers=num_workers, progress=progress)

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +64,13 @@ def train_stage1(
 
 def save_stage1(path: Path, adapter: Stage1Adapter, *, key: str, width: int, val_auc: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": adapter.state_dict(), "key": key, "width": width, "val_auc": val_auc}, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.partial-{uuid.uuid4().hex}")  # writers on other nodes: see cache._build
+    try:
+        torch.save({"state_dict": adapter.state_dict(), "key": key, "width": width, "val_auc": val_auc}, tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_stage1_state(path: Path, width: int, model: ModelConfig) -> dict[str, torch.Tensor]:

@@ -88,6 +88,42 @@ def test_other_layer_or_weights_change_the_key(manifest, backbone, tmp_path):
     assert build(manifest, other, tmp_path).key != first.key
 
 
+def test_a_model_config_changed_under_the_same_name_changes_the_key(manifest, backbone, tmp_path, monkeypatch):
+    """Width, blocks and image size stay; the MLP and the attention heads do not: the tokens differ."""
+    import open_clip
+
+    first = build(manifest, backbone, tmp_path)
+    changed = open_clip.get_model_config("fairfront-tiny-vit")  # (a copy)
+    changed["vision_cfg"].update(mlp_ratio=2.0, head_width=64)
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "fairfront-tiny-vit", changed)
+    edited = LazyBackbone(backbone.config)
+    assert edited.shape.width == backbone.shape.width and edited.shape.n_layers == backbone.shape.n_layers
+    second = build(manifest, edited, tmp_path)
+    assert second.key != first.key and second.directory != first.directory
+    assert not np.allclose(second.patches[:2], first.patches[:2])
+
+
+def test_two_builders_in_processes_with_the_same_pid_do_not_share_a_staging_folder(manifest, backbone, tmp_path, monkeypatch):
+    """Nodes sharing a workdir may run containers where every worker is pid 1: here a second build
+    (same process, same pid) starts and finishes while the first one is extracting."""
+    import model.cache as cache_module
+
+    extract = cache_module._extract
+    others = []
+
+    def extract_after_another_build(*args, **kwargs):
+        if not others:
+            others.append(None)  # the other build's own extraction runs as it is
+            others[0] = build(manifest, LazyBackbone(backbone.config), tmp_path)
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "_extract", extract_after_another_build)
+    ours = build(manifest, backbone, tmp_path)
+    assert ours.directory == others[0].directory
+    np.testing.assert_array_equal(ours.patches, others[0].patches)
+    assert [p.name for p in tmp_path.iterdir()] == [ours.directory.name]  # both staging folders gone
+
+
 def test_truncated_cache_is_rejected_and_rebuilt(manifest, backbone, tmp_path, caplog):
     cache = build(manifest, backbone, tmp_path)
     original = np.array(cache.patches)
