@@ -16,6 +16,7 @@ import torch
 from model.backbone import LazyBackbone, file_sha256, weights_identity
 from model.cache import FeatureCache, open_or_build_cache
 from model.config import TrainRunConfig
+from model.detector import AdapterDetector
 from model.manifest import Manifest, ManifestError, load_manifest
 from model.runtime import resolve_device
 from model.stage1 import Stage1Error, load_stage1_state, save_stage1, stage1_key, train_stage1
@@ -106,6 +107,7 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
     manifest, test_manifests = load_manifests(config, progress=progress)
     device = resolve_device(config.training.device)
     backbone = LazyBackbone(config.backbone)
+    check_model_fits(config, backbone.shape.width)
     given = config.stage1.checkpoint  # checked before any feature is extracted
     given_state = None if given is None else load_stage1_state(given, backbone.shape.width, config.model)
     cache_root = config.workdir / "features"
@@ -125,6 +127,14 @@ def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: 
     if with_views and config.augment.views and config.training.feature_mode == "cache":  # (online runs make them on the fly)
         prepared.views_cache(device, progress=progress)
     return prepared
+
+
+def check_model_fits(config: TrainRunConfig, width: int) -> None:
+    """Build the detector on the meta device (no memory, no arithmetic): a model setting that does
+    not fit the backbone (``model.attn_heads`` not dividing the attention width) then fails before
+    the cache is built, not in every trial after it."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        AdapterDetector(width, config.model, dropout=config.training.dropout, gate_init_bias=config.training.gate_init_bias)
 
 
 def _train_or_reuse_stage1(config: TrainRunConfig, manifest: Manifest, cache: FeatureCache, width: int, device: torch.device):

@@ -30,6 +30,9 @@ from search.workers import TrialBudget
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Trials a new definition would be compared with: finished, running or queued. A study whose
+# trials all failed (a model setting that broke every one) may still take a corrected definition.
+_COMPARED = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
 
 
 DEFINITION_ATTR = "fairfront_definition"
@@ -42,11 +45,17 @@ _ADDED_LATER = {"augment": {"views": 0}, "training": {"early_stop_patience": Non
 
 
 def study_definition(config: StudyConfig) -> dict:
-    """What makes the trials of one study comparable: objectives, search space, the fixed training
-    values, the model, the stopping rule, and the inputs by content (model.inputs_identity: the
-    train/val manifest's sha256 or the synthetic settings, the attributes, the backbone weights'
-    sha256 and layers, the Stage 1 adapter). Paths, budget and workers are left out: they may
-    differ between nodes. Stored on the study when it is created."""
+    """What makes the trials of one study comparable: the settings (settings_definition) and the
+    inputs by content (model.inputs_identity: the train/val manifest's sha256 or the synthetic
+    settings, the attributes, the backbone weights' sha256 and layers, the Stage 1 adapter). Paths,
+    budget and workers are left out: they may differ between nodes. Stored on the study when it is
+    created."""
+    return json.loads(json.dumps({**settings_definition(config), **inputs_identity(config.base_run_config())}))
+
+
+def settings_definition(config: StudyConfig) -> dict:
+    """The part of the definition that the YAML alone gives (no data or weights read): objectives,
+    search space, the fixed training values, the model, the stopping rule, the augmentation."""
     base = config.base_run_config()
     training = to_dict(base.training)
     for key in (*_RUN_SETTINGS, *config.search_space):
@@ -56,7 +65,7 @@ def study_definition(config: StudyConfig) -> dict:
         "search_space": {name: {k: v for k, v in to_dict(spec).items() if v is not None and v is not False}
                          for name, spec in config.search_space.items()},
         "training": training, "model": to_dict(config.model), "stopping": to_dict(config.stopping),
-        **inputs_identity(base),
+        "augment": base.augment.identity(),
     }
     return json.loads(json.dumps(definition))  # as the storage gives it back
 
@@ -76,20 +85,43 @@ def check_definition(study: optuna.Study, config: StudyConfig, wanted: dict) -> 
     stored = current = study.user_attrs.get(DEFINITION_ATTR)
     if stored is None and study.metric_names is not None and study.metric_names != config.metric_names:
         stored = {**wanted, "objectives": [[m, d] for m, d in zip(study.metric_names, config.directions)]}
-    elif stored is None or not study.get_trials(deepcopy=False):
+    elif stored is None or not study.get_trials(deepcopy=False, states=_COMPARED):
         stored = {}
     else:
-        stored = {**stored, **{section: {**keys, **stored.get(section, {})} for section, keys in _ADDED_LATER.items()}}
+        stored = _with_added_later(stored)
     adopted = {**wanted, **stored}
-    if adopted != wanted:
-        was, now = _flat(adopted), _flat(wanted)
-        changes = [f"{key}: {json.dumps(was.get(key, 'unset'))} in the study, {json.dumps(now.get(key, 'unset'))} in the YAML"
-                   for key in sorted(set(was) | set(now)) if was.get(key, "unset") != now.get(key, "unset")]
+    if changes := _changes(adopted, wanted):
         raise ValueError(f"study {config.name!r} in {mask_url(config.storage_url)} was created with another definition ("
                          + "; ".join(changes) + "): its trials would not be comparable with new ones; "
                          "use another --study-name, or restore the YAML and the data")
     if adopted != current:
         study.set_user_attr(DEFINITION_ATTR, adopted)
+
+
+def check_read_definition(study: optuna.Study, config: StudyConfig) -> None:
+    """Refuse to read a study (show, export, report, evaluate) with a YAML whose settings differ
+    from its stored definition: an export would carry the YAML's model or training values, not
+    those its trial ran with, and a table would label values with the YAML's objectives. Only the
+    settings are compared (no data or weights are read here; `optimize` compares the inputs)."""
+    stored = study.user_attrs.get(DEFINITION_ATTR)
+    if stored is None or not study.get_trials(deepcopy=False, states=_COMPARED):
+        return
+    wanted = settings_definition(config)
+    stored = _with_added_later(stored)
+    if changes := _changes({**wanted, **{k: v for k, v in stored.items() if k in wanted}}, wanted):
+        raise ValueError(f"study {config.name!r} in {mask_url(config.storage_url)} was created with another definition ("
+                         + "; ".join(changes) + "): its trials did not run with this YAML's settings; "
+                         "restore the YAML the study ran with")
+
+
+def _with_added_later(stored: dict) -> dict:
+    return {**stored, **{section: {**keys, **stored.get(section, {})} for section, keys in _ADDED_LATER.items()}}
+
+
+def _changes(stored: dict, wanted: dict) -> list[str]:
+    was, now = _flat(stored), _flat(wanted)
+    return [f"{key}: {json.dumps(was.get(key, 'unset'))} in the study, {json.dumps(now.get(key, 'unset'))} in the YAML"
+            for key in sorted(set(was) | set(now)) if was.get(key, "unset") != now.get(key, "unset")]
 
 
 def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
@@ -105,9 +137,11 @@ def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
                 raise ValueError(f"no study database at {database}; run `optimize` first (or give --storage)")
         storage = make_storage(config.storage_url, config.distributed)
         try:
-            return optuna.load_study(study_name=config.name, storage=storage, sampler=sampler)
+            study = optuna.load_study(study_name=config.name, storage=storage, sampler=sampler)
         except KeyError:
             raise ValueError(f"no study named {config.name!r} in {mask_url(config.storage_url)}; run `optimize` first") from None
+        check_read_definition(study, config)
+        return study
     definition = study_definition(config)  # before the study exists: a missing manifest creates nothing
     config.workdir.mkdir(parents=True, exist_ok=True)
     storage = make_storage(config.storage_url, config.distributed)

@@ -242,14 +242,53 @@ def test_a_study_stored_before_a_key_existed_continues_unless_the_yaml_changes_w
     study.set_user_attr(DEFINITION_ATTR, definition)
 
 
-def test_a_study_without_trials_takes_the_corrected_definition(tmp_path):
-    """A first attempt that failed before any trial (in prepare, say) may be corrected and rerun."""
+@pytest.mark.parametrize("failed_trials", [0, 2])
+def test_a_study_without_trials_or_with_failed_ones_only_takes_the_corrected_definition(tmp_path, failed_trials):
+    """A first attempt that failed before any trial (in prepare, say), or whose every trial failed,
+    may be corrected and rerun."""
     path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="empty")
     config = load_study_config(path)
-    open_study(config)
+    study = open_study(config)
+    for _ in range(failed_trials):
+        study.tell(study.ask(), state=TrialState.FAIL)
     corrected = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, cache_dtype="float32"))
     study = open_study(corrected)
     assert study.user_attrs[DEFINITION_ATTR] == study_definition(corrected) != study_definition(config)
+
+
+def test_a_model_that_does_not_fit_the_backbone_stops_before_the_cache_is_built(tmp_path, capsys):
+    path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="heads")
+    data = yaml.safe_load(path.read_text())
+    data["model"] = {**data.get("model", {}), "attn_heads": 7}
+    path.write_text(yaml.safe_dump(data))
+    assert run_study.main(["-q", "optimize", "--study", str(path)]) == 2
+    assert "model.attn_heads: 7 does not divide the attention width" in capsys.readouterr().err
+    assert not (tmp_path / "work" / "features").exists()
+
+
+@pytest.mark.parametrize("command", ["show", "export", "report"])
+@pytest.mark.parametrize("section, key, value, named", [
+    ("model", "stage2_hidden_ratio", 2.0, "model.stage2_hidden_ratio"),
+    ("objectives", None, [{"metric": "auc"}, {"metric": "f_dp"}, {"metric": "f_fpr"}], "objectives"),
+    ("training", "num_epochs", 5, "training.num_epochs"),
+])
+def test_reading_a_study_with_a_yaml_that_changed_its_settings_is_refused(study_run, tmp_path, capsys, command, section, key, value, named):
+    """An export would carry the YAML's model, not the one its trial ran with; a table would label
+    F_FPR values with the YAML's f_dp."""
+    path, _, _ = study_run
+    data = yaml.safe_load(path.read_text())
+    if key is None:
+        data[section] = value
+    else:
+        data.setdefault(section, {})[key] = value
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    extra = {"show": [], "export": ["--pick", "knee", "--out", str(out)], "report": ["--out", str(out)]}[command]
+    assert run_study.main(["-q", command, "--study", str(changed), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "was created with another definition" in err and named in err and "restore the YAML" in err
+    assert not out.exists()
 
 
 def test_run_settings_may_differ_between_invocations_of_one_study(study_run, tmp_path):
