@@ -26,8 +26,10 @@ from typing import Callable
 
 log = logging.getLogger("fairfront")
 
-# Errors that mean "your input is wrong": printed as one clear line, exit code 2, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+# Errors that mean "your input (or this machine) is wrong": printed as one clear line, exit code 2,
+# no traceback (-v logs it). OSError: a busy port, an unknown host, an --out under a file, a full
+# disk; each names the address or path.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
 def _load_study(args: argparse.Namespace):
@@ -94,6 +96,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0-65535 (0: any free one), got {value}")
     return value
 
 
@@ -268,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("dashboard", cmd_dashboard, "serve optuna-dashboard on the study's storage and artifacts (notes, plots, Pareto front)")
     study_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; the dashboard has no login)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--no-annotate", action="store_true", help="do not back-fill missing trial notes and study plots first")
     p.add_argument("--screenshot", type=Path, help="instead of serving: save a headless-Chromium screenshot of the study page to this PNG")
     p.add_argument("--page", default="", help="with --screenshot: a sub-page of the study, e.g. '/trials?numbers=3'")
@@ -306,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         with interrupts_as_keyboard():
             return args.func(args)
     except USER_ERRORS as err:
+        log.debug("traceback of the error below", exc_info=True)
         print(f"error: {redact(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

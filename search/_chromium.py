@@ -20,6 +20,18 @@ def find_chromium() -> str | None:
     return None
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what Chromium's --screenshot writes
+
+
+def check_screenshot_path(path: Path) -> None:
+    """A screenshot goes to an image file name, never over a study database or a YAML that a
+    mistyped argument names (checked before anything is served or annotated)."""
+    if Path(path).suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"--screenshot: {path} is not an image file name ({', '.join(IMAGE_SUFFIXES)})")
+    if Path(path).is_dir():
+        raise ValueError(f"--screenshot: {path} is a folder; give a file name ending in .png")
+
+
 def chromium(url: str, *, screenshot: Path | None = None, dump_dom: bool = False, window: tuple[int, int] = (1400, 1000),
              budget_ms: int = 8000, timeout: float = 120) -> str:
     """Render ``url`` in headless Chromium: save a screenshot and/or return the rendered DOM."""
@@ -27,16 +39,21 @@ def chromium(url: str, *, screenshot: Path | None = None, dump_dom: bool = False
     if binary is None:
         raise FileNotFoundError("no chromium binary on PATH (Debian: apt-get install -y chromium)")
     if screenshot is not None:
-        Path(screenshot).unlink(missing_ok=True)  # so a stale file cannot pass for a new screenshot
+        check_screenshot_path(screenshot)
     with tempfile.TemporaryDirectory(prefix="fairfront-chromium-") as profile:
+        # Written in the temporary folder and moved into place only once it exists: a failed
+        # render leaves an earlier file as it was, and no stale file passes for a new screenshot.
+        drawn = Path(profile) / f"screenshot{Path(screenshot).suffix.lower()}" if screenshot is not None else None
         command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                    "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}",
                    f"--window-size={window[0]},{window[1]}", f"--virtual-time-budget={budget_ms}"]
-        if screenshot is not None:
-            command.append(f"--screenshot={Path(screenshot).resolve()}")
+        if drawn is not None:
+            command.append(f"--screenshot={drawn}")
         if dump_dom:
             command.append("--dump-dom")
         done = subprocess.run([*command, url], capture_output=True, text=True, timeout=timeout, env={**os.environ, "HOME": profile})
-    if screenshot is not None and not Path(screenshot).is_file():
-        raise RuntimeError(f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-2000:]}")
+        if drawn is not None:
+            if not drawn.is_file():
+                raise RuntimeError(f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-2000:]}")
+            shutil.move(drawn, screenshot)
     return done.stdout

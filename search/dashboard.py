@@ -39,7 +39,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
 from search import _figures
-from search._chromium import chromium, find_chromium
+from search._chromium import check_screenshot_path, chromium, find_chromium
 from search._notes import trial_note
 from search.config import StudyConfig
 from search.study_args import study_args
@@ -238,16 +238,16 @@ def serve(config: StudyConfig, *, host: str = "127.0.0.1", port: int = 8080, ann
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the dashboard has no login and can edit and delete studies: serving on %s exposes it to that network", host)
-    if annotate:
-        written = annotate_study(open_study(config, create=False), config)
-        if written:
-            log.info("dashboard notes written for %d trials", written)
-    server, url = make_dashboard_server(config, host=host, port=port)
-    if on_ready is None:
-        print(f"optuna-dashboard for study {config.name!r}: {url}  (Ctrl-C to stop)", flush=True)
-    else:
-        on_ready(url, server)
+    server, url = make_dashboard_server(config, host=host, port=port)  # a busy port fails before any note is written
     try:
+        if annotate:
+            written = annotate_study(open_study(config, create=False), config)
+            if written:
+                log.info("dashboard notes written for %d trials", written)
+        if on_ready is None:
+            print(f"optuna-dashboard for study {config.name!r}: {url}  (Ctrl-C to stop)", flush=True)
+        else:
+            on_ready(url, server)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
@@ -268,6 +268,8 @@ def screenshot_study(config: StudyConfig, out: Path | None, *, page: str = "", w
 
     from search.study import open_study
 
+    if out is not None:
+        check_screenshot_path(out)
     if annotate:
         annotate_study(open_study(config, create=False), config)
     server, url = make_dashboard_server(config, host="127.0.0.1", port=0)

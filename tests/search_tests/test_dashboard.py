@@ -152,6 +152,46 @@ def test_dashboard_screenshot_command_and_trial_note(tiny, tmp_path):
     assert "curves.png" in dom  # listed among the trial's artifacts
 
 
+def test_a_screenshot_path_that_is_no_image_is_refused_and_the_file_kept(tiny, tmp_path, capsys):
+    """A mistyped --screenshot naming the study database must not delete it."""
+    path, config, _ = tiny
+    victim = tmp_path / "study.db"
+    victim.write_bytes(b"a study database")
+    assert run_study.main(["-q", "dashboard", "--study", str(path), "--no-annotate", "--screenshot", str(victim)]) == 2
+    err = capsys.readouterr().err
+    assert "--screenshot" in err and "not an image file name" in err
+    assert victim.read_bytes() == b"a study database"
+
+
+@CHROMIUM
+def test_a_failed_screenshot_leaves_an_earlier_one_in_place(tiny, tmp_path, monkeypatch):
+    from search import _chromium
+
+    _, config, _ = tiny
+    earlier = tmp_path / "front.png"
+    earlier.write_bytes(b"earlier screenshot")
+    monkeypatch.setattr(_chromium.subprocess, "run", lambda *a, **k: _chromium.subprocess.CompletedProcess(a, 1, "", "crashed"))
+    with pytest.raises(RuntimeError, match="chromium wrote no screenshot"):
+        dashboard.screenshot_study(config, earlier, annotate=False)
+    assert earlier.read_bytes() == b"earlier screenshot"
+
+
+def test_a_busy_or_impossible_port_is_one_line_not_a_traceback(tiny, capsys):
+    import socket
+
+    path, _, _ = tiny
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert run_study.main(["-q", "dashboard", "--study", str(path), "--no-annotate", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "in use" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:
+        run_study.main(["-q", "dashboard", "--study", str(path), "--port", "70000"])
+    assert exit_.value.code == 2 and "a TCP port is 0-65535" in capsys.readouterr().err
+
+
 def test_a_trial_note_names_the_validation_groups_left_out_of_the_fairness_terms(tiny):
     import copy
 

@@ -128,6 +128,17 @@ def test_export_overwrites_an_earlier_export_but_never_the_study(study_run, tmp_
     assert "picked by --pick 'knee'" in out.read_text()
 
 
+def test_an_export_or_report_under_a_file_is_one_line_naming_the_path(study_run, tmp_path, capsys):
+    path, _, _ = study_run
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for command, extra in (("export", ["--pick", "knee", "--out", str(a_file / "best.yaml")]), ("report", ["--out", str(a_file)])):
+        assert run_study.main(["-q", command, "--study", str(path), *extra]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(a_file) in err and "Traceback" not in err
+    assert a_file.read_text() == "not a folder"
+
+
 def test_a_study_with_augmented_views_exports_a_config_that_reproduces_its_trial(tmp_path):
     path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="views", n_trials=1,
                            augment={"views": 2, "hflip": 0.5, "jpeg": 0.5},
