@@ -53,9 +53,10 @@ class BackboneConfig:
     """The frozen open_clip vision tower and which of its tokens feed the adapters."""
 
     name: str = "ViT-L-14-quickgelu"  # OpenAI weights need the QuickGELU variant
-    # A local checkpoint file, or "random" for random weights (tests and the demo only). There
-    # is no default on purpose: weights never come from a hub, and random weights must be asked for.
-    weights: str = ""
+    # A local checkpoint file (relative to the YAML's folder, like every path), or "random" for
+    # random weights (tests and the demo only). There is no default on purpose: weights never come
+    # from a hub, and random weights must be asked for.
+    weights: Literal["random"] | Path | None = None
     stage1_layer: int = -1  # block whose CLS token feeds the Stage 1 adapter (negative: from the end)
     stage2_layer: int = -1  # block whose patch tokens feed the Stage 2 adapter
     seed: int = 0  # initialisation seed for random weights
@@ -64,7 +65,7 @@ class BackboneConfig:
     cache_dtype: Literal["float16", "float32"] = "float16"  # storage dtype of the feature cache
 
     def __post_init__(self) -> None:
-        _check(bool(self.weights), "weights: give a local checkpoint path, or 'random' for random weights (tests/demo)")
+        _check(self.weights is not None, "weights: give a local checkpoint path, or 'random' for random weights (tests/demo)")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
 
 

@@ -99,12 +99,15 @@ def _convert(tp: Any, value: Any, where: str, base_dir: Path | None) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors, literal_errors = [], []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _convert(arg, value, where, base_dir)
             except ConfigError as err:
-                errors.append(str(err))
+                (literal_errors if typing.get_origin(arg) is Literal else errors).append(str(err))
+        # A value that is none of a Literal's few words was meant as the other type: its error
+        # says more ("environment variable ${X} is not set" rather than "not one of 'random'").
+        errors = errors or literal_errors
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
     if origin is Literal:
         if value not in args:
@@ -149,9 +152,10 @@ def _convert(tp: Any, value: Any, where: str, base_dir: Path | None) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return expand_env(value, where)
     if tp is Path:
-        if not isinstance(value, (str, Path)):
+        text = expand_env(str(value), where) if isinstance(value, (str, Path)) else ""
+        if not text.strip():  # ("" would be the YAML's folder)
             raise ConfigError(f"{where}: expected a path, got {value!r}")
-        path = Path(expand_env(str(value), where)).expanduser()
+        path = Path(text).expanduser()
         if base_dir is not None and not path.is_absolute():
             path = (base_dir / path).resolve()
         return path

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from model.config import TrainRunConfig, load_train_config
-from model.typed_config import ConfigError
+from model.typed_config import ConfigError, to_dict
 
 VALID = {
     "workdir": "work",
@@ -59,7 +59,8 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
         ("training", "optimizer", "lion", r"training.optimizer: 'lion' is not one of"),
         ("training", "lr", -1.0, r"lr must be >= 0"),
         ("training", "early_stop_patience", 0, r"training: early_stop_patience must be >= 1 or null, got 0"),
-        ("backbone", "weights", "", r"backbone: weights: give a local checkpoint path"),
+        ("backbone", "weights", None, r"backbone: weights: give a local checkpoint path"),
+        ("backbone", "weights", "", r"backbone.weights: expected a path, got ''"),
         ("data", "manifest", "x.csv", r"data: give exactly one of 'manifest' or 'synthetic'"),
     ],
 )
@@ -81,6 +82,18 @@ def test_unset_environment_variable_is_named(tmp_path, monkeypatch):
     monkeypatch.delenv("FAIRFRONT_TEST_WEIGHTS", raising=False)
     with pytest.raises(ConfigError, match=r"backbone.weights: environment variable \$\{FAIRFRONT_TEST_WEIGHTS\} is not set"):
         load_train_config(write(tmp_path, with_change("backbone", "weights", "${FAIRFRONT_TEST_WEIGHTS}")))
+
+
+def test_a_relative_weights_path_is_relative_to_the_yaml_like_every_path(tmp_path, monkeypatch):
+    (tmp_path / "studies" / "w").mkdir(parents=True)
+    (tmp_path / "studies" / "w" / "tiny.pt").write_bytes(b"weights")
+    data = with_change("backbone", "weights", "w/tiny.pt")
+    (tmp_path / "studies" / "train.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)  # not the YAML's folder
+    config = load_train_config(tmp_path / "studies" / "train.yaml")
+    assert config.backbone.weights == tmp_path / "studies" / "w" / "tiny.pt"
+    assert to_dict(config.backbone, relative_to=tmp_path / "exports")["weights"] == "../studies/w/tiny.pt"
+    assert load_train_config(write(tmp_path, VALID)).backbone.weights == "random"
 
 
 def test_malformed_yaml_names_the_file(tmp_path):
