@@ -48,7 +48,12 @@ def _study_args(args: argparse.Namespace) -> str:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from model import load_train_config, prepare
 
-    config = load_train_config(args.config) if args.config else _load_study(args).base_run_config()
+    if args.config:
+        config = load_train_config(args.config)
+    else:  # prepare never opens the study: a node that only builds caches needs no database URL or password
+        from search.config import load_study_config
+
+        config = load_study_config(args.study, storage="sqlite://").base_run_config()
     prepared = prepare(config, progress=not args.quiet)
     counts = prepared.manifest.frame["split"].value_counts().to_dict()
     print(f"manifest ok: {prepared.manifest.path} {counts}")

@@ -301,9 +301,12 @@ def _check_range_ends(training: TrainingConfig, space: dict[str, ParamSpec]) -> 
 
 
 def load_study_config(path: str | Path, *, storage: str | None = None, study_name: str | None = None) -> StudyConfig:
-    """Load a study YAML; command-line overrides of storage and name are applied after validation."""
+    """Load a study YAML; command-line overrides of storage and name are applied after validation.
+    An overridden storage is not read from the YAML at all, so its ``${VAR}`` need not be set."""
     path = Path(path)
     data = load_yaml(path)
+    if storage:
+        data = {key: value for key, value in data.items() if key != "storage"}
     try:
         config = from_dict(StudyConfig, data, base_dir=path.resolve().parent)
     except ConfigError as err:

@@ -127,6 +127,25 @@ def test_storage_comes_from_the_environment(tmp_path, monkeypatch):
     assert override.storage_url == "sqlite:////tmp/x.db" and override.name == "other"
 
 
+def test_an_overridden_or_unused_storage_needs_no_yaml_variable(tmp_path, monkeypatch, capsys):
+    """A node that only builds caches (prepare), or a try of the FF++ study on local SQLite
+    (--storage), has no database URL or password to set."""
+    import run_study
+
+    monkeypatch.delenv("FAIRFRONT_UNSET_STORAGE", raising=False)
+    path = write(tmp_path, mutate(["storage"], "${FAIRFRONT_UNSET_STORAGE}"))
+    with pytest.raises(ValueError, match=r"storage: environment variable \$\{FAIRFRONT_UNSET_STORAGE\} is not set"):
+        load_study_config(path)
+    assert load_study_config(path, storage="sqlite:////tmp/local.db").storage_url == "sqlite:////tmp/local.db"
+    data = yaml.safe_load(path.read_text())
+    data["workdir"] = str(tmp_path / "work")
+    data["data"]["synthetic"] = {"seed": 0, "n_train": 32, "n_val": 16, "n_test": 8}
+    data["stage1"] = {"epochs": 1}
+    path.write_text(yaml.safe_dump(data))
+    assert run_study.main(["-q", "prepare", "--study", str(path)]) == 0, capsys.readouterr().err
+    assert not list((tmp_path / "work").glob("*.db"))  # it opened no study
+
+
 def test_bad_study_is_refused_by_the_cli_before_any_work(tmp_path, capsys):
     import run_study
 
