@@ -66,10 +66,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from model import load_train_config, train
 
+    import torch
+
     config = load_train_config(args.config)
     if args.output_dir:
         config = dataclasses.replace(config, output_dir=Path(args.output_dir).resolve())
-    result = train(config, progress=not args.quiet)
+    threads = torch.get_num_threads()
+    if args.threads:  # a CPU run's last bits depend on it: an export's header gives its trial's
+        torch.set_num_threads(args.threads)
+    try:
+        result = train(config, progress=not args.quiet)
+    finally:
+        torch.set_num_threads(threads)
     print(json.dumps(result.summary(), indent=2))
     print(f"outputs: {result.output_dir}")
     return 0 if result.status != "diverged" else 1
@@ -153,13 +161,24 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print(f"\nstudy {config.name!r} in {mask_url(config.storage_url)}: " + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
           + f" ({infeasible} degenerate)")
     _print_front(study, config)
-    # the storage as the user gave it: "${VAR}" stays a reference, a literal password is masked
-    storage = mask_url(args.storage or config.storage_url)
     print("\nnext:")
-    print(f'  optuna-dashboard "{storage}"')
-    print(f"  python run_study.py export {given} --pick knee --out best.yaml")
-    print("  python run_study.py train --config best.yaml")
+    for command in next_commands(config, given, args.storage):
+        print(f"  {command}")
     return code
+
+
+def next_commands(config, given: str, storage: str | None) -> list[str]:
+    """What to run after a study: browse it, export a trial, train it. The plain optuna-dashboard
+    command needs the artifact folder, or every trial's curves and files fail to load."""
+    from search.credentials import mask_url
+
+    # the storage as the user gave it: "${VAR}" stays a reference, a literal password is masked
+    shown = mask_url(storage or config.storage_url)
+    return [
+        f'optuna-dashboard "{shown}" --artifact-dir "{config.artifact_dir}"',  # (or: python run_study.py dashboard ...)
+        f"python run_study.py export {given} --pick knee --out best.yaml",
+        "python run_study.py train --config best.yaml",
+    ]
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -256,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "one full training run of the Stage 2 model from a training-config YAML")
     p.add_argument("--config", type=Path, required=True, help="training-config YAML (studies/demo_train.yaml, or an exported trial)")
     p.add_argument("--output-dir", help="override the config's output_dir")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's); the same as a trial's reproduces it bit for bit")
 
     p = add("optimize", cmd_optimize, "run (or continue) the multi-objective study until its trial budget is met")
     study_args(p)

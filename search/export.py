@@ -34,6 +34,7 @@ def trial_train_config(study_config: StudyConfig, trial: FrozenTrial) -> TrainRu
 
 
 def header(study: optuna.Study, study_config: StudyConfig, trial: FrozenTrial, pick: str) -> str:
+    threads = trial.user_attrs.get("torch_threads") if str(trial.user_attrs.get("device", "cpu")).startswith("cpu") else None
     lines = [
         f"{_FIRST_LINE[2:]} study {study.study_name!r}, trial {trial.number}, picked by --pick {pick!r}",
         "objectives: " + ", ".join(f"{m} ({d}) {v:.4f}" for m, d, v in zip(study_config.metric_names, study_config.directions, trial.values)),
@@ -45,8 +46,8 @@ def header(study: optuna.Study, study_config: StudyConfig, trial: FrozenTrial, p
         "sampled: " + ", ".join(f"{k}={v}" for k, v in trial.params.items()),
         f"code version {trial.user_attrs.get('code_version', 'unknown')}",
         f"ran on {trial.user_attrs.get('device', 'the study device')} with {trial.user_attrs.get('torch_threads', '?')} torch threads "
-        "(on the CPU, bit-identical metrics need the same thread count: OMP_NUM_THREADS)",
-        "re-train: python run_study.py train --config <this file>",
+        "(on the CPU, bit-identical metrics need the same thread count)",
+        "re-train: python run_study.py train --config <this file>" + (f" --threads {threads}" if threads else ""),
     ]
     return "".join(f"# {line}\n" for line in lines)
 

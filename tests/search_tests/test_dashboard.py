@@ -106,6 +106,41 @@ def test_serve_exposes_study_notes_plots_and_artifacts(tiny):
     assert not thread.is_alive()
 
 
+def test_the_optuna_dashboard_command_optimize_prints_serves_the_trials_artifacts(tiny):
+    import shlex
+    import socket
+    import subprocess
+    import time
+
+    path, config, study = tiny
+    given = f"--study {path}"
+    line = next(c for c in run_study.next_commands(config, given, None) if c.startswith("optuna-dashboard "))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([*shlex.split(line), "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        trial = study.best_trials[0]
+        artifact = dashboard.trial_artifacts(study, trial)["curves.png"]
+        url = f"http://127.0.0.1:{port}/artifacts/{study._study_id}/{trial._trial_id}/{artifact}"
+        for _ in range(120):
+            try:
+                status, content_type, body = _get(url)
+                break
+            except urllib.error.HTTPError as err:  # (without the artifact folder: 400 "Cannot access to the artifacts")
+                status, body = err.code, err.read()
+                break
+            except (ConnectionError, urllib.error.URLError):
+                time.sleep(0.5)
+        else:
+            raise AssertionError("optuna-dashboard did not start")
+        assert (status, body[:8]) == (200, b"\x89PNG\r\n\x1a\n"), body[:200]
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def _no_error(dom: str) -> None:
     for text in ERROR_TEXTS:
         assert text not in dom, f"the page shows {text!r}"

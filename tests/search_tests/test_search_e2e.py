@@ -96,7 +96,11 @@ def test_trial_pick_and_bad_picks(study_run):
             pick_trial(study, bad)
 
 
-def test_export_then_train_reproduces_the_trial(study_run, tmp_path, capsys):
+def test_export_then_train_reproduces_the_trial(study_run, tmp_path, capsys, monkeypatch):
+    import torch
+
+    import model
+
     path, config, study = study_run
     out = tmp_path / "best.yaml"
     assert run_study.main(["export", "--study", str(path), "--pick", "knee", "--out", str(out)]) == 0
@@ -104,7 +108,17 @@ def test_export_then_train_reproduces_the_trial(study_run, tmp_path, capsys):
     text = out.read_text()
     assert text.startswith("# fairfront export: study 'tiny', trial")
     assert f"trial {trial.number}" in text
-    assert run_study.main(["-q", "train", "--config", str(out), "--output-dir", str(tmp_path / "retrain")]) == 0
+    # the header's own command, from a process whose thread count differs from the trial's
+    command = re.search(r"^# re-train: python run_study.py (.*)$", text, re.M).group(1).replace("<this file>", str(out)).split()
+    assert command[-2:] == ["--threads", str(trial.user_attrs["torch_threads"])]
+    threads, seen, real_train = torch.get_num_threads(), [], model.train
+    monkeypatch.setattr(model, "train", lambda *a, **k: seen.append(torch.get_num_threads()) or real_train(*a, **k))
+    torch.set_num_threads(trial.user_attrs["torch_threads"] + 1)
+    try:
+        assert run_study.main(["-q", *command, "--output-dir", str(tmp_path / "retrain")]) == 0
+        assert seen == [trial.user_attrs["torch_threads"]] and torch.get_num_threads() == trial.user_attrs["torch_threads"] + 1
+    finally:
+        torch.set_num_threads(threads)
     metrics = json.loads((tmp_path / "retrain" / "metrics.json").read_text())
     assert [metrics["val"][m] for m in config.metric_names] == list(trial.values)
     assert metrics["best_epoch"] == trial.user_attrs["best_epoch"]
