@@ -26,10 +26,14 @@ from typing import Callable
 
 log = logging.getLogger("fairfront")
 
-# Errors that mean "your input (or this machine) is wrong": printed as one clear line, exit code 2,
-# no traceback (-v logs it). OSError: a busy port, an unknown host, an --out under a file, a full
-# disk; each names the address or path.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+# Errors that mean "your input is wrong": printed as one clear line, exit code 2, no traceback.
+# An OSError counts when it names its file (an --out under a file, a folder without write
+# permission); one that names nothing (a full disk mid-run) keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def _is_user_error(err: BaseException) -> bool:
+    return isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.filename is not None)
 
 
 def _load_study(args: argparse.Namespace):
@@ -339,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         # staying RUNNING until another worker's heartbeat check
         with interrupts_as_keyboard():
             return args.func(args)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, OSError) as err:
+        if not _is_user_error(err):
+            raise
         log.debug("traceback of the error below", exc_info=True)
         print(f"error: {redact(err)}", file=sys.stderr)
         return 2

@@ -110,6 +110,8 @@ def _convert(tp: Any, value: Any, where: str, base_dir: Path | None) -> Any:
         errors = errors or literal_errors
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, str):  # ("${WEIGHTS}" set to "random" is "random")
+            value = expand_env(value, where)
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
         return value

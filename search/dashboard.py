@@ -226,7 +226,10 @@ def make_dashboard_server(config: StudyConfig, *, host: str = "127.0.0.1", port:
 
     study = open_study(config, create=False)
     app = wsgi(study._storage, artifact_store=FileSystemArtifactStore(str(config.artifact_dir)))
-    server = make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
+    try:
+        server = make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
+    except OSError as err:  # a busy port, an address this machine does not have, an unknown host name
+        raise ValueError(f"dashboard: cannot listen on {host}:{port}: {err.strerror or err}") from None
     return server, study_url(host, server.server_port, study)
 
 

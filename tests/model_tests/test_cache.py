@@ -124,6 +124,39 @@ def test_two_builders_in_processes_with_the_same_pid_do_not_share_a_staging_fold
     assert [p.name for p in tmp_path.iterdir()] == [ours.directory.name]  # both staging folders gone
 
 
+def test_a_build_removes_staging_folders_whose_process_died_and_keeps_running_ones(manifest, backbone, tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    directory = build(manifest, backbone, tmp_path).directory
+    shutil.rmtree(directory)  # to be built again
+    dead, running, unmarked = (directory.with_name(f"{directory.name}.partial-{n}") for n in ("dead", "running", "unmarked"))
+    for staging in (dead, running, unmarked):
+        staging.mkdir()
+        (staging / "patches.npy").write_bytes(b"tokens")
+    for staging in (dead, running):
+        (staging / ".building").touch()
+    # dead: its builder held the lock, then was killed; running: another process holds it now
+    for staging, signal_ in ((dead, "kill"), (running, None)):
+        holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; h = open(sys.argv[1]); fcntl.flock(h, fcntl.LOCK_EX); "
+                                   "print('held', flush=True); time.sleep(600)", str(staging / ".building")], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        if signal_:
+            holder.kill()
+            holder.wait()
+        else:
+            alive = holder
+    try:
+        build(manifest, backbone, tmp_path)
+        assert not dead.exists() and running.is_dir() and unmarked.is_dir()
+        with open(running / ".building") as handle, pytest.raises(BlockingIOError):
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # still its holder's
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_truncated_cache_is_rejected_and_rebuilt(manifest, backbone, tmp_path, caplog):
     cache = build(manifest, backbone, tmp_path)
     original = np.array(cache.patches)

@@ -94,6 +94,8 @@ def test_a_relative_weights_path_is_relative_to_the_yaml_like_every_path(tmp_pat
     assert config.backbone.weights == tmp_path / "studies" / "w" / "tiny.pt"
     assert to_dict(config.backbone, relative_to=tmp_path / "exports")["weights"] == "../studies/w/tiny.pt"
     assert load_train_config(write(tmp_path, VALID)).backbone.weights == "random"
+    monkeypatch.setenv("FAIRFRONT_TEST_WEIGHTS", "random")  # (a smoke test of a real study's ${CLIP_WEIGHTS})
+    assert load_train_config(write(tmp_path, with_change("backbone", "weights", "${FAIRFRONT_TEST_WEIGHTS}"))).backbone.weights == "random"
 
 
 def test_malformed_yaml_names_the_file(tmp_path):
