@@ -36,6 +36,7 @@ _COMPARED = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
 
 
 DEFINITION_ATTR = "fairfront_definition"
+EARLY_STOP_RULE = "degenerate epochs skipped"
 # Settings of where and how fast a trial runs, not of what it computes: they may differ between
 # the nodes of one study (and between invocations) without making trials incomparable.
 _RUN_SETTINGS = ("device", "compile_sinkhorn", "feature_mode")
@@ -60,6 +61,10 @@ def settings_definition(config: StudyConfig) -> dict:
     training = to_dict(base.training)
     for key in (*_RUN_SETTINGS, *config.search_space):
         training.pop(key, None)
+    if base.training.early_stop_patience is not None:
+        # Patience skips degenerate epochs (until 2026-12-03 one restarted the count): a study
+        # stored under the older rule must not mix trials stopped by both.
+        training["early_stop_rule"] = EARLY_STOP_RULE
     definition = {
         "objectives": [[metric, direction] for metric, direction in zip(config.metric_names, config.directions)],
         "search_space": {name: {k: v for k, v in to_dict(spec).items() if v is not None and v is not False}

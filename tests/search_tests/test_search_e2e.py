@@ -267,6 +267,26 @@ def test_a_study_stored_before_a_key_existed_continues_unless_the_yaml_changes_w
     study.set_user_attr(DEFINITION_ATTR, definition)
 
 
+def test_a_study_stored_under_the_earlier_early_stop_count_is_not_continued_under_the_new_one(study_run, tmp_path, capsys):
+    path, config, _ = study_run
+    study = open_study(config, create=False)
+    definition = study.user_attrs[DEFINITION_ATTR]
+    earlier = {**definition, "training": {**definition["training"], "early_stop_patience": 2}}  # as stored before the rule changed
+    data = yaml.safe_load(path.read_text())
+    data["training"]["early_stop_patience"] = 2
+    data["budget"]["n_trials"] = 1  # already met: nothing trains
+    changed = tmp_path / "patience.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    study.set_user_attr(DEFINITION_ATTR, earlier)
+    try:
+        assert run_study.main(["-q", "optimize", "--study", str(changed)]) == 2
+        assert 'training.early_stop_rule: "unset" in the study, "degenerate epochs skipped" in the YAML' in capsys.readouterr().err
+        study.set_user_attr(DEFINITION_ATTR, {**earlier, "training": {**earlier["training"], "early_stop_rule": "degenerate epochs skipped"}})
+        assert run_study.main(["-q", "optimize", "--study", str(changed)]) == 0  # stored under the new rule
+    finally:
+        study.set_user_attr(DEFINITION_ATTR, definition)
+
+
 @pytest.mark.parametrize("failed_trials", [0, 2])
 def test_a_study_without_trials_or_with_failed_ones_only_takes_the_corrected_definition(tmp_path, failed_trials):
     """A first attempt that failed before any trial (in prepare, say), or whose every trial failed,
