@@ -165,13 +165,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print(f"\nstudy {config.name!r} in {mask_url(config.storage_url)}: " + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
           + f" ({infeasible} degenerate)")
     _print_front(study, config)
+    # CPU trials reproduce bit for bit only at their own thread count (the export's header gives each one's)
+    threads = {t.user_attrs.get("torch_threads") for t in study.get_trials(deepcopy=False, states=FINISHED)
+               if str(t.user_attrs.get("device", "")).startswith("cpu")}
     print("\nnext:")
-    for command in next_commands(config, given, args.storage):
+    for command in next_commands(config, given, args.storage, retrain_threads=threads.pop() if len(threads) == 1 else None):
         print(f"  {command}")
     return code
 
 
-def next_commands(config, given: str, storage: str | None) -> list[str]:
+def next_commands(config, given: str, storage: str | None, *, retrain_threads: int | None = None) -> list[str]:
     """What to run after a study: browse it, export a trial, train it. The plain optuna-dashboard
     command needs the artifact folder, or every trial's curves and files fail to load."""
     from search.credentials import mask_url
@@ -181,7 +184,7 @@ def next_commands(config, given: str, storage: str | None) -> list[str]:
     return [
         f'optuna-dashboard "{shown}" --artifact-dir "{config.artifact_dir}"',  # (or: python run_study.py dashboard ...)
         f"python run_study.py export {given} --pick knee --out best.yaml",
-        "python run_study.py train --config best.yaml",
+        "python run_study.py train --config best.yaml" + (f" --threads {retrain_threads}" if retrain_threads else ""),
     ]
 
 

@@ -181,7 +181,7 @@ def test_an_export_runs_on_the_study_device_not_the_worker_pin(study_run):
     assert exported.lr == trial.params["lr"]
 
 
-def test_continuing_adds_trials_and_keeps_the_old_ones(study_run, tmp_path):
+def test_continuing_adds_trials_and_keeps_the_old_ones(study_run, tmp_path, capsys):
     path, config, study = study_run
     before = {t.number: (t.state, t.values) for t in study.get_trials()}
     assert run_study.main(["-q", "optimize", "--study", str(path), "--n-trials", "7"]) == 0
@@ -189,8 +189,11 @@ def test_continuing_adds_trials_and_keeps_the_old_ones(study_run, tmp_path):
     assert len(after) == len(before) + 1
     assert all(after[n] == before[n] for n in before)
     # the same budget again: nothing to do, nothing overwritten
+    capsys.readouterr()
     assert run_study.main(["-q", "optimize", "--study", str(path), "--n-trials", "7"]) == 0
     assert len(open_study(config, create=False).get_trials()) == len(after)
+    threads = {t.user_attrs["torch_threads"] for t in open_study(config, create=False).trials}
+    assert len(threads) == 1 and f"train --config best.yaml --threads {threads.pop()}\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("section, key, value, named", [
