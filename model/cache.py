@@ -183,8 +183,9 @@ def _build(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbon
 def remove_abandoned_staging(directory: Path) -> None:
     """Remove the staging folders of ``directory``'s builds whose process died (SIGKILL, OOM, a
     preempted node), which no ``except`` could clean up: ~50 GB each for ViT-L on FF++. A build
-    holds a lock on its folder's marker file until it publishes; the kernel (or the NFS server)
-    releases it when the process dies. Folders without a marker are left as they are: one being
+    holds a lock on its folder's marker file until it publishes; the kernel (or the NFS server:
+    not with the local_lock=flock mount option, under which a running build on another node would
+    look dead) releases it when the process dies. Folders without a marker are left as they are: one being
     published this instant, or one from a fairfront before markers."""
     for staging in directory.parent.glob(f"{glob.escape(directory.name)}.partial-*"):
         try:
