@@ -8,6 +8,7 @@ Knows nothing of Optuna.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,10 @@ def load_detector(checkpoint: str | Path, *, device: torch.device | str = "cpu")
     path = Path(checkpoint)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({err})") from None
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise CheckpointError(f"{path}: not a training checkpoint (no 'state_dict')")
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # (garbage bytes: UnpicklingError)
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict) or "stage1.norm.weight" not in saved["state_dict"]:
+        raise CheckpointError(f"{path}: not a training checkpoint (no 'state_dict' with the detector's weights)")
     state = saved["state_dict"]
     model = from_dict(ModelConfig, (saved.get("config") or {}).get("model", {}), where="model")
     training = (saved.get("config") or {}).get("training", {})

@@ -35,7 +35,7 @@ import objectives
 from model import prepare
 from model.prepare import PreparedData
 from model.runtime import resolve_device
-from model.scoring import load_detector, score_cache
+from model.scoring import CheckpointError, load_detector, score_cache
 from search.config import StudyConfig
 from search.pareto import pareto_trials
 
@@ -147,7 +147,10 @@ def _flat(prefix: str, per_dataset: dict[str, dict[str, float]]) -> dict[str, fl
 def evaluate_trial(trial: FrozenTrial, checkpoint: Path, prepared: PreparedData, *, threshold: float, device, batch_size: int,
                    tune_threshold: bool = True, bar=None) -> dict:
     """Test metrics of one trial: flat keys test_<dataset>_<metric>, test_mean_<metric> (and tuned_...)."""
-    detector = load_detector(checkpoint, device=device)
+    try:
+        detector = load_detector(checkpoint, device=device)
+    except CheckpointError as err:  # named by trial, not by a scratch copy that is gone by the time it is read
+        raise EvaluateError(f"trial {trial.number}: its best.pt cannot be loaded ({err})") from None
     tuned = None
     result: dict = {"trial": trial.number, "threshold": threshold, "datasets": sorted(prepared.test_caches),
                     "stage1_matches": _same_stage1(detector, prepared)}

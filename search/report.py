@@ -30,6 +30,7 @@ from search import _report_plots as plots
 from search._figures import StudyView, hypervolume_history, label
 from search._notes import DETECTION, FAIRNESS, STALE, degenerate_epochs, fmt_metric, fmt_value, gate_range, is_number, md_table, ranges
 from search.config import StudyConfig
+from search.credentials import mask_url
 from search.evaluate import load_test_results
 from search.study_args import UNKNOWN, study_args
 
@@ -161,7 +162,7 @@ def _summary(view: StudyView, config: StudyConfig) -> str:
     objs = ", ".join(f"val {label(m)} ({d})" for m, d in zip(config.metric_names, config.directions))
     numbers, values = hypervolume_history(view)
     hv = f" Hypervolume of the front: {values[-1]:.4g} after trial {numbers[-1]}." if values else ""
-    return (f"Study **{config.name}** in `{config.storage_url}`: {counts} ({infeasible} infeasible: stopped as degenerate). "
+    return (f"Study **{config.name}** in `{mask_url(config.storage_url)}`: {counts} ({infeasible} infeasible: stopped as degenerate). "
             f"Objectives: {objs}. Sampler: {config.sampler.name}. Feasible Pareto front: {len(view.pareto)} trials.{hv}  \n"
             f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by `run_study.py report`.")
 

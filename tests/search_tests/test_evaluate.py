@@ -113,6 +113,22 @@ def test_a_trial_without_a_checkpoint_is_named_and_the_others_are_stored(tiny, p
     assert good.number in load_test_results(study)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_trial_whose_checkpoint_is_damaged_is_named_and_the_others_are_stored(tiny, prepared, tmp_path, damage):
+    from search.evaluate import evaluate_study
+
+    _, config, study = tiny
+    good = study.best_trials[0]
+    damaged = _without_artifact(good, tmp_path / "run")  # read from its run folder, which holds a damaged copy
+    (tmp_path / "run").mkdir()
+    original = trial_checkpoint(good, config.artifact_dir, tmp_path).read_bytes()
+    (tmp_path / "run" / "best.pt").write_bytes(original[:1000] if damage == "truncated" else b"not a checkpoint" * 100)
+    damaged.number = 10_000 + good.number  # (a number of its own, to tell the two apart)
+    with pytest.raises(EvaluateError, match=rf"1 of 2 trials not evaluated .* trial {damaged.number}: its best.pt cannot be loaded"):
+        evaluate_study(config, study, [damaged, good], prepared=prepared, progress=False)
+    assert good.number in load_test_results(study)
+
+
 def test_test_sets_are_scored_at_the_trials_own_threshold(tiny, prepared, monkeypatch):
     import search.evaluate as evaluate
 

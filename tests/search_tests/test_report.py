@@ -97,6 +97,19 @@ def _synthetic_study(*, constraints: bool = True) -> optuna.Study:
     return study
 
 
+def test_the_report_masks_the_storage_password(tiny, tmp_path, monkeypatch):
+    import dataclasses
+
+    from search.report import build_report
+
+    _, config, study = tiny
+    with_password = dataclasses.replace(config, storage="postgresql+psycopg://fairfront:s3cretpw@db.internal:5432/fairfront")
+    build_report(study, with_password, tmp_path / "report")
+    for name in ("report.md", "report.html"):
+        text = (tmp_path / "report" / name).read_text()
+        assert "s3cretpw" not in text and "fairfront:***@db.internal" in text, name
+
+
 def test_infeasible_trials_are_greyed_and_off_the_front(tiny, tmp_path):
     _, config, _ = tiny
     study = _synthetic_study()
