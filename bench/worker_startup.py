@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What every worker process pays before its first trial: ``model.prepare`` on a study whose
 feature caches and Stage 1 adapter already exist (``prepare`` ran once, as ``--workers`` and the
-compose file's prepare service do), in a fresh interpreter, for the demo's tiny ViT and for
+image's ``prepare`` command do), in a fresh interpreter, for the demo's tiny ViT and for
 ViT-L-14 (random weights, the real model's size).
 
     python -m bench.worker_startup [--images 16] [--repeats 5]

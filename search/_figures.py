@@ -5,6 +5,7 @@ dashboard shows beside its own plots (``optuna_dashboard.save_plotly_graph_objec
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -69,9 +70,18 @@ def hypervolume_history(view: StudyView) -> tuple[list[int], list[float]]:
     if len(view.study.directions) < 2 or not view.complete:
         return [], []
     point = reference_point(view.metric_names)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ExperimentalWarning; "no feasible trials" is a fine empty answer
-        figure = optuna.visualization.plot_hypervolume_history(view.study, point)
+    # Optuna logs "Your study does not have any feasible trials" when no trial improves on the
+    # reference point (every AUC below 0.5), which beside a report's feasible front misleads; an
+    # empty history is the answer, and the report says what the front holds.
+    quiet = logging.getLogger("optuna.visualization")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning
+            figure = optuna.visualization.plot_hypervolume_history(view.study, point)
+    finally:
+        quiet.setLevel(level)
     trace = figure.data[0]
     return [int(x) for x in trace.x], [float(y) for y in trace.y]
 

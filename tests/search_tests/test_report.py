@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import re
 
 import optuna
@@ -139,6 +141,21 @@ def test_degenerate_trials_stay_off_the_front_without_the_samplers_constraint(ti
     assert [t.number for t in pareto_trials(study)] == [0, 1]
     view = StudyView.of(study, config.metric_names)
     assert [view.kind(t) for t in study.trials] == ["pareto", "pareto", "feasible", "infeasible", "infeasible"]
+
+
+def test_a_front_below_the_reference_point_has_an_empty_history_without_optunas_no_feasible_warning(caplog):
+    import optuna
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(values=[0.45, 0.2, 0.3]))  # feasible, AUC below the reference 0.5
+    optuna_logger = logging.getLogger("optuna")  # (it does not propagate to the root logger caplog listens on)
+    optuna_logger.addHandler(caplog.handler)
+    try:
+        assert hypervolume_history(StudyView.of(study, ["auc", "f_meo", "f_fpr"])) == ([0], [0.0])
+    finally:
+        optuna_logger.removeHandler(caplog.handler)
+    assert "feasible" not in caplog.text
+    assert logging.getLogger("optuna.visualization").level == logging.NOTSET  # left as it was
 
 
 def test_importances_need_feasible_trials():
