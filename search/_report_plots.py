@@ -66,8 +66,10 @@ def pareto_pairs_png(view: StudyView, directions: list[str], path: Path) -> Path
             if row == 1:
                 ax.set_title("feasible trials only", fontsize=9)
     axes[0][0].legend(loc="best", fontsize=8)
-    figure.suptitle(f"Study {view.study.study_name}: {len(view.complete)} complete trials ({len(groups['infeasible'])} infeasible), "
-                    f"{len(groups['pareto'])} on the feasible Pareto front")
+    # (on two lines when one panel is all the width there is: one line was cut off)
+    gap = "\n" if len(pairs) == 1 else " "
+    figure.suptitle(f"Study {view.study.study_name}: {len(view.complete)} complete trials ({len(groups['infeasible'])} infeasible),"
+                    f"{gap}{len(groups['pareto'])} on the feasible Pareto front", fontsize=11 if len(pairs) == 1 else None)
     return _save(figure, path)
 
 
