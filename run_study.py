@@ -26,16 +26,6 @@ from typing import Callable
 
 log = logging.getLogger("fairfront")
 
-# Errors that mean "your input is wrong": printed as one clear line, exit code 2, no traceback.
-# An OSError counts when it names its file (an --out under a file, a folder without write
-# permission); one that names nothing (a full disk mid-run) keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
-
-
-def _is_user_error(err: BaseException) -> bool:
-    return isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.filename is not None)
-
-
 def _load_study(args: argparse.Namespace):
     from search.config import load_study_config
 
@@ -337,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     from search.credentials import install_log_redaction, redact
-    from search.processes import drop_interrupt_tracebacks, interrupts_as_keyboard
+    from search.processes import drop_interrupt_tracebacks, interrupts_as_keyboard, is_user_error
 
     install_log_redaction()  # no storage password in any log line
     drop_interrupt_tracebacks()
@@ -346,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         # staying RUNNING until another worker's heartbeat check
         with interrupts_as_keyboard():
             return args.func(args)
-    except (*USER_ERRORS, OSError) as err:
-        if not _is_user_error(err):
+    except (ValueError, OSError) as err:  # "your input is wrong": one clear line, exit 2, no traceback
+        if not is_user_error(err):
             raise
         log.debug("traceback of the error below", exc_info=True)
         print(f"error: {redact(err)}", file=sys.stderr)

@@ -87,13 +87,20 @@ def drop_interrupt_tracebacks() -> None:
 
 
 _MAX_MESSAGE = 8000  # characters of a child's error message sent back (a pipe's buffer holds more)
-_USER_ERRORS = (FileNotFoundError, ValueError)  # run_study.py's one-line errors: they cross with their type
+_USER_ERRORS = (FileNotFoundError, ValueError)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Bad input, which run_study.py tells in one line (exit 2): a ValueError, a FileNotFoundError,
+    or an OSError that names its file (an --out under a file, a folder without write permission).
+    An OSError that names nothing (a full disk mid-run) is a crash and keeps its traceback."""
+    return isinstance(err, _USER_ERRORS) or (isinstance(err, OSError) and err.filename is not None)
 
 
 def run_in_child(func: Callable[..., object], *args: object, name: str, stop_grace: float = 60.0) -> None:
-    """``func(*args)`` in a fresh spawned process, waited for. A ``ValueError`` or
-    ``FileNotFoundError`` there (bad input) is raised here with its message; any other failure is
-    a RuntimeError (the child printed its traceback). Ctrl-C or SIGTERM here stops the child too
+    """``func(*args)`` in a fresh spawned process, waited for. Bad input there (is_user_error) is
+    raised here with its type and message, an OSError with its errno and file; any other failure
+    is a RuntimeError (the child printed its traceback). Ctrl-C or SIGTERM here stops the child too
     (SIGTERM, which it takes as Ctrl-C and cleans up after, then SIGKILL after ``stop_grace``)
     instead of waiting minutes for a cache build to finish: a SIGTERM reaches only this process.
     The child ignores SIGINT: a terminal's Ctrl-C reaches it too, and only the parent's SIGTERM
@@ -112,8 +119,10 @@ def run_in_child(func: Callable[..., object], *args: object, name: str, stop_gra
     if child.exitcode == 0:
         return
     if not errors.empty():
-        kind, message = errors.get()
-        raise next(e for e in _USER_ERRORS if e.__name__ == kind)(message)
+        kind, detail = errors.get()
+        if kind == "OSError":
+            raise OSError(*detail)  # (errno, strerror, filename): the subclass comes back from the errno
+        raise next(e for e in _USER_ERRORS if e.__name__ == kind)(detail)
     if child.exitcode == 130:  # stopped by a SIGTERM sent to it alone (its own Ctrl-C is ignored)
         raise KeyboardInterrupt
     if child.exitcode < 0:
@@ -128,9 +137,15 @@ def _child_main(func: Callable[..., object], args: tuple, errors) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # see run_in_child; the context restores it
         try:
             func(*args)
-        except _USER_ERRORS as err:  # only type and message cross: a subclass may not unpickle there
-            kind = next(e for e in _USER_ERRORS if isinstance(err, e))
-            errors.put((kind.__name__, str(err)[:_MAX_MESSAGE]))
+        except Exception as err:
+            if not is_user_error(err):
+                raise
+            # only plain values cross: a subclass (ConfigError) may not unpickle there
+            if isinstance(err, OSError) and err.errno is not None:
+                errors.put(("OSError", (err.errno, err.strerror, err.filename)))
+            else:
+                kind = next(e for e in _USER_ERRORS if isinstance(err, e))
+                errors.put((kind.__name__, str(err)[:_MAX_MESSAGE]))
             sys.exit(2)
         except KeyboardInterrupt:
             sys.exit(130)
@@ -154,4 +169,4 @@ def stop_processes(procs: list, grace: float) -> None:
             p.join()
 
 
-__all__ = ["drop_interrupt_tracebacks", "interrupts_as_keyboard", "run_in_child", "stop_processes"]
+__all__ = ["drop_interrupt_tracebacks", "interrupts_as_keyboard", "is_user_error", "run_in_child", "stop_processes"]

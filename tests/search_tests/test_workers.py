@@ -335,6 +335,11 @@ def test_a_child_s_bad_input_keeps_its_type_and_message_and_a_crash_says_how_it_
         run_in_child(int, "not a number", name="parse")
     with pytest.raises(FileNotFoundError, match="no-such-file"):
         run_in_child(open, "/no-such-file", name="open")
+    with pytest.raises(NotADirectoryError) as under_a_file:  # an OSError naming its file: bad input too
+        run_in_child(os.mkdir, f"{__file__}/sub", name="mkdir")
+    assert under_a_file.value.filename == f"{__file__}/sub"
+    with pytest.raises(RuntimeError, match=r"close failed in its own process \(exit code 1\)"):
+        run_in_child(os.close, -1, name="close")  # an OSError naming nothing (EBADF): a crash
     with pytest.raises(RuntimeError, match=r"crash failed in its own process \(exit code 3\)"):
         run_in_child(os._exit, 3, name="crash")
     with pytest.raises(RuntimeError, match="killed by signal 9"):
