@@ -156,8 +156,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
           + f" ({infeasible} degenerate)")
     _print_front(study, config)
     # CPU trials reproduce bit for bit only at their own thread count (the export's header gives each one's)
-    threads = {t.user_attrs.get("torch_threads") for t in study.get_trials(deepcopy=False, states=FINISHED)
-               if str(t.user_attrs.get("device", "")).startswith("cpu")}
+    from search.export import retrain_threads
+
+    threads = {retrain_threads(t) for t in study.get_trials(deepcopy=False, states=FINISHED)} - {None}
     print("\nnext:")
     for command in next_commands(config, given, args.storage, retrain_threads=threads.pop() if len(threads) == 1 else None):
         print(f"  {command}")

@@ -33,8 +33,14 @@ def trial_train_config(study_config: StudyConfig, trial: FrozenTrial) -> TrainRu
     )
 
 
+def retrain_threads(trial: FrozenTrial) -> int | None:
+    """The torch thread count a CPU trial ran with, which its re-training needs to reproduce it
+    bit for bit; None for a GPU trial."""
+    return trial.user_attrs.get("torch_threads") if str(trial.user_attrs.get("device", "cpu")).startswith("cpu") else None
+
+
 def header(study: optuna.Study, study_config: StudyConfig, trial: FrozenTrial, pick: str) -> str:
-    threads = trial.user_attrs.get("torch_threads") if str(trial.user_attrs.get("device", "cpu")).startswith("cpu") else None
+    threads = retrain_threads(trial)
     lines = [
         f"{_FIRST_LINE[2:]} study {study.study_name!r}, trial {trial.number}, picked by --pick {pick!r}",
         "objectives: " + ", ".join(f"{m} ({d}) {v:.4f}" for m, d, v in zip(study_config.metric_names, study_config.directions, trial.values)),
