@@ -155,14 +155,22 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print(f"\nstudy {config.name!r} in {mask_url(config.storage_url)}: " + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
           + f" ({infeasible} degenerate)")
     _print_front(study, config)
-    # CPU trials reproduce bit for bit only at their own thread count (the export's header gives each one's)
-    from search.export import retrain_threads
-
-    threads = {retrain_threads(t) for t in study.get_trials(deepcopy=False, states=FINISHED)} - {None}
     print("\nnext:")
-    for command in next_commands(config, given, args.storage, retrain_threads=threads.pop() if len(threads) == 1 else None):
+    for command in next_commands(config, given, args.storage, retrain_threads=knee_retrain_threads(study)):
         print(f"  {command}")
     return code
+
+
+def knee_retrain_threads(study) -> int | None:
+    """The thread count that re-trains the trial ``export --pick knee`` picks (a CPU trial
+    reproduces bit for bit only at its own count); None for a GPU trial or an empty front."""
+    from search.export import retrain_threads
+    from search.pareto import PickError, pick_trial
+
+    try:
+        return retrain_threads(pick_trial(study, "knee"))
+    except PickError:
+        return None
 
 
 def next_commands(config, given: str, storage: str | None, *, retrain_threads: int | None = None) -> list[str]:

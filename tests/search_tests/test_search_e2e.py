@@ -196,6 +196,23 @@ def test_continuing_adds_trials_and_keeps_the_old_ones(study_run, tmp_path, caps
     assert len(threads) == 1 and f"train --config best.yaml --threads {threads.pop()}\n" in capsys.readouterr().out
 
 
+def test_next_retrain_threads_are_the_knee_trials():
+    """optimize's `next:` train line re-trains what `export --pick knee` picks: its thread count,
+    also when the study's CPU trials ran at several counts."""
+    import optuna
+    from optuna.trial import create_trial
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    assert run_study.knee_retrain_threads(study) is None  # no front yet
+    for values, threads in [((0.9, 0.5, 0.5), 2), ((0.8, 0.1, 0.1), 1), ((0.7, 0.6, 0.6), 4)]:
+        study.add_trial(create_trial(values=list(values), user_attrs={"device": "cpu", "torch_threads": threads}))
+    knee = pick_trial(study, "knee")
+    assert knee.values == [0.8, 0.1, 0.1]
+    assert run_study.knee_retrain_threads(study) == 1
+    study.add_trial(create_trial(values=[0.85, 0.05, 0.05], user_attrs={"device": "cuda:0", "torch_threads": 8}))
+    assert run_study.knee_retrain_threads(study) is None  # a GPU trial is the knee now: no --threads
+
+
 @pytest.mark.parametrize("section, key, value, named", [
     ("search_space", "lr", {"low": 1e-4, "high": 1e-2, "log": True}, "search_space.lr.low"),
     ("search_space", "dropout", {"choices": [0.0, 0.2]}, "search_space.dropout.choices"),
