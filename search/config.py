@@ -205,6 +205,9 @@ class StudyConfig:
         for name, spec in self.search_space.items():
             self.search_space[name] = _typed_spec(name, spec)
         _check_range_ends(self.training, self.search_space)
+        if self.training.stop_if_degenerate_after is not None:  # base_run_config would overwrite it silently
+            raise ValueError("training.stop_if_degenerate_after: a study stops degenerate trials by "
+                             "stopping.degenerate_after_epochs (which also records them for the sampler); set that instead")
         if self.stopping.record_degenerate_as == "pruned" and self.sampler.name in ("gp", "nsga2"):
             raise ValueError(f"stopping.record_degenerate_as: pruned trials teach the {self.sampler.name} sampler nothing "
                              "(it learns from COMPLETE trials and their constraints); use infeasible, or sampler tpe")

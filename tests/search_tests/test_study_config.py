@@ -71,6 +71,7 @@ def mutate(path_keys, value):
         (["objectives"], [{"metric": "auc", "direction": "up"}], r"objectives\[0\].direction: 'up' is not one of"),
         (["sampler", "name"], "cmaes", r"sampler.name: 'cmaes' is not one of"),
         (["stopping", "degenerate_after_epochs"], 0, r"stopping: degenerate_after_epochs must be >= 1"),
+        (["training", "stop_if_degenerate_after"], 2, r"training.stop_if_degenerate_after: a study stops degenerate trials by stopping.degenerate_after_epochs"),
         (["distributed", "workers"], 0, r"distributed: workers must be >= 1"),
         (["search_space", "optimizer"], {"choices": ["adamw", "lion"]}, r"search_space.optimizer.choices\[1\]: 'lion' is not one of"),
         (["search_space", "batch_size"], {"choices": [16, "big"]}, r"search_space.batch_size.choices\[1\]: expected an integer, got 'big'"),
