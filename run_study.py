@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """fairfront command line: prepare data, train one model, search, inspect and export.
 
-Each subcommand is a small function that parses nothing itself and calls one library function;
-``main(argv)`` returns an exit code so tests can call it in-process.
+Each subcommand is a small function that parses nothing itself and hands the work to the
+library (``search``, ``model``); ``main(argv)`` returns an exit code so tests can call it in-process.
 
     python run_study.py prepare  --study studies/demo.yaml
     python run_study.py train    --config studies/demo_train.yaml
@@ -238,7 +238,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     infeasible = frozenset(t.number for t in trials if not is_feasible(t))
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4f}".format):
         print(f"test sets of study {config.name!r} ({len(results)} trials; stored in the study, see `report`):")
-        print(results_frame(results, infeasible=infeasible).to_string(index=False))
+        print(results_frame(results, tuple(config.metric_names), infeasible=infeasible).to_string(index=False))
     if infeasible & results.keys():
         print(f"trials {', '.join(map(str, sorted(infeasible & results.keys())))} are infeasible: degenerate on validation (every "
               "prediction one class), so their fairness gaps of ~0 are not fairness", file=sys.stderr)

@@ -14,6 +14,7 @@ geomloss only, never on the rest of fairfront.
 from objectives._evaluation import (
     METRIC_DIRECTIONS,
     METRIC_NAMES,
+    THRESHOLD_FREE,
     Evaluation,
     GroupRates,
     evaluate,
@@ -25,6 +26,7 @@ from objectives._sinkhorn import sinkhorn_divergence
 __all__ = [
     "METRIC_DIRECTIONS",
     "METRIC_NAMES",
+    "THRESHOLD_FREE",
     "Evaluation",
     "GroupRates",
     "compile_fairness_loss",

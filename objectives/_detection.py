@@ -1,4 +1,4 @@
-"""Threshold-free detection metrics: AUC, AP and the equal error rate.
+"""Detection metrics: the threshold-free AUC, AP and equal error rate, and ACC at the threshold.
 
 AUC and AP come straight from scikit-learn. EER has several definitions in the literature
 (interpolated crossing, mean of FPR and FNR, ...); ours is the one the seed report's code uses:

@@ -27,6 +27,9 @@ from objectives._inputs import (
 METRIC_NAMES: tuple[str, ...] = ("auc", "acc", "eer", "ap", "f_fpr", "f_oae", "f_dp", "f_meo")
 """The metric keys of ``evaluate``, in report order (the search config refers to these names)."""
 
+THRESHOLD_FREE: tuple[str, ...] = ("auc", "eer", "ap")
+"""The metrics of the scores alone: a tuned decision threshold changes every other one."""
+
 METRIC_DIRECTIONS: dict[str, str] = {
     "auc": "maximize",
     "acc": "maximize",

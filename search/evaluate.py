@@ -252,7 +252,7 @@ def results_frame(results: dict[int, dict], metrics: tuple[str, ...] = ("auc", "
         row.update({f"mean {m}": r.get(f"test_mean_{m}") for m in metrics})
         if "tuned_threshold" in r:
             row["tuned thr"] = r["tuned_threshold"]
-            row.update({f"tuned mean {m}": r.get(f"tuned_test_mean_{m}") for m in metrics if m not in ("auc", "eer", "ap")})
+            row.update({f"tuned mean {m}": r.get(f"tuned_test_mean_{m}") for m in metrics if m not in objectives.THRESHOLD_FREE})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -128,14 +128,16 @@ def _test_sections(view: StudyView, results: dict[int, dict], args: str = UNKNOW
         sections.append(Section(f"Test fairness on {d} (%)", "", ["trial", *(label(m) for m in FAIRNESS), "ACC", "EER", "AP"],
                                 [[head(n), *(fmt_metric(m, results[n].get(f"test_{d}_{m}")) for m in (*FAIRNESS, "acc", "eer", "ap"))] for n in numbers], level=3))
     if any("tuned_threshold" in r for r in results.values()):
+        # ACC and the study's objectives that the threshold changes
+        moved = ["acc", *(m for m in view.metric_names if m in objectives.METRIC_NAMES and m not in (*objectives.THRESHOLD_FREE, "acc"))]
         sections.append(Section(
             "Threshold tuned on validation", "Threshold maximising validation balanced accuracy, beside the trial's own threshold "
             "(AUC, EER and AP do not depend on it). Mean over the test sets.",
-            ["trial", "trial threshold", "val ACC", "test ACC", "test F_MEO", "test F_FPR", "tuned threshold", "val ACC (tuned)", "test ACC (tuned)",
-             "test F_MEO (tuned)", "test F_FPR (tuned)"],
+            ["trial", "trial threshold", "val ACC", *(f"test {label(m)}" for m in moved), "tuned threshold", "val ACC (tuned)",
+             *(f"test {label(m)} (tuned)" for m in moved)],
             [[head(n), fmt_value(r.get("threshold")), fmt_metric("acc", _val(view, n, "acc")),
-              *(fmt_metric(m, r.get(f"test_mean_{m}")) for m in ("acc", "f_meo", "f_fpr")), fmt_value(r.get("tuned_threshold")),
-              fmt_metric("acc", r.get("tuned_val_acc")), *(fmt_metric(m, r.get(f"tuned_test_mean_{m}")) for m in ("acc", "f_meo", "f_fpr"))]
+              *(fmt_metric(m, r.get(f"test_mean_{m}")) for m in moved), fmt_value(r.get("tuned_threshold")),
+              fmt_metric("acc", r.get("tuned_val_acc")), *(fmt_metric(m, r.get(f"tuned_test_mean_{m}")) for m in moved)]
              for n, r in ((n, results[n]) for n in numbers)], level=3))
     return sections
 

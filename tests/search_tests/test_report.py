@@ -17,6 +17,7 @@ try:
 except ImportError:  # tests/search_tests is not a package
     from _tiny_study import tiny_study
 
+import objectives
 import run_study
 from search._figures import StudyView, hypervolume_history
 from search._notes import md_table, ranges
@@ -184,6 +185,28 @@ def test_degenerate_trials_are_marked_in_the_test_tables_and_the_evaluate_frame(
     assert "Trials 3 are degenerate on validation" in auc.text
     frame = results_frame(results, infeasible=frozenset({3, 4}))
     assert list(frame["trial"]) == [0, "3 (degenerate)"]
+
+
+def test_test_tables_follow_the_studys_objectives():
+    """A study that optimises F_DP sees F_DP at the tuned threshold, in the report and in
+    evaluate's table, not the default objectives' F_MEO and F_FPR."""
+    from search.evaluate import results_frame
+    from search.report import _test_sections
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trial(create_trial(values=[0.8, 0.1], user_attrs={"val_auc": 0.8, "val_f_dp": 0.1, "val_acc": 0.7}))
+    metrics = ["auc", "f_dp"]
+    result = {"datasets": ["a"], "threshold": 0.5, "tuned_threshold": 0.4, "tuned_val_acc": 0.75}
+    for prefix, shift in (("test_", 0.0), ("tuned_test_", 0.01)):
+        result.update({f"{prefix}{d}_{m}": 0.1 * (i + 1) + shift for d in ("a", "mean") for i, m in enumerate(objectives.METRIC_NAMES)})
+    tuned = next(s for s in _test_sections(StudyView.of(study, metrics), {0: result}) if s.title.startswith("Threshold tuned"))
+    assert tuned.header == ["trial", "trial threshold", "val ACC", "test ACC", "test F_DP", "tuned threshold", "val ACC (tuned)",
+                             "test ACC (tuned)", "test F_DP (tuned)"]
+    dp = 0.1 * (objectives.METRIC_NAMES.index("f_dp") + 1)
+    assert tuned.rows[0][4] == f"{100 * dp:.2f}%" and tuned.rows[0][8] == f"{100 * (dp + 0.01):.2f}%"
+    frame = results_frame({0: result}, tuple(metrics))
+    assert list(frame.columns) == ["trial", "a auc", "mean auc", "mean f_dp", "tuned thr", "tuned mean f_dp"]
+    assert frame["tuned mean f_dp"][0] == pytest.approx(dp + 0.01)
 
 
 @pytest.mark.parametrize("pick, expected", [("min-f_meo", 1), ("max-f_meo", 1), ("min-f_fpr", 2), ("max-auc", 1)])
