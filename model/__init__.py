@@ -1,6 +1,6 @@
 """The adapter detector on frozen CLIP tokens: data, cache, model and one training run.
 
-Knows nothing of Optuna; ``search/`` drives it through :func:`train` and its epoch callback.
+Knows nothing of Optuna; ``search/`` drives it through :func:`train` and its config.
 """
 
 from model.config import (

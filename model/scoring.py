@@ -48,11 +48,6 @@ def load_detector(checkpoint: str | Path, *, device: torch.device | str = "cpu")
     return detector.to(device).eval()
 
 
-def checkpoint_epoch(checkpoint: str | Path) -> int | None:
-    saved = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
-    return saved.get("epoch")
-
-
 def score_cache(
     detector: AdapterDetector,
     cache: FeatureCache,
@@ -69,4 +64,4 @@ def score_cache(
     return predict_scores(detector, CachedTokens(cache, rows, device), device=device, batch_size=batch_size)
 
 
-__all__ = ["CheckpointError", "checkpoint_epoch", "load_detector", "score_cache"]
+__all__ = ["CheckpointError", "load_detector", "score_cache"]

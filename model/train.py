@@ -1,10 +1,10 @@
 """One training run of the Stage 2 model. Knows nothing of Optuna.
 
-``train(config, callback=...)`` returns the run's history. After every epoch it hands an
-EpochRecord to the optional callback; a callback that returns a string stops the run with that
-reason. That is how ``search/`` observes and stops trials; the run's own stopping rules
-(``training.stop_if_degenerate_after``, ``training.early_stop_patience``) work the same way with
-or without a search.
+``train(config)`` returns the run's history. Its stopping rules (``training.stop_if_degenerate_after``,
+``training.early_stop_patience``) are the same in a search, which sets the first from the study's
+``stopping`` section, and in a lone run. After every epoch it also hands an EpochRecord to an
+optional ``callback``; one that returns a string stops the run with that reason (a hook for
+callers of the library: ``search/`` needs none).
 """
 
 from __future__ import annotations

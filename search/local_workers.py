@@ -80,7 +80,6 @@ def worker_config(config: StudyConfig, device: str) -> StudyConfig:
 @dataclass
 class WorkerRun:
     study: optuna.Study
-    exit_codes: list[int | None]
     interrupted: bool
     finished: int
     target: int
@@ -118,7 +117,7 @@ def run_workers(config: StudyConfig, *, workers: int, devices: str | None = None
     warm_start(study, config)
     if finished_count(study) >= target:
         log.info("study %s already has %d finished trials (budget %d)", config.name, finished_count(study), target)
-        return WorkerRun(study, [], False, finished_count(study), target)
+        return WorkerRun(study, False, finished_count(study), target)
 
     log.info("starting %d workers on %s%s%s", workers, ", ".join(assignment),
              f" ({threads} CPU thread(s) each)" if "cpu" in assignment else "", f", {fuse} fused trials each" if fuse else "")
@@ -142,7 +141,7 @@ def run_workers(config: StudyConfig, *, workers: int, devices: str | None = None
     codes = [p.exitcode for p in procs]
     if not interrupted and done < target:
         log.error("study %s has %d of %d finished trials; worker exit codes %s", config.name, done, target, codes)
-    return WorkerRun(study, codes, interrupted, done, target)
+    return WorkerRun(study, interrupted, done, target)
 
 
 def _worker_context(*, gpu: bool) -> multiprocessing.context.BaseContext:

@@ -97,10 +97,9 @@ def record_result(trial: optuna.Trial, result: TrainResult) -> None:
 class TrialObjective:
     """The callable handed to ``study.optimize``: sample, train, record, return the objectives."""
 
-    def __init__(self, study_config: StudyConfig, prepared: PreparedData, *, epoch_callback=None) -> None:
+    def __init__(self, study_config: StudyConfig, prepared: PreparedData) -> None:
         self.config = study_config
         self.prepared = prepared
-        self.epoch_callback = epoch_callback
         self.store = artifact_store(study_config.artifact_dir)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
@@ -115,7 +114,7 @@ class TrialObjective:
     def _run(self, trial: optuna.Trial) -> list[float]:
         run_config = start_trial(trial, self.config)
         with TrialLog(run_config.run_dir / "train.log"):
-            result = train(run_config, prepared=self.prepared, callback=self.epoch_callback, progress=False)
+            result = train(run_config, prepared=self.prepared, progress=False)
         outcome = finish_trial(trial, self.config, result, self.store, run_config.run_dir)
         if outcome.state == TrialState.FAIL:
             raise TrialDiverged(outcome.reason)
