@@ -6,6 +6,7 @@ import logging
 
 import re
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -207,6 +208,37 @@ def test_test_tables_follow_the_studys_objectives():
     frame = results_frame({0: result}, tuple(metrics))
     assert list(frame.columns) == ["trial", "a auc", "mean auc", "mean f_dp", "tuned thr", "tuned mean f_dp"]
     assert frame["tuned mean f_dp"][0] == pytest.approx(dp + 0.01)
+
+
+FRONT = [  # (auc, f_meo, f_fpr, ap, degenerate): 0-4 the feasible front, 5 dominated, 6 degenerate
+    (0.95, 0.40, 0.50, 0.90, False),  # best AUC
+    (0.70, 0.05, 0.45, 0.70, False),  # best F_MEO
+    (0.72, 0.30, 0.05, 0.95, False),  # best F_FPR and AP
+    (0.88, 0.15, 0.20, 0.80, False),  # the compromise: best of none, closest to the ideal point
+    (0.80, 0.10, 0.35, 0.75, False),
+    (0.70, 0.45, 0.55, 0.60, False),
+    (0.99, 0.00, 0.00, 0.99, True),   # would dominate everything if it counted
+]
+
+
+@pytest.mark.parametrize("pick, expected", [
+    ("knee", 3), ("max-auc", 0), ("min-f_meo", 1), ("min-f_fpr", 2), ("max-ap", 2), ("max-f_fpr", 0),
+    ("f_meo <= 0.12", 4), ("auc > 0.9", 0), ("f_fpr<0.3", 3), (" MAX-AUC ", 0), ("trial:5", 5),
+])
+def test_each_pick_form_picks_its_trial_on_a_five_point_front(pick, expected):
+    from sklearn.preprocessing import MinMaxScaler
+
+    from search.pareto import pareto_trials, pick_trial
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for auc, meo, fpr, ap, degenerate in FRONT:
+        study.add_trial(create_trial(values=[auc, meo, fpr], user_attrs={
+            "degenerate": degenerate, "val_auc": auc, "val_f_meo": meo, "val_f_fpr": fpr, "val_ap": ap}))
+    assert [t.number for t in pareto_trials(study)] == [0, 1, 2, 3, 4]
+    # the knee by an independent route: each objective min-max scaled over the front, nearest the origin
+    costs = np.array([[-auc, meo, fpr] for auc, meo, fpr, *_ in FRONT[:5]])
+    assert int(np.argmin(np.linalg.norm(MinMaxScaler().fit_transform(costs), axis=1))) == 3
+    assert pick_trial(study, pick).number == expected
 
 
 @pytest.mark.parametrize("pick, expected", [("min-f_meo", 1), ("max-f_meo", 1), ("min-f_fpr", 2), ("max-auc", 1)])

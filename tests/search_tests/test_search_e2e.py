@@ -73,17 +73,10 @@ def test_show_prints_exactly_the_pareto_front(study_run, capsys):
 
 @pytest.mark.parametrize("pick", ["knee", "max-auc", "min-f_meo", "min-f_fpr", "max-ap", "auc >= 0.0", "f_meo<=1", " MAX-AUC ", "AUC >= 0.0"])
 def test_every_pick_form_returns_a_pareto_trial(study_run, pick):
+    """On a real study's stored trials (which trial each form picks: test_report's 5-point front)."""
     _, _, study = study_run
     trial = pick_trial(study, pick)
     assert trial.number in {t.number for t in study.best_trials}
-    front = study.best_trials
-    pick = pick.strip().lower()
-    if pick == "max-auc":
-        assert trial.user_attrs["val_auc"] == max(t.user_attrs["val_auc"] for t in front)
-    if pick == "min-f_meo":
-        assert trial.user_attrs["val_f_meo"] == min(t.user_attrs["val_f_meo"] for t in front)
-    if pick.startswith("auc"):
-        assert trial.user_attrs["val_auc"] == max(t.user_attrs["val_auc"] for t in front)
 
 
 def test_trial_pick_and_bad_picks(study_run):
