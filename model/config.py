@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from model.synthetic import SyntheticConfig
+from model.synthetic import GENDERS, RACES, SyntheticConfig
 from model.typed_config import ConfigError, from_dict, load_yaml, to_dict
 
-DEFAULT_ATTRIBUTES = {"gender": ["male", "female"], "race": ["asian", "white", "black", "others"]}
+DEFAULT_ATTRIBUTES = {"gender": list(GENDERS), "race": list(RACES)}  # the synthetic generator's and FF++'s 8 groups
 
 
 def _check(condition: bool, message: str) -> None:

@@ -56,7 +56,7 @@ from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_every
 from model.tokens import read_batches
 from model.train import (
     EpochCallback, TrainResult, close_epoch, epoch_record, eval_batches, groups_left_out, non_finite_scores_reason, rows_source,
-    training_source, write_run_outputs,
+    training_source, validation_batch_size, write_run_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,14 @@ __all__ = ["check_fusable", "fusion_key", "train_fused"]
 # Training keys that must be equal inside a group: they decide the batches every trial reads, or
 # how the group's one pass runs.
 _SHARED_TRAINING_KEYS = ("batch_size", "seed", "device", "feature_mode", "compile_sinkhorn")
+# Config sections that must be equal: the group reads one cache and builds one model shape.
+_SHARED_SECTIONS = ("workdir", "data", "backbone", "model", "stage1")
 
 
 def fusion_key(config: TrainRunConfig) -> str:
     """Trials with equal keys can be trained in one fused group (a hashable description)."""
     t = config.training
-    return repr((config.workdir, config.data, config.backbone, config.model, config.stage1, config.augment.identity(),
+    return repr((*(getattr(config, s) for s in _SHARED_SECTIONS), config.augment.identity(),
                  *(getattr(t, k) for k in _SHARED_TRAINING_KEYS)))
 
 
@@ -83,7 +85,7 @@ def check_fusable(configs: Sequence[TrainRunConfig]) -> None:
     for i, c in enumerate(configs[1:], start=1):
         if c.augment.identity() != first.augment.identity():
             raise ValueError(f"train_fused: config {i} differs from config 0 in 'augment'; fused trials read the same views")
-        for section in ("workdir", "data", "backbone", "model", "stage1"):
+        for section in _SHARED_SECTIONS:
             if getattr(c, section) != getattr(first, section):
                 raise ValueError(f"train_fused: config {i} differs from config 0 in '{section}'; fused trials share data and model shape")
         for key in _SHARED_TRAINING_KEYS:
@@ -305,7 +307,7 @@ def train_fused(
         sums = sums[survivors]
         if not trials:
             break
-        scores, gates = _predict_fused(model, val_source, shared.batch_size * 4, device)
+        scores, gates = _predict_fused(model, val_source, validation_batch_size(shared.batch_size), device)
         seconds = time.perf_counter() - start
         keep = []
         for k, trial in enumerate(trials):

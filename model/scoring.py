@@ -37,10 +37,9 @@ def load_detector(checkpoint: str | Path, *, device: torch.device | str = "cpu")
         raise CheckpointError(f"{path}: not a training checkpoint (no 'state_dict' with the detector's weights)")
     state = saved["state_dict"]
     model = from_dict(ModelConfig, (saved.get("config") or {}).get("model", {}), where="model")
-    training = (saved.get("config") or {}).get("training", {})
     width = int(state["stage1.norm.weight"].shape[0])
     # dropout is inactive in eval mode and the gate bias is overwritten by the state dict.
-    detector = AdapterDetector(width, model, dropout=0.0, gate_init_bias=float(training.get("gate_init_bias", 0.0)))
+    detector = AdapterDetector(width, model, dropout=0.0, gate_init_bias=0.0)
     try:
         detector.load_state_dict(state)
     except RuntimeError as err:

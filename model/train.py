@@ -99,6 +99,11 @@ class TrainResult:
 EpochCallback = Callable[[EpochRecord], "str | None"]
 
 
+def validation_batch_size(batch_size: int) -> int:
+    """Validation keeps no activations for a backward pass: 4x the training batch fits alike."""
+    return 4 * batch_size
+
+
 def is_better_epoch(record: EpochRecord, best: EpochRecord | None) -> bool:
     """Whether ``record`` replaces ``best`` as the run's best epoch: the highest validation AUC
     among the epochs that are not degenerate. A degenerate epoch (every prediction one class) has
@@ -251,7 +256,7 @@ def train(
             result.status, result.stop_reason = "diverged", f"non-finite loss (nan/inf) in epoch {epoch}"
             log.warning("run stopped: %s", result.stop_reason)
             break
-        scores, gates = _predict(detector, val_source, cfg.batch_size * 4, device)
+        scores, gates = _predict(detector, val_source, validation_batch_size(cfg.batch_size), device)
         if reason := non_finite_scores_reason(scores, epoch):
             result.status, result.stop_reason = "diverged", reason
             log.warning("run stopped: %s", reason)

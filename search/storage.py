@@ -121,7 +121,7 @@ _RETRIED = (
 class ResilientRDBStorage(RDBStorage):
     """``RDBStorage`` whose database calls survive transient errors (see :func:`call_with_retry`)."""
 
-    retry_seconds: float = 120.0
+    retry_seconds: float = DistributedConfig.retry_seconds  # make_storage sets the study's
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         attempts = []
