@@ -7,7 +7,8 @@ test manifest (Celeb-DF, DFD, DFDC in the real study; the synthetic held-out set
 with every metric of ``objectives.evaluate``, per dataset and averaged over datasets, at the
 trial's own threshold (``training.threshold``, 0.5 unless searched) and at the threshold that
 maximises balanced accuracy on the trial's own validation scores (the reference report's
-"threshold tuning" recommendation; AUC, EER and AP do not depend on it).
+"threshold tuning" recommendation; AUC, EER and AP do not depend on it; see ``best_threshold``
+for ties).
 
 Where the results go. Optuna refuses to change a finished trial (``set_trial_user_attr`` raises
 UpdateFinishedTrialError), so they are stored as one *study* user attribute per trial,
@@ -28,7 +29,7 @@ import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 import objectives
@@ -114,13 +115,31 @@ def _trained_on(trial: FrozenTrial) -> str | None:
     return "cuda" if name.startswith("cuda") else "cpu"
 
 
-def best_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The score threshold (predicted fake = score >= t) with the highest balanced accuracy."""
-    fpr, tpr, thresholds = roc_curve(labels, scores)
-    finite = np.isfinite(thresholds)
-    balanced = (tpr + 1 - fpr) / 2
-    best = int(np.argmax(np.where(finite, balanced, -np.inf)))
-    return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6))
+def best_threshold(labels: np.ndarray, scores: np.ndarray, current: float = 0.5) -> float:
+    """The score threshold (predicted fake = score >= t) with the highest balanced accuracy.
+
+    Balanced accuracies are compared in exact counts: in floats, (tpr + 1 - fpr) / 2 of two equal
+    fractions can differ in the last bit, and argmax then picked among ties by rounding. Among
+    equals, ``current`` (the trial's own threshold) is kept when it is one of them, so tuning
+    moves a threshold only for a gain; otherwise the best threshold nearest to it is taken."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    candidates = np.unique(scores)  # predicted fake = score >= candidate; above them all, none is
+    fakes, reals = np.sort(scores[labels]), np.sort(scores[~labels])
+    n_fake, n_real = len(fakes), len(reals)
+    if n_fake == 0 or n_real == 0:
+        raise ValueError("best_threshold: the validation set needs real and fake samples")
+
+    def counts(threshold: np.ndarray) -> np.ndarray:  # 2 * n_fake * n_real * balanced accuracy, an integer
+        tp = n_fake - np.searchsorted(fakes, threshold, side="left")
+        tn = np.searchsorted(reals, threshold, side="left")
+        return tp * n_real + tn * n_fake
+
+    value = counts(candidates)
+    best = candidates[value == value.max()]
+    if counts(np.array([current]))[0] == value.max():
+        return float(current)
+    return float(np.clip(best[np.argmin(np.abs(best - current))], 1e-6, 1 - 1e-6))
 
 
 def _same_stage1(detector, prepared: PreparedData) -> bool:
@@ -172,7 +191,7 @@ def evaluate_trial(trial: FrozenTrial, checkpoint: Path, prepared: PreparedData,
         log.warning("%s; it trained on %s, this runs on %s: rounding may explain it", message, _trained_on(trial) or "an unrecorded device",
                     torch.device(device).type)
     if tune_threshold:
-        tuned = best_threshold(val_labels, val_scores)
+        tuned = best_threshold(val_labels, val_scores, current=threshold)
         result["tuned_threshold"] = tuned
         result.update({f"tuned_val_{k}": v for k, v in _metrics(val_labels, val_scores, val_groups, tuned).items()})
     plain, at_tuned = {}, {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import run_study
 from model import prepare
 from model.scoring import load_detector, score_cache
 from search import dashboard
-from search.evaluate import EvaluateError, best_threshold, load_test_results, select_trials, trial_checkpoint
+from search.evaluate import EvaluateError, best_threshold, load_test_results, select_trials, trial_checkpoint, trial_threshold
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +157,12 @@ def test_select_trials(tiny):
             select_trials(study, bad)
 
 
+def _exact_balanced(labels, scores, t) -> Fraction:
+    predicted = scores >= t
+    return (Fraction(int(predicted[labels == 1].sum()), int((labels == 1).sum()))
+            + Fraction(int((~predicted[labels == 0]).sum()), int((labels == 0).sum()))) / 2
+
+
 def test_best_threshold_maximises_balanced_accuracy():
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
     scores = np.array([0.1, 0.2, 0.7, 0.75, 0.8, 0.9, 0.95, 0.3, 0.85, 0.99])
@@ -165,6 +172,33 @@ def test_best_threshold_maximises_balanced_accuracy():
     candidates = [((scores >= t)[labels == 1].mean() + (1 - (scores >= t)[labels == 0].mean())) / 2 for t in scores]
     assert balanced == pytest.approx(max(candidates))
     assert 0 < threshold < 1
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_best_threshold_among_exact_ties_keeps_the_trials_own_or_takes_the_nearest(seed):
+    """Balanced accuracy in exact fractions: the tuned threshold is a maximiser; among equals the
+    trial's own threshold stays when it is one, else the nearest maximiser is taken (before,
+    float rounding of (tpr + 1 - fpr) / 2 chose among ties)."""
+    rng = np.random.default_rng(seed)
+    labels, scores = np.array([0] * 24 + [1] * 24), rng.random(48)
+    current = float(rng.uniform(0.3, 0.7))
+    values = {t: _exact_balanced(labels, scores, t) for t in np.unique(scores)}
+    best = max(values.values())
+    maximisers = [t for t, v in values.items() if v == best]
+    tuned = best_threshold(labels, scores, current=current)
+    if _exact_balanced(labels, scores, current) == best:
+        assert tuned == current
+    else:
+        assert tuned == min(maximisers, key=lambda t: abs(t - current))
+
+
+def test_best_threshold_keeps_an_own_threshold_that_is_already_best():
+    labels = np.array([0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.8, 0.9])  # every threshold in (0.2, 0.8] separates them
+    assert best_threshold(labels, scores, current=0.5) == 0.5
+    assert best_threshold(labels, scores, current=0.95) == 0.8  # the nearest of the best
+    with pytest.raises(ValueError, match="real and fake"):
+        best_threshold(np.ones(4), scores)
 
 
 def test_results_from_another_stage1_are_flagged_in_the_note(tiny):
@@ -180,3 +214,135 @@ def test_results_from_another_stage1_are_flagged_in_the_note(tiny):
     assert "Warning" not in trial_note(trial, config, test=result)
     stale = trial_note(trial, config, test={**result, "stage1_matches": False})
     assert "**Warning:** evaluated with a different frozen Stage 1 adapter" in stale
+
+
+def _gaps_by_hand(labels: np.ndarray, predicted: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """ACC and the four fairness gaps as DESIGN.md defines them, from sklearn confusion matrices
+    (not objectives): F_FPR = sum over groups with a real sample of |FPR_g - FPR|, F_OAE / F_DP =
+    max - min over groups of accuracy / predicted-fake share, F_MEO = max(dFPR, dTPR)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix
+
+    def spread(values):
+        return max(values) - min(values) if len(values) >= 2 else 0.0
+
+    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    overall_fpr = fp / (fp + tn)
+    fpr, tpr, acc, pr = [], [], [], []
+    for group in np.unique(groups):
+        tn, fp, fn, tp = confusion_matrix(labels[groups == group], predicted[groups == group], labels=[0, 1]).ravel()
+        if fp + tn:
+            fpr.append(fp / (fp + tn))
+        if tp + fn:
+            tpr.append(tp / (tp + fn))
+        acc.append((tp + tn) / (tp + tn + fp + fn))
+        pr.append((tp + fp) / (tp + tn + fp + fn))
+    return {"acc": accuracy_score(labels, predicted), "f_fpr": sum(abs(f - overall_fpr) for f in fpr),
+            "f_oae": spread(acc), "f_dp": spread(pr), "f_meo": max(spread(fpr), spread(tpr))}
+
+
+def test_the_tuned_threshold_maximises_validation_balanced_accuracy_and_the_test_sets_are_scored_at_it(tiny, prepared, tmp_path):
+    """An independent check of the tuning: the validation scores of each Pareto trial's checkpoint
+    (the artifact evaluate downloads), brute force over every score as threshold (best_threshold's
+    candidates: predicted fake = score >= t) with sklearn's balanced accuracy, and the test metrics
+    at the stored tuned threshold computed by hand, per test set and averaged."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    path, config, study = tiny
+    results = load_test_results(study)
+    if any(t.number not in results for t in study.best_trials):  # this test run alone
+        assert run_study.main(["-q", "evaluate", "--study", str(path), "--trials", "pareto"]) == 0
+        results = load_test_results(study)
+    frame = prepared.manifest.frame
+    val = np.flatnonzero(frame["split"].to_numpy() == "val")
+    val_labels, val_groups = frame["label"].to_numpy()[val], frame["group"].to_numpy()[val]
+    tuned_trials = []
+    for trial in study.best_trials:
+        result = results[trial.number]
+        tuned, plain = result["tuned_threshold"], result["threshold"]
+        assert plain == trial_threshold(trial, config)
+        detector = load_detector(trial_checkpoint(trial, config.artifact_dir, tmp_path))
+        val_scores = score_cache(detector, prepared.cache, val)
+        assert roc_auc_score(val_labels, val_scores) == result["val_auc_recomputed"]  # the very scores evaluate tuned on
+
+        candidates = np.unique(val_scores)
+        balanced = np.array([balanced_accuracy_score(val_labels, val_scores >= t) for t in candidates])
+        # Equal balanced accuracies are fractions with denominator 2 * n_real * n_fake: 1e-9 groups
+        # exact ties only. best_threshold has no tie rule (its pick among ties follows float rounding
+        # of (tpr + 1 - fpr) / 2), so the tuned threshold must be one of the maximisers.
+        maximisers = candidates[balanced > balanced.max() - 1e-9]
+        if balanced_accuracy_score(val_labels, val_scores >= plain) > balanced.max() - 1e-9:
+            assert tuned == plain, trial.number  # the trial's own threshold is already one of the best: kept
+            continue
+        assert tuned in maximisers, (trial.number, tuned, maximisers)
+        tuned_trials.append(trial.number)
+        # predicted fake = score >= tuned: the tuned threshold is a validation score, so > would differ
+        assert result["tuned_val_acc"] == accuracy_score(val_labels, val_scores >= tuned) != accuracy_score(val_labels, val_scores > tuned)
+        for metric, value in _gaps_by_hand(val_labels, val_scores >= tuned, val_groups).items():
+            assert result[f"tuned_val_{metric}"] == pytest.approx(value, abs=1e-12), (trial.number, metric)
+        assert tuned != plain  # else the checks below could not tell the two thresholds apart
+
+        at_tuned, at_plain = {}, {}
+        for name in result["datasets"]:
+            test_frame = prepared.test_manifests[name].frame
+            rows = np.flatnonzero(test_frame["split"].to_numpy() == "test")
+            assert result[f"n_{name}"] == len(rows) > 0
+            labels, groups = test_frame["label"].to_numpy()[rows], test_frame["group"].to_numpy()[rows]
+            scores = score_cache(detector, prepared.test_caches[name], rows)
+            assert roc_auc_score(labels, scores) == pytest.approx(result[f"test_{name}_auc"], abs=1e-12)
+            at_tuned[name], at_plain[name] = _gaps_by_hand(labels, scores >= tuned, groups), _gaps_by_hand(labels, scores >= plain, groups)
+            for metric in at_tuned[name]:
+                assert result[f"tuned_test_{name}_{metric}"] == pytest.approx(at_tuned[name][metric], abs=1e-12), (trial.number, name, metric)
+                assert result[f"test_{name}_{metric}"] == pytest.approx(at_plain[name][metric], abs=1e-12), (trial.number, name, metric)
+            for metric in objectives.THRESHOLD_FREE:
+                assert result[f"tuned_test_{name}_{metric}"] == result[f"test_{name}_{metric}"], (trial.number, name, metric)
+        for metric in ("acc", "f_fpr", "f_oae", "f_dp", "f_meo"):
+            mean = np.mean([at_tuned[name][metric] for name in result["datasets"]])
+            assert result[f"tuned_test_mean_{metric}"] == pytest.approx(mean, abs=1e-12), (trial.number, metric)
+        # not vacuous: the tuned threshold changes this trial's test accuracy and F_FPR on some test set,
+        # so test sets scored at the trial's own threshold would fail the comparisons above
+        assert any(at_tuned[name]["acc"] != at_plain[name]["acc"] for name in result["datasets"]), trial.number
+        assert any(at_tuned[name]["f_fpr"] != at_plain[name]["f_fpr"] for name in result["datasets"]), trial.number
+    assert tuned_trials, "no Pareto trial moved its threshold: the comparisons above checked nothing"
+
+
+def test_no_tune_threshold_stores_and_prints_no_tuned_metrics_and_the_report_has_no_tuned_section(tiny, tmp_path, capsys):
+    """On a copy of the study's database (the shared study keeps its tuned results): evaluated with
+    tuning first, so the absence checks are checked against its presence, then with --no-tune-threshold."""
+    import sqlite3
+
+    from search import open_study
+    from search.config import load_study_config
+
+    path, config, study = tiny
+    copy_db = tmp_path / "study.db"
+    source, target = sqlite3.connect(str(config.workdir / "study.db")), sqlite3.connect(str(copy_db))
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+    storage = f"sqlite:///{copy_db}"
+    evaluate = ["-q", "evaluate", "--study", str(path), "--storage", storage, "--trials", "all"]
+    copied = lambda: open_study(load_study_config(path, storage=storage), create=False)  # noqa: E731
+    numbers = [t.number for t in select_trials(study, "all")]
+    shared = load_test_results(study)
+
+    assert run_study.main(evaluate) == 0
+    assert "tuned thr" in capsys.readouterr().out
+    assert all("tuned_threshold" in load_test_results(copied())[n] for n in numbers)
+
+    assert run_study.main([*evaluate, "--no-tune-threshold"]) == 0
+    out = capsys.readouterr().out
+    assert "mean auc" in out and "tuned" not in out
+    results = load_test_results(copied())
+    assert sorted(results) == numbers
+    for number in numbers:
+        assert np.isfinite(results[number]["test_mean_auc"]) and results[number]["datasets"]
+        assert [k for k in results[number] if k.startswith("tuned")] == [], number
+    assert load_test_results(study) == shared  # the shared study is untouched
+
+    out_dir = tmp_path / "report"
+    assert run_study.main(["-q", "report", "--study", str(path), "--storage", storage, "--out", str(out_dir)]) == 0
+    markdown = (out_dir / "report.md").read_text()
+    assert "## Test sets: AUC per dataset" in markdown
+    assert "Threshold tuned on validation" not in markdown and "(tuned)" not in markdown
