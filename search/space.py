@@ -41,9 +41,16 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec], defaults: dict[str
 
 
 def in_space(value: Any, spec: ParamSpec) -> bool:
+    """Whether the sampler could draw ``value``: one of the choices, or in the range and on its
+    step grid (Optuna runs an off-grid fixed value with only a warning)."""
     if spec.choices is not None:
         return value in spec.choices
-    return spec.low <= value <= spec.high
+    if not spec.low <= value <= spec.high:
+        return False
+    if spec.step is None:
+        return True
+    steps = (value - spec.low) / spec.step
+    return abs(steps - round(steps)) < 1e-8  # Optuna's own tolerance for a stepped FloatDistribution
 
 
 def enqueue_reference_configs(study: optuna.Study, space: dict[str, ParamSpec]) -> int:
