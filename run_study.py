@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.output_dir:
         config = dataclasses.replace(config, output_dir=Path(args.output_dir).resolve())
     threads = torch.get_num_threads()
-    if args.threads:  # a CPU run's last bits depend on it: an export's header gives its trial's
+    if args.threads:  # a CPU run's rounding depends on it: an export's header gives its trial's
         torch.set_num_threads(args.threads)
     try:
         result = train(config, progress=not args.quiet)

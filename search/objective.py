@@ -130,7 +130,7 @@ def start_trial(trial: optuna.Trial, config: StudyConfig) -> TrainRunConfig:
     trial.set_user_attr("training", to_dict(run_config.training))
     trial.set_user_attr("seed", run_config.training.seed)
     trial.set_user_attr("code_version", code_version())
-    trial.set_user_attr("torch_threads", torch.get_num_threads())  # CPU results depend on it in the last bits
+    trial.set_user_attr("torch_threads", torch.get_num_threads())  # CPU results depend on it (rounding, which training carries along)
     trial.set_user_attr("device", str(resolve_device(run_config.training.device)))  # what "auto" meant here
     return run_config
 
