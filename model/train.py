@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 class EpochRecord:
     epoch: int  # 1-based
     lr: float
-    train_loss: float
-    train_bce: float
-    train_fair: float
-    fair_share: float  # lambda_fair * fair / total loss over the epoch
+    train_loss: float  # train_bce + train_fair, per-sample mean over the epoch
+    train_bce: float  # label-smoothed BCE
+    train_fair: float  # lambda_fair * the Sinkhorn fairness term: its part of the loss, not the term alone
+    fair_share: float  # train_fair / train_loss
     val: dict[str, float]  # every metric of objectives.evaluate
     gate_mean: float
     gate_min: float
