@@ -5,7 +5,7 @@ loss + AdamW + validation every epoch) on a feature cache of random float16 toke
 shapes, memory-mapped like ``model/cache.py`` writes it (preloaded when it fits). Also the same
 trials fused (``model.fused.train_fused``).
 
-On CUDA, run it at full size:
+On CUDA, run it at full size (~58 GB of synthetic tokens written under runs/bench/ first):
     python -m bench.trial_scale --n-train 100000 --n-val 10000 --epochs 2 --fused 8
 On the CPU it runs at a reduced N and the table extrapolates to FF++ scale (labelled as such);
 it also counts, per training step, the kernels a GPU would launch and the host syncs, with
@@ -37,30 +37,34 @@ _SYNCS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::is_
 
 
 class GpuSampler:
-    """Mean NVML utilisation (torch.cuda.utilization, needs pynvml) sampled every 0.2 s: the share
-    of time any kernel ran, however few SMs it kept busy, so an upper bound on how busy the GPU was."""
+    """Mean NVML utilisation (torch.cuda.utilization, needs pynvml: the nvidia-ml-py wheel) sampled
+    every 0.2 s: the share of time any kernel ran, however few SMs it kept busy, so an upper bound
+    on how busy the GPU was."""
 
     def __init__(self) -> None:
-        self.samples, self._stop = [], threading.Event()
+        self.samples, self._stop, self.error = [], threading.Event(), None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
             try:
                 self.samples.append(torch.cuda.utilization())
-            except Exception:  # pynvml missing: no samples
+            except Exception as err:  # pynvml missing: the table says why there is no figure
+                self.error = f"{type(err).__name__}: {err}"
                 return
 
     def __enter__(self):
         if torch.cuda.is_available():
             self._thread.start()
+        else:
+            self.error = "no CUDA"
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
 
     def mean(self) -> str:
-        return f"{statistics.mean(self.samples):.0f}%" if self.samples else "n/a"
+        return f"{statistics.mean(self.samples):.0f}%" if self.samples else f"n/a ({self.error or 'no sample'})"
 
 
 def peak_memory() -> str:
@@ -237,6 +241,7 @@ def main(argv=None) -> int:
     prepared = vitl14_prepared(WORK / "trial-scale", n_train=n_train, n_val=n_val, batch_size=args.batch_size, epochs=args.epochs)
     config = prepared.config
     steps = -(-n_train // args.batch_size)
+    token_bytes = (VITL14_TOKENS + 1) * VITL14_WIDTH * 2  # patches and CLS, float16
     rows = []
     # small runs: "warm-up" warms the device up (cuBLAS handles, lazily loaded kernels, SDPA's
     # choice) outside the timed serial run; 2 and 6 steps for the per-step counts below
@@ -253,12 +258,15 @@ def main(argv=None) -> int:
         with GpuSampler() as gpu, timer() as t:
             results = run()
         epochs = [r.seconds for r in results[0].epochs]
-        epoch = statistics.median(epochs)
-        trial_target = epoch * (args.target_images / n_train) * args.target_epochs * (1 if k == 0 else 1 / k)
+        epoch = statistics.median(epochs[1:] or epochs)  # the first pays the group's first kernel calls
+        trial_target = epoch * (args.target_images / n_train) * args.target_epochs / k_or_1(k)
+        trials_per_hour = 3600 / trial_target
+        serial_per_hour = rows[0]["trials/h"] if rows else trials_per_hour  # the first row is the serial run
         rows.append({
-            "run": name, "N train/val": f"{n_train}/{n_val}", "epoch s": epoch, "train img/s": k_or_1(k) * n_train / epoch,
-            "s/step": epoch / steps, "peak memory": peak_memory(), "GPU busy (NVML)": gpu.mean(), "wall s": t(),
-            f"min/trial at {args.target_images // 1000}k x {args.target_epochs} ep": trial_target / 60,
+            "run": name, "N train/val": f"{n_train}/{n_val}", "epoch s": epoch, "img/s (train+val)": k_or_1(k) * n_train / epoch,
+            "s/step (train+val)": epoch / steps, f"peak memory at N={n_train}": peak_memory(), "GPU busy (NVML)": gpu.mean(), "wall s": t(),
+            f"min/trial at {args.target_images // 1000}k x {args.target_epochs} ep (fused: group / K)": trial_target / 60,
+            "trials/h": trials_per_hour, "x serial": trials_per_hour / serial_per_hour,
         })
 
     timed("serial (model.train)", 0, lambda: [train(config, prepared=prepared, progress=False, write_outputs=False)])
@@ -268,8 +276,11 @@ def main(argv=None) -> int:
         compiled = config.with_training(compile_sinkhorn=True)
         timed("serial, compile_sinkhorn", 0, lambda: [train(compiled, prepared=prepared, progress=False, write_outputs=False)])
     if args.fused:
-        configs = [dataclasses.replace(config.with_training(lr=3e-4 * (0.7 ** i), lambda_fair=0.05 * (1.5 ** i),
-                                                            sinkhorn_blur=1e-4 * (2 ** (i % 4))), output_dir=WORK / "trial-scale" / f"f{i}")
+        # Trial 0 is the serial run's config. Only lr and lambda_fair vary: a step costs the same
+        # at any of their values, while a larger blur runs fewer Sinkhorn iterations, so "x serial"
+        # compares equal work per trial.
+        configs = [dataclasses.replace(config.with_training(lr=config.training.lr * (0.7 ** i), lambda_fair=config.training.lambda_fair * (1.5 ** i)),
+                                       output_dir=WORK / "trial-scale" / f"f{i}")
                    for i in range(args.fused)]
         timed(f"{args.fused} fused (model.fused)", args.fused, lambda: train_fused(configs, prepared, progress=False, write_outputs=False))
         if can_compile:
@@ -285,8 +296,14 @@ def main(argv=None) -> int:
     timing_notes = [
         "Target: < 5 min per 30-epoch trial on one H100 at ~100k images, ViT-L-14 token shapes.", extrapolation,
         gpu_note() + ("" if cuda else " (run the command in the docstring on one)"),
-        "An untimed 2-step run warmed the device up first. Peak memory includes the training tokens held on the device; "
+        "An untimed 2-step run warmed the device up first; 'epoch s' is the median of the epochs after the first "
+        "(the first, when it is the only one). img/s and s/step count the epoch's validation pass too. "
         "GPU busy = NVML's share of time any kernel ran, sampled every 0.2 s (an upper bound on how busy the SMs were).",
+        f"Peak memory at N={n_train} includes the training tokens held on the device: {n_train * token_bytes / 2**30:.2f} GiB of "
+        f"them here, {args.target_images * token_bytes / 2**30:.1f} GiB at {args.target_images} images (float16 "
+        f"[{VITL14_TOKENS} + 1, {VITL14_WIDTH}] an image).",
+        "Target 3 (K trials on one device): 'trials/h' and 'x serial' from the same extrapolation; the fused group's "
+        "trial 0 is the serial config, the others vary lr and lambda_fair (equal work per step), target K=8 >= 4x serial.",
     ]
     # the timed rows now, in case a time limit stops the process during the counts below
     write_result("trial_scale", title, markdown_table(rows) + "\n\n(The per-step counts were not reached.)", info=info, notes=timing_notes)

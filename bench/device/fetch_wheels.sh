@@ -9,6 +9,7 @@ packages=(
   optuna==5.1.0 alembic mako colorlog sqlalchemy greenlet   # search/ (the fused-trials bench reads the demo's space)
   open_clip_torch==3.3.0 ftfy wcwidth                        # model/backbone.py
   geomloss==0.3.1 pot                                        # objectives/ (geomloss' schedule), tests (POT)
+  nvidia-ml-py                                               # pynvml: torch.cuda.utilization (trial_scale's GPU busy)
 )
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any; do

@@ -147,11 +147,12 @@ def test_bad_arguments_raise(kwargs: dict, name: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu_under_autocast() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # bf16: model.runtime.autocast's
+def test_cuda_matches_cpu_under_autocast(dtype) -> None:
     scores, labels, groups = batch(6, n=256)
     on_cpu = fairness_loss(scores, labels, groups, blur=BLUR)
     on_gpu_scores = scores.cuda().requires_grad_()
-    with torch.autocast(device_type="cuda", dtype=torch.float16):
+    with torch.autocast(device_type="cuda", dtype=dtype):
         on_gpu = fairness_loss(on_gpu_scores, labels.cuda(), groups.cuda(), blur=BLUR)
     on_gpu.backward()
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
