@@ -33,7 +33,7 @@ def test_objectives_imports_only_allowed_packages() -> None:
 
 def test_public_names_are_exported() -> None:
     assert sorted(objectives.__all__) == sorted(
-        ["METRIC_DIRECTIONS", "METRIC_NAMES", "Evaluation", "GroupRates", "evaluate", "evaluate_detailed",
+        ["METRIC_DIRECTIONS", "METRIC_NAMES", "THRESHOLD_FREE", "Evaluation", "GroupRates", "evaluate", "evaluate_detailed",
          "compile_fairness_loss", "fairness_loss", "fairness_loss_multi", "sinkhorn_divergence"]
     )
     assert all(hasattr(objectives, name) for name in objectives.__all__)
