@@ -62,6 +62,8 @@ class GpuSampler:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()  # (its last sample, or its error, before mean() reads them)
 
     def mean(self) -> str:
         return f"{statistics.mean(self.samples):.0f}%" if self.samples else f"n/a ({self.error or 'no sample'})"

@@ -139,7 +139,9 @@ def best_threshold(labels: np.ndarray, scores: np.ndarray, current: float = 0.5)
     best = candidates[value == value.max()]
     if counts(np.array([current]))[0] == value.max():
         return float(current)
-    return float(np.clip(best[np.argmin(np.abs(best - current))], 1e-6, 1 - 1e-6))
+    # (not clipped into (0, 1): a confident detector's best score can be 1.0 in float32, and a
+    # clipped threshold would classify the scores between the two otherwise)
+    return float(best[np.argmin(np.abs(best - current))])
 
 
 def _same_stage1(detector, prepared: PreparedData) -> bool:
@@ -259,11 +261,12 @@ def evaluate_study(config: StudyConfig, study: optuna.Study, trials: list[Frozen
 
 def results_frame(results: dict[int, dict], metrics: tuple[str, ...] = ("auc", "f_meo", "f_fpr"), *,
                   infeasible: frozenset[int] = frozenset()):
-    """One row per trial: test AUC per dataset, then the mean of ``metrics`` (and at the tuned
-    threshold). Trials in ``infeasible`` (degenerate on validation) are marked: a one-class model
+    """One row per trial: test AUC per dataset, then the mean of ACC and ``metrics`` (and those
+    that depend on it at the tuned threshold). Trials in ``infeasible`` (degenerate on validation) are marked: a one-class model
     has fairness gaps of 0 on any test set, which is no fairness."""
     import pandas as pd
 
+    metrics = ("acc", *(m for m in metrics if m != "acc"))  # what a tuned threshold is chosen for, always shown
     rows = []
     for number, r in sorted(results.items()):
         row = {"trial": f"{number} (degenerate)" if number in infeasible else number}

@@ -50,7 +50,7 @@ def test_evaluate_stores_per_dataset_metrics_for_every_pareto_trial(tiny, prepar
         for metric in objectives.METRIC_NAMES:
             mean = np.mean([result[f"test_{d}_{metric}"] for d in datasets])
             assert result[f"test_mean_{metric}"] == pytest.approx(mean)
-        assert 0 < result["tuned_threshold"] < 1
+        assert 0 <= result["tuned_threshold"] <= 1
         assert "Test sets" in dashboard.read_trial_note(study, trial)
         assert "evaluation.json" in dashboard.trial_artifacts(study, trial)
 
@@ -192,6 +192,15 @@ def test_best_threshold_among_exact_ties_keeps_the_trials_own_or_takes_the_neare
         assert tuned == min(maximisers, key=lambda t: abs(t - current))
 
 
+def test_best_threshold_is_not_moved_off_a_score_near_0_or_1():
+    """A confident detector's float32 scores reach 1.0 (and 5e-7): the best threshold is that score,
+    not a value clipped into (0, 1) that would classify the scores between the two otherwise."""
+    labels = np.array([0, 0, 1, 1])
+    for scores in (np.array([0.0, 0.0, 5e-7, 0.9]), np.array([0.3, 0.99999994, 1.0, 1.0], dtype=np.float32)):
+        threshold = best_threshold(labels, scores)
+        assert _exact_balanced(labels, scores, threshold) == 1, (scores, threshold)
+
+
 def test_best_threshold_keeps_an_own_threshold_that_is_already_best():
     labels = np.array([0, 0, 1, 1])
     scores = np.array([0.1, 0.2, 0.8, 0.9])  # every threshold in (0.2, 0.8] separates them
@@ -267,8 +276,8 @@ def test_the_tuned_threshold_maximises_validation_balanced_accuracy_and_the_test
         candidates = np.unique(val_scores)
         balanced = np.array([balanced_accuracy_score(val_labels, val_scores >= t) for t in candidates])
         # Equal balanced accuracies are fractions with denominator 2 * n_real * n_fake: 1e-9 groups
-        # exact ties only. best_threshold has no tie rule (its pick among ties follows float rounding
-        # of (tpr + 1 - fpr) / 2), so the tuned threshold must be one of the maximisers.
+        # exact ties only. The tuned threshold is the trial's own when that is one of the maximisers,
+        # else one of them (which one: test_best_threshold_among_exact_ties_...).
         maximisers = candidates[balanced > balanced.max() - 1e-9]
         if balanced_accuracy_score(val_labels, val_scores >= plain) > balanced.max() - 1e-9:
             assert tuned == plain, trial.number  # the trial's own threshold is already one of the best: kept

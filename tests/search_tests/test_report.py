@@ -206,7 +206,7 @@ def test_test_tables_follow_the_studys_objectives():
     dp = 0.1 * (objectives.METRIC_NAMES.index("f_dp") + 1)
     assert tuned.rows[0][4] == f"{100 * dp:.2f}%" and tuned.rows[0][8] == f"{100 * (dp + 0.01):.2f}%"
     frame = results_frame({0: result}, tuple(metrics))
-    assert list(frame.columns) == ["trial", "a auc", "mean auc", "mean f_dp", "tuned thr", "tuned mean f_dp"]
+    assert list(frame.columns) == ["trial", "a auc", "mean acc", "mean auc", "mean f_dp", "tuned thr", "tuned mean acc", "tuned mean f_dp"]
     assert frame["tuned mean f_dp"][0] == pytest.approx(dp + 0.01)
 
 

@@ -9,6 +9,7 @@ independent source the queued trials are checked against.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import time
@@ -170,7 +171,8 @@ def test_a_reference_value_off_a_stepped_grid_is_left_to_the_sampler(tmp_path, r
 # -- 2. warm start through the command line ------------------------------------------------------
 
 
-def test_optimize_warm_start_runs_the_report_configurations_first(tmp_path):
+def test_optimize_warm_start_runs_the_report_configurations_first(tmp_path, request):
+    request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))  # the next tests' count back
     torch.set_num_threads(1)
     path = _yaml(tmp_path, name="warm_cli", warm_start=False)  # the flag alone turns it on
     assert run_study.main(["-q", "optimize", "--study", str(path), "--warm-start", "--n-trials", "3"]) == 0
