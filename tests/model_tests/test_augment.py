@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 import model.tokens as tokens
@@ -18,23 +17,18 @@ from model.fused import train_fused
 from model.images import ImageDataset
 from model.typed_config import ConfigError
 
-DEMO_TRAIN = Path(__file__).parents[2] / "studies" / "demo_train.yaml"
+from _tiny_run import tiny_train_data, write_train_yaml
+
 VIEWS = {"views": 3, "hflip": 0.5, "crop_scale": 0.8, "color_jitter": 0.2, "blur": 0.3, "jpeg": 0.5, "jpeg_quality": 50}
 
 
 def config_with(tmp_path: Path, augment: dict | None, **training):
-    data = yaml.safe_load(DEMO_TRAIN.read_text())
-    data["workdir"] = str(tmp_path / "work")
-    data["output_dir"] = str(tmp_path / "out")
-    data["data"]["synthetic"] = {"seed": 0, "n_train": 64, "n_val": 32, "n_test": 8}
+    data = tiny_train_data(tmp_path, n_train=64, n_val=32, n_test=8, stage1_epochs=1,
+                           training={"num_epochs": 3, "warmup_epochs": 1, "batch_size": 16, "T_0": 2} | training)
     data["backbone"]["cache_dtype"] = "float32"
-    data["stage1"] = {"epochs": 1}
-    data["training"].update({"num_epochs": 3, "warmup_epochs": 1, "batch_size": 16, "T_0": 2} | training)
     if augment is not None:
         data["augment"] = augment
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return load_train_config(path)
+    return load_train_config(write_train_yaml(tmp_path, data))
 
 
 @pytest.fixture(scope="module")

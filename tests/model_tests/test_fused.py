@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 import model.tokens as tokens
 import objectives
@@ -21,8 +20,8 @@ from model.fused import check_fusable, fusion_key, train_fused
 from model.fused_detector import FusedDetector
 
 from _run_patches import nan_gradient_at_call
+from _tiny_run import tiny_train_data, write_train_yaml
 
-DEMO_TRAIN = Path(__file__).parents[2] / "studies" / "demo_train.yaml"
 
 # One trial per row: every searched key varies, plus the edge cases (no fairness term, no dropout,
 # no clipping, a differential head lr). Blurs >= 1e-3 here: below that the float32 Sinkhorn gradient
@@ -41,15 +40,9 @@ TRIALS = [
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fused")
-    data = yaml.safe_load(DEMO_TRAIN.read_text())
-    data["workdir"] = str(tmp / "work")
-    data["output_dir"] = str(tmp / "out")
-    data["data"]["synthetic"] = {"seed": 0, "n_train": 64, "n_val": 32, "n_test": 8}
-    data["stage1"] = {"epochs": 1}
-    data["training"].update({"num_epochs": 3, "warmup_epochs": 1, "batch_size": 16, "T_0": 2})
-    path = tmp / "train.yaml"
-    path.write_text(yaml.safe_dump(data))
-    config = load_train_config(path)
+    data = tiny_train_data(tmp, n_train=64, n_val=32, n_test=8, stage1_epochs=1,
+                           training={"num_epochs": 3, "warmup_epochs": 1, "batch_size": 16, "T_0": 2})
+    config = load_train_config(write_train_yaml(tmp, data))
     return config, prepare(config, progress=False, with_test_caches=False)
 
 

@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import objectives
 from model import load_train_config, prepare, train
 from model.fused import train_fused
 from model.scoring import load_detector
 
-DEMO_TRAIN = Path(__file__).parents[2] / "studies" / "demo_train.yaml"
+from _tiny_run import tiny_train_data, write_train_yaml
+
 N_TRAIN = 64
 
 # The stand-in fairness term's value, told apart per trial by the blur the trial passes to it.
@@ -52,16 +52,9 @@ FROZEN = dict(lr=0.0, warmup_epochs=0, weight_decay=0.05, dropout=0.0, num_epoch
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loss")
-    data = yaml.safe_load(DEMO_TRAIN.read_text())
-    data["workdir"] = str(tmp / "work")
-    data["output_dir"] = str(tmp / "out")
-    data["data"]["synthetic"] = {"seed": 0, "n_train": N_TRAIN, "n_val": 32, "n_test": 8}
-    data["stage1"] = {"epochs": 1}
+    data = tiny_train_data(tmp, n_train=N_TRAIN, n_val=32, n_test=8, stage1_epochs=1, training=FROZEN)
     data.pop("augment", None)
-    data["training"].update(FROZEN)
-    path = tmp / "train.yaml"
-    path.write_text(yaml.safe_dump(data))
-    config = load_train_config(path)
+    config = load_train_config(write_train_yaml(tmp, data))
     assert not config.augment.views
     return config, prepare(config, progress=False, with_test_caches=False)
 

@@ -16,20 +16,14 @@ from model import load_train_config, prepare, train
 from model.train import EpochRecord, TrainResult, close_epoch
 
 from _run_patches import nan_gradient_at_call, predict_one_class_in
+from _tiny_run import DEMO_TRAIN, tiny_train_data, write_train_yaml
 
-DEMO_TRAIN = Path(__file__).parents[2] / "studies" / "demo_train.yaml"
 
 
 def tiny_config(tmp_path: Path, **training) -> Path:
-    data = yaml.safe_load(DEMO_TRAIN.read_text())
-    data["workdir"] = str(tmp_path / "work")
-    data["output_dir"] = str(tmp_path / "out")
-    data["data"]["synthetic"] = {"seed": 0, "n_train": 160, "n_val": 80, "n_test": 16}
-    data["stage1"] = {"epochs": 2}
-    data["training"].update({"num_epochs": 3, "warmup_epochs": 1, "batch_size": 32} | training)
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    data = tiny_train_data(tmp_path, n_train=160, n_val=80, n_test=16, stage1_epochs=2,
+                           training={"num_epochs": 3, "warmup_epochs": 1, "batch_size": 32} | training)
+    return write_train_yaml(tmp_path, data)
 
 
 def test_prepare_then_train_twice_gives_identical_metrics(tmp_path, capsys):
