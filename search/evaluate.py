@@ -259,6 +259,12 @@ def evaluate_study(config: StudyConfig, study: optuna.Study, trials: list[Frozen
     return results
 
 
+def threshold_dependent(metrics) -> tuple[str, ...]:
+    """ACC, then those of ``metrics`` that a decision threshold changes: what the tables show at
+    the tuned threshold for a study's objectives."""
+    return ("acc", *(m for m in metrics if m in objectives.METRIC_NAMES and m not in (*objectives.THRESHOLD_FREE, "acc")))
+
+
 def results_frame(results: dict[int, dict], metrics: tuple[str, ...] = ("auc", "f_meo", "f_fpr"), *,
                   infeasible: frozenset[int] = frozenset()):
     """One row per trial: test AUC per dataset, then the mean of ACC and ``metrics`` (and those
@@ -266,6 +272,7 @@ def results_frame(results: dict[int, dict], metrics: tuple[str, ...] = ("auc", "
     has fairness gaps of 0 on any test set, which is no fairness."""
     import pandas as pd
 
+    tuned = threshold_dependent(metrics)
     metrics = ("acc", *(m for m in metrics if m != "acc"))  # what a tuned threshold is chosen for, always shown
     rows = []
     for number, r in sorted(results.items()):
@@ -274,7 +281,7 @@ def results_frame(results: dict[int, dict], metrics: tuple[str, ...] = ("auc", "
         row.update({f"mean {m}": r.get(f"test_mean_{m}") for m in metrics})
         if "tuned_threshold" in r:
             row["tuned thr"] = r["tuned_threshold"]
-            row.update({f"tuned mean {m}": r.get(f"tuned_test_mean_{m}") for m in metrics if m not in objectives.THRESHOLD_FREE})
+            row.update({f"tuned mean {m}": r.get(f"tuned_test_mean_{m}") for m in tuned})
         rows.append(row)
     return pd.DataFrame(rows)
 

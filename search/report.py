@@ -31,7 +31,7 @@ from search._figures import StudyView, hypervolume_history, label
 from search._notes import DETECTION, FAIRNESS, STALE, degenerate_epochs, fmt_metric, fmt_value, gate_range, is_number, md_table, ranges
 from search.config import StudyConfig
 from search.credentials import mask_url
-from search.evaluate import load_test_results
+from search.evaluate import load_test_results, threshold_dependent
 from search.study_args import UNKNOWN, study_args
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,7 @@ def _test_sections(view: StudyView, results: dict[int, dict], args: str = UNKNOW
         sections.append(Section(f"Test fairness on {d} (%)", "", ["trial", *(label(m) for m in FAIRNESS), "ACC", "EER", "AP"],
                                 [[head(n), *(fmt_metric(m, results[n].get(f"test_{d}_{m}")) for m in (*FAIRNESS, "acc", "eer", "ap"))] for n in numbers], level=3))
     if any("tuned_threshold" in r for r in results.values()):
-        # ACC and the study's objectives that the threshold changes
-        moved = ["acc", *(m for m in view.metric_names if m in objectives.METRIC_NAMES and m not in (*objectives.THRESHOLD_FREE, "acc"))]
+        moved = threshold_dependent(view.metric_names)
         sections.append(Section(
             "Threshold tuned on validation", "Threshold maximising validation balanced accuracy, beside the trial's own threshold "
             "(AUC, EER and AP do not depend on it). Mean over the test sets.",
