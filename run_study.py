@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("show", cmd_show, "print the study's feasible Pareto front as a table")
     study_args(p)
 
+    from model.train import SCORING_BATCH_SIZE
+    from search._chromium import DEFAULT_WINDOW
+    from search.dashboard import DEFAULT_HOST, DEFAULT_PORT
     from search.pareto import PICK_HELP
 
     p = add("export", cmd_export, "write one trial as a training-config YAML that `train` accepts")
@@ -307,17 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("dashboard", cmd_dashboard, "serve optuna-dashboard on the study's storage and artifacts (notes, plots, Pareto front)")
     study_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; the dashboard has no login)")
-    p.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; the dashboard has no login)")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--no-annotate", action="store_true", help="do not back-fill missing trial notes and study plots first")
     p.add_argument("--screenshot", type=Path, help="instead of serving: save a headless-Chromium screenshot of the study page to this PNG")
     p.add_argument("--page", default="", help="with --screenshot: a sub-page of the study, e.g. '/trials?numbers=3'")
-    p.add_argument("--window", default=(1400, 1000), type=_window_size, help="with --screenshot: browser window WIDTHxHEIGHT (default 1400x1000)")
+    p.add_argument("--window", default=DEFAULT_WINDOW, type=_window_size,
+                   help="with --screenshot: browser window WIDTHxHEIGHT (default {}x{})".format(*DEFAULT_WINDOW))
 
     p = add("evaluate", cmd_evaluate, "score trials on the study's test sets (per dataset and mean) and store the results in the study")
     study_args(p)
     p.add_argument("--trials", default="pareto", help="pareto (default) | all | trial numbers, e.g. 3,7,12")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="scoring batch size")
+    p.add_argument("--batch-size", type=_positive_int, default=SCORING_BATCH_SIZE, help=f"scoring batch size (default {SCORING_BATCH_SIZE})")
     p.add_argument("--no-tune-threshold", action="store_true", help="skip the validation-tuned threshold (balanced accuracy)")
 
     p = add("report", cmd_report, "write the study report: HTML, markdown tables and PNG plots of the trade-off")

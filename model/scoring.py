@@ -18,7 +18,7 @@ from model.cache import FeatureCache
 from model.config import ModelConfig
 from model.detector import AdapterDetector
 from model.tokens import CachedTokens
-from model.train import predict_scores
+from model.train import SCORING_BATCH_SIZE, predict_scores
 from model.typed_config import from_dict
 
 
@@ -53,7 +53,7 @@ def score_cache(
     rows: np.ndarray | None = None,
     *,
     device: torch.device | str = "cpu",
-    batch_size: int = 256,
+    batch_size: int = SCORING_BATCH_SIZE,
 ) -> np.ndarray:
     """sigmoid scores (probability of fake) for ``rows`` of ``cache`` (default: all), in row order."""
     device = torch.device(device)

@@ -99,6 +99,10 @@ class TrainResult:
 EpochCallback = Callable[[EpochRecord], "str | None"]
 
 
+# Scoring a finished model (evaluate, score_cache) has no training batch size to scale.
+SCORING_BATCH_SIZE = 256
+
+
 def validation_batch_size(batch_size: int) -> int:
     """Validation keeps no activations for a backward pass: 4x the training batch fits alike."""
     return 4 * batch_size
@@ -321,7 +325,8 @@ def eval_batches(n: int, batch_size: int) -> list[np.ndarray]:
     return np.array_split(np.arange(n), max(1, -(-n // batch_size)))
 
 
-def predict_scores(detector: AdapterDetector, source: TokenSource, *, device: torch.device, batch_size: int = 256) -> np.ndarray:
+def predict_scores(detector: AdapterDetector, source: TokenSource, *, device: torch.device,
+                   batch_size: int = SCORING_BATCH_SIZE) -> np.ndarray:
     """Public scoring entry point (cross-dataset evaluation)."""
     return _predict(detector, source, batch_size, device)[0]
 

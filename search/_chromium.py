@@ -22,6 +22,8 @@ def find_chromium() -> str | None:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what Chromium's --screenshot writes
 
+DEFAULT_WINDOW = (1400, 1000)  # width, height: the study page's plots side by side
+
 
 def check_screenshot_path(path: Path) -> None:
     """A screenshot goes to an image file name, never over a study database or a YAML that a
@@ -32,7 +34,7 @@ def check_screenshot_path(path: Path) -> None:
         raise ValueError(f"--screenshot: {path} is a folder; give a file name ending in .png")
 
 
-def chromium(url: str, *, screenshot: Path | None = None, dump_dom: bool = False, window: tuple[int, int] = (1400, 1000),
+def chromium(url: str, *, screenshot: Path | None = None, dump_dom: bool = False, window: tuple[int, int] = DEFAULT_WINDOW,
              budget_ms: int = 8000, timeout: float = 120) -> str:
     """Render ``url`` in headless Chromium: save a screenshot and/or return the rendered DOM."""
     binary = find_chromium()

@@ -39,13 +39,15 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
 from search import _figures
-from search._chromium import check_screenshot_path, chromium, find_chromium
+from search._chromium import DEFAULT_WINDOW, check_screenshot_path, chromium, find_chromium
 from search._notes import trial_note
 from search.config import StudyConfig
 from search.study_args import study_args
 
 log = logging.getLogger(__name__)
 
+DEFAULT_HOST = "127.0.0.1"  # the dashboard has no login: local unless asked
+DEFAULT_PORT = 8080
 TRIAL_ARTIFACT_PREFIX = "dashboard:artifacts:"  # optuna-dashboard's per-trial key in study system attrs
 GRAPH_IDS = {"hypervolume": "hypervolume-history", "curves": "epoch-curves", "blur_lambda": "lambda-fair-x-sinkhorn-blur"}
 
@@ -217,7 +219,7 @@ def study_url(host: str, port: int, study: optuna.Study) -> str:
     return f"http://{shown}:{port}/dashboard/studies/{study._study_id}"
 
 
-def make_dashboard_server(config: StudyConfig, *, host: str = "127.0.0.1", port: int = 8080) -> tuple[WSGIServer, str]:
+def make_dashboard_server(config: StudyConfig, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> tuple[WSGIServer, str]:
     """An optuna-dashboard WSGI server on the study's storage and artifact store (not started);
     port 0 picks a free port. Returns (server, URL of the study page)."""
     from optuna_dashboard import wsgi
@@ -233,7 +235,7 @@ def make_dashboard_server(config: StudyConfig, *, host: str = "127.0.0.1", port:
     return server, study_url(host, server.server_port, study)
 
 
-def serve(config: StudyConfig, *, host: str = "127.0.0.1", port: int = 8080, annotate: bool = True, on_ready=None) -> int:
+def serve(config: StudyConfig, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, annotate: bool = True, on_ready=None) -> int:
     """Back-fill missing notes, then serve the dashboard until Ctrl-C (or ``server.shutdown()``).
 
     ``on_ready(url, server)`` is called once it listens; by default it prints the URL."""
@@ -262,7 +264,7 @@ def serve(config: StudyConfig, *, host: str = "127.0.0.1", port: int = 8080, ann
 # -- headless screenshots -----------------------------------------------------------------------
 
 
-def screenshot_study(config: StudyConfig, out: Path | None, *, page: str = "", window: tuple[int, int] = (1400, 1000),
+def screenshot_study(config: StudyConfig, out: Path | None, *, page: str = "", window: tuple[int, int] = DEFAULT_WINDOW,
                      annotate: bool = True, dump_dom: bool = False) -> tuple[Path | None, str]:
     """Serve the dashboard on a free localhost port and render the study page (``page``: a
     sub-path such as ``/trials?numbers=3``) in headless Chromium: a screenshot to ``out`` (unless

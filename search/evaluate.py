@@ -37,6 +37,7 @@ from model import prepare
 from model.prepare import PreparedData
 from model.runtime import resolve_device
 from model.scoring import CheckpointError, load_detector, score_cache
+from model.train import SCORING_BATCH_SIZE
 from search.config import StudyConfig
 from search.pareto import pareto_trials
 
@@ -231,7 +232,7 @@ def load_test_results(study: optuna.Study) -> dict[int, dict]:
 
 
 def evaluate_study(config: StudyConfig, study: optuna.Study, trials: list[FrozenTrial], *, prepared: PreparedData | None = None,
-                   tune_threshold: bool = True, batch_size: int = 256, progress: bool = True) -> dict[int, dict]:
+                   tune_threshold: bool = True, batch_size: int = SCORING_BATCH_SIZE, progress: bool = True) -> dict[int, dict]:
     """Score ``trials`` on every test set, store the results in the study and return them."""
     prepared = prepared or prepare(config.base_run_config(), progress=progress, with_test_caches=True, with_views=False)
     if not prepared.test_caches:
