@@ -26,6 +26,9 @@ TRIAL_FILES = {
 
 
 def artifact_store(directory: Path) -> FileSystemArtifactStore:
+    """The study's artifact store: the one place it is built, for trial uploads, the dashboard's
+    server and attached files, and evaluate's checkpoint downloads (return an S3 store here to
+    move all of them to a bucket)."""
     directory.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(str(directory))
 

@@ -35,12 +35,12 @@ from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
 from search import _figures
 from search._chromium import DEFAULT_WINDOW, check_screenshot_path, chromium, find_chromium
 from search._notes import trial_note
+from search.artifacts import artifact_store
 from search.config import StudyConfig
 from search.study_args import study_args
 
@@ -69,7 +69,7 @@ def trial_artifacts(study: optuna.Study, trial: FrozenTrial) -> dict[str, str]:
 def attach_trial_file(study: optuna.Study, artifact_dir: Path, trial: FrozenTrial, path: Path, *, mimetype: str | None = None,
                       replace: bool = True) -> str:
     """Attach a file to a (finished) trial's dashboard artifacts; a file of the same name is replaced."""
-    store = FileSystemArtifactStore(str(artifact_dir))
+    store = artifact_store(artifact_dir)
     storage, prefix = study._storage, f"{TRIAL_ARTIFACT_PREFIX}{trial._trial_id}:"
     if replace:
         old = trial_artifacts(study, trial).get(path.name)
@@ -227,7 +227,7 @@ def make_dashboard_server(config: StudyConfig, *, host: str = DEFAULT_HOST, port
     from search.study import open_study
 
     study = open_study(config, create=False)
-    app = wsgi(study._storage, artifact_store=FileSystemArtifactStore(str(config.artifact_dir)))
+    app = wsgi(study._storage, artifact_store=artifact_store(config.artifact_dir))
     try:
         server = make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
     except OSError as err:  # a busy port, an address this machine does not have, an unknown host name

@@ -38,6 +38,7 @@ from model.prepare import PreparedData
 from model.runtime import resolve_device
 from model.scoring import CheckpointError, load_detector, score_cache
 from model.train import SCORING_BATCH_SIZE
+from search.artifacts import artifact_store
 from search.config import StudyConfig
 from search.pareto import pareto_trials
 
@@ -80,14 +81,14 @@ def trial_checkpoint(trial: FrozenTrial, artifact_dir: Path, scratch: Path) -> P
     """The trial's best.pt: the artifact it uploaded (its id is unique to this trial), else its
     run folder on this machine (a folder named by study name and trial number only, which another
     storage's study of the same name may have overwritten: evaluate_trial checks the val AUC)."""
-    from optuna.artifacts import FileSystemArtifactStore, download_artifact
+    from optuna.artifacts import download_artifact
     from optuna.artifacts.exceptions import ArtifactNotFound
 
     artifact_id = (trial.user_attrs.get("artifacts") or {}).get("best.pt")
     if artifact_id is not None:
         path = scratch / f"trial-{trial.number:05d}-best.pt"
         try:
-            download_artifact(artifact_store=FileSystemArtifactStore(str(artifact_dir)), artifact_id=artifact_id, file_path=str(path))
+            download_artifact(artifact_store=artifact_store(artifact_dir), artifact_id=artifact_id, file_path=str(path))
             return path
         except (ArtifactNotFound, OSError) as err:
             log.warning("trial %d: best.pt not in the artifact store %s (%s); trying its run folder", trial.number, artifact_dir, err)

@@ -238,3 +238,35 @@ def test_a_trial_note_names_the_validation_groups_left_out_of_the_fairness_terms
     note = trial_note(trial, config)
     assert "without real samples**, left out of the FPR terms of F_FPR / F_MEO: male/black, female/asian." in note
     assert "without fake samples" not in note
+
+
+def test_every_reader_and_writer_of_trial_files_uses_the_one_artifact_store(tiny, tmp_path, monkeypatch):
+    """search.artifacts.artifact_store is the one place to swap in an S3 store (README,
+    Artifacts): the dashboard's server, attached files and evaluate's checkpoint download go
+    through it too, not only the trials' uploads."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from search import artifacts, evaluate
+
+    built = []
+
+    class RecordingStore(FileSystemArtifactStore):
+        def __init__(self, base_path):
+            super().__init__(base_path)
+            built.append(base_path)
+
+    monkeypatch.setattr(artifacts, "FileSystemArtifactStore", RecordingStore)
+    _, config, study = tiny
+    trial = study.get_trials(states=(TrialState.COMPLETE,))[0]
+    assert "best.pt" in trial.user_attrs["artifacts"]
+
+    server, _ = dashboard.make_dashboard_server(config, port=0)
+    server.server_close()
+    assert len(built) == 1
+    extra = tmp_path / "extra.txt"
+    extra.write_text("attached")
+    dashboard.attach_trial_file(study, config.artifact_dir, trial, extra)
+    assert len(built) == 2
+    checkpoint = evaluate.trial_checkpoint(trial, config.artifact_dir, tmp_path)
+    assert len(built) == 3 and checkpoint.parent == tmp_path and checkpoint.stat().st_size > 0
+    assert set(built) == {str(config.artifact_dir)}
