@@ -10,6 +10,9 @@ real entry point ``model.train``. Two backbones:
 The cache for each backbone is built first (timed: that is target 4's rate on this machine too).
 
     python -m bench.cache_vs_online [--vitl-train 48 --vitl-val 16] [--threads N]
+
+On a GPU (used when there is one; target >= 30x with ViT-L-14), as bench/device/gpu_session.sh runs it:
+    python -m bench.cache_vs_online --tiny-epochs 2 --vitl-train 512 --vitl-val 64 --vitl-batch 32 --vitl-epochs 3
 """
 
 from __future__ import annotations

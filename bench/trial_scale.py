@@ -344,7 +344,7 @@ def main(argv=None) -> int:
         *timing_notes,
         "FLOPs per step at ViT-L-14 shapes, batch 32: ~69 GMAC forward, ~207 GMAC forward+backward (Stage 2 MLP on "
         "8192 tokens x 2 blocks dominates): ~0.5-1 ms on an H100 in bf16. A step is therefore bound by kernel launches "
-        "and host syncs, counted below with torch.profiler (runs of 6 and 2 steps, differenced; ops that launch a kernel "
+        "and host syncs, counted with torch.profiler in the per-step table above (runs of 6 and 2 steps, differenced; ops that launch a kernel "
         "on CUDA, a foreach/fused optimizer op counted once; syncs = item()/nonzero()/boolean-mask indexing). At ~5 us per launch, the serial step's launch floor alone is "
         f"~{k_serial * 5e-3:.1f} ms, i.e. ~{k_serial * 5e-6 * 3125 * 30 / 60:.0f} min for 3125 steps x 30 epochs; "
         "fusing K trials divides it by ~K. sinkhorn_scaling 0.7 instead of 0.9 cuts the Sinkhorn iterations 3.2x "

@@ -29,8 +29,8 @@ def open_clip_factory():
     """open_clip, with fairfront-tiny-vit registered beside the built-ins.
 
     Imported on first use, not with this module: open_clip (and the torchvision it imports) takes
-    ~2.5 s, and only building a backbone needs it: `show`, `export`, `report`, `dashboard` and
-    every `--help` do not.
+    ~2.5 s, and only reading a backbone's shape (BackboneShape.of: `prepare` and every worker) or
+    building it needs it: `show`, `export`, `report`, `dashboard` and every `--help` do not.
     """
     import open_clip
 
@@ -53,8 +53,8 @@ class FrozenTokens:
 @dataclass(frozen=True)
 class BackboneShape:
     """What a cache key and the adapters need of a backbone, read off its open_clip model config
-    without building it: a trial on a finished cache never builds the ViT (ViT-L-14 takes ~5 s and
-    ~2.5 GB of host memory to build, in every worker process)."""
+    without building it: a trial on a finished cache never builds the ViT (building ViT-L-14 costs a
+    worker ~2 s more at start and 1.6 GiB more peak host memory: bench/results/worker_startup.md)."""
 
     width: int
     n_layers: int

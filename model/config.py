@@ -1,7 +1,7 @@
 """The training-run configuration: one frozen dataclass per concept; the YAML schema is these classes.
 
 A training-config YAML (``studies/demo_train.yaml``, or what ``run_study.py export`` writes) has
-the sections ``workdir, output_dir, data, backbone, model, stage1, training``. A study YAML holds
+the sections ``workdir, output_dir, data, backbone, model, stage1, training, augment``. A study YAML holds
 the same sections plus the search-specific ones (see ``search/config.py``).
 
 ``training`` defaults are the reference report's Exp3 ("balanced recovery") values; the key names
@@ -138,8 +138,8 @@ class TrainingConfig:
     early_stop_patience: int | None = None
     feature_mode: Literal["cache", "online"] = "cache"
     # torch.compile the fairness loss's Sinkhorn iterations (objectives/_sinkhorn_packed.py): a few
-    # fused kernels per 8 iterations instead of ~12 ops each; the first step of a process compiles
-    # (~20 s on 2 CPU cores). Off by default until a GPU has measured it (bench/results/trial_scale.md).
+    # fused kernels per 8 iterations instead of ~12 ops each; each process compiles once, before
+    # its first run (~20 s on 2 CPU cores). Off by default until a GPU has measured it (bench/results/trial_scale.md).
     compile_sinkhorn: bool = False
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     seed: int = 0

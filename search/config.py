@@ -1,5 +1,5 @@
 """The study YAML's schema: the training-run sections plus search space, objectives, sampler,
-stopping rule, budget and storage. Unknown keys, wrong types, empty or inverted ranges and log
+stopping rule, budget, storage, distributed workers, artifact store and warm start. Unknown keys, wrong types, empty or inverted ranges and log
 ranges touching 0 are errors that name the key, raised before anything is prepared or trained.
 """
 
@@ -81,8 +81,8 @@ class ObjectiveSpec:
 @dataclass(frozen=True)
 class SamplerConfig:
     # GP by default: on our benchmark (bench/results/sampler_efficiency.md, 8 seeds) its median
-    # reached random search's 100-trial hypervolume in 26 trials; multivariate TPE took 55 and
-    # NSGA-II 83 (its first generation is random). Its own cost grows with the study (~0.7 s/trial
+    # reached random search's 100-trial hypervolume in 20 trials; multivariate TPE took 47 and
+    # NSGA-II 88 (its first generation is random). Its own cost grows with the study (~0.7 s/trial
     # at 30 trials, ~3.2 s at 100 on one CPU core): small next to a GPU trial.
     name: Literal["gp", "tpe", "nsga2", "random"] = "gp"
     seed: int | None = 0

@@ -8,9 +8,9 @@ How a stopped trial is recorded teaches the sampler (Optuna 5 has no pruners for
 multi-objective studies, so the training run stops itself):
 
 * degenerate (stopped in the degenerate phase, or no epoch ever out of it),
-  ``record_degenerate_as: infeasible`` -> COMPLETE with the metrics at the stop and
-  a violated ``degenerate`` constraint (GP and NSGA-II learn to avoid the region; the Pareto
-  front leaves the trial out);
+  ``record_degenerate_as: infeasible`` -> COMPLETE with the metrics of its best epoch (the
+  highest validation AUC; every epoch was degenerate) and a violated ``degenerate`` constraint
+  (GP and NSGA-II learn to avoid the region; the Pareto front leaves the trial out);
 * degenerate, ``record_degenerate_as: pruned`` -> PRUNED (only TPE learns from those);
 * non-finite loss or validation scores -> FAIL, reason in ``fail_reason``.
 

@@ -47,7 +47,7 @@ _ADDED_LATER = {"augment": {"views": 0}, "training": {"early_stop_patience": Non
 
 def study_definition(config: StudyConfig) -> dict:
     """What makes the trials of one study comparable: the settings (settings_definition) and the
-    inputs by content (model.inputs_identity: the train/val manifest's sha256 or the synthetic
+    inputs by content (model.prepare.inputs_identity: the train/val manifest's sha256 or the synthetic
     settings, the attributes, the backbone weights' sha256 and layers, the Stage 1 adapter). Paths,
     budget and workers are left out: they may differ between nodes. Stored on the study when it is
     created."""
