@@ -185,6 +185,38 @@ def test_the_study_files_worker_count_is_the_default_on_sqlite(study_files, tmp_
     assert len({t.user_attrs["worker"] for t in _load(url, "one").get_trials()}) == 1
 
 
+
+def test_each_trial_of_two_concurrent_workers_equals_the_same_trial_trained_alone(study_files, tmp_path):
+    """Issue 5's bar for K worker processes on one device: a trial trained beside another one (two
+    CPU workers sharing the cores) gives exactly the values its configuration gives when trained
+    alone, in one process at the trial's thread count (what `export`'s re-train line runs;
+    degenerate trials too, which `export` refuses)."""
+    import dataclasses
+
+    import torch
+
+    import model
+    from search import load_study_config
+    from search.export import retrain_threads, trial_train_config
+
+    url = f"sqlite:///{tmp_path / 'side.db'}"
+    run = Run(study_files.short, "side", url, "--workers", "2", "--n-trials", "4")
+    assert run.wait() == 0, run.output
+    trials = _load(url, "side").get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4, run.output
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
+    config = dataclasses.replace(load_study_config(study_files.short), name="side")
+    threads = torch.get_num_threads()
+    for trial in trials:
+        alone = dataclasses.replace(trial_train_config(config, trial), output_dir=tmp_path / f"alone-{trial.number}")
+        torch.set_num_threads(retrain_threads(trial))
+        try:
+            result = model.train(alone, progress=False, write_outputs=False)
+        finally:
+            torch.set_num_threads(threads)
+        assert [result.best.val[m] for m in config.metric_names] == trial.values, trial.number
+        assert (result.best.epoch, result.degenerate) == (trial.user_attrs["best_epoch"], trial.user_attrs["degenerate"])
+
 @pytest.mark.slow
 def test_sigkilled_worker_loses_no_trial_and_its_trial_is_retried(study_files, postgres_url):
     run = Run(study_files.long, "kill", postgres_url, "--workers", "3", "--n-trials", "6")
