@@ -100,6 +100,7 @@ class Stage1Config:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
 
 
@@ -158,6 +159,8 @@ class TrainingConfig:
         _check(self.T_0 >= 1 and self.T_mult >= 1, f"T_0 and T_mult must be >= 1, got {self.T_0}, {self.T_mult}")
         _check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}")
         _check(self.head_lr_mult > 0, f"head_lr_mult must be > 0, got {self.head_lr_mult}")
+        _check(self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}")  # a negative floor climbs the loss
+        _check(self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}")
         _check(0 < self.threshold < 1, f"threshold must be in (0, 1), got {self.threshold}")
         _check(self.stop_if_degenerate_after is None or self.stop_if_degenerate_after >= 1, "stop_if_degenerate_after must be >= 1 or null")
         _check(self.early_stop_patience is None or self.early_stop_patience >= 1, f"early_stop_patience must be >= 1 or null, got {self.early_stop_patience}")

@@ -8,6 +8,7 @@ the open_clip ``CLIPVisionCfg(**d)`` idea, extended to nested configs and to hel
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -143,11 +144,13 @@ def _convert(tp: Any, value: Any, where: str, base_dir: Path | None) -> Any:
         # YAML reads "1e-4" (no dot) as a string; accept numeric strings, since users write that.
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .inf / .nan: no setting of ours means them
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -13,6 +13,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +63,11 @@ class ParamSpec:
             raise ValueError(f"a log range must be > 0, got low={self.low}")
         if self.log and self.step is not None:
             raise ValueError("step cannot be used with log")
+        # Optuna would lower high to the last whole step with only a warning (to low itself when
+        # step > high - low, which freezes the dimension); decimals, as Optuna compares them.
+        if self.step is not None and (Decimal(str(self.high)) - Decimal(str(self.low))) % Decimal(str(self.step)) != 0:
+            raise ValueError(f"step {self.step} does not divide high - low ({self.high} - {self.low}); "
+                             "make high = low + a whole number of steps")
 
 
 @dataclass(frozen=True)
