@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from model.config import TrainRunConfig, load_train_config
-from model.typed_config import ConfigError, to_dict
+from model.typed_config import ConfigError, load_yaml, to_dict
 
 VALID = {
     "workdir": "work",
@@ -110,6 +110,29 @@ def test_malformed_yaml_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("training: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
+        load_train_config(path)
+
+
+def test_a_key_given_twice_is_refused_with_its_line_but_anchors_may_be_overridden(tmp_path):
+    # PyYAML keeps the last of two keys: a second `training:` block would drop the first's lr.
+    text = yaml.safe_dump(VALID) + "training:\n  num_epochs: 2\n"
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: duplicate key 'training'") as err:
+        load_train_config(path)
+    assert f"line {len(text.splitlines()) - 1}," in str(err.value)  # the second block's
+    path.write_text("training: {lr: 0.001, lr: 0.01}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr'"):
+        load_train_config(path)
+    # a merge key's values are defaults that the mapping's own keys override, as YAML means them
+    path.write_text("defaults: &d {lr: 0.001, num_epochs: 4}\ntraining:\n  <<: *d\n  num_epochs: 2\n")
+    assert load_yaml(path)["training"] == {"lr": 0.001, "num_epochs": 2}
+
+
+def test_a_yaml_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfetraining: {}\n")
+    with pytest.raises(ConfigError, match=r"binary.yaml: not a UTF-8 text file \(byte 0"):
         load_train_config(path)
 
 
