@@ -200,6 +200,7 @@ class StudyConfig:
     warm_start: bool = False  # enqueue the reference report's Exp1-3 configurations
 
     def __post_init__(self) -> None:
+        check_study_name(self.name)
         if not self.search_space:
             raise ValueError("search_space: give at least one parameter")
         for name, spec in self.search_space.items():
@@ -309,6 +310,13 @@ def _check_range_ends(training: TrainingConfig, space: dict[str, ParamSpec]) -> 
         raise ValueError(f"search_space: a trial with {given} would be an invalid training config ({invalid(values)})")
 
 
+def check_study_name(name: str) -> None:
+    """A study's name is also a folder under <workdir>/trials and /retrain: one path component."""
+    if not name.strip() or name != name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"name: {name!r} cannot be a study name: it names the study's run folders, so it must be "
+                         "non-empty, without '/', '\\', surrounding spaces, and not '.' or '..'")
+
+
 def load_study_config(path: str | Path, *, storage: str | None = None, study_name: str | None = None) -> StudyConfig:
     """Load a study YAML; command-line overrides of storage and name are applied after validation.
     An overridden storage is not read from the YAML at all, so its ``${VAR}`` need not be set."""
@@ -324,5 +332,9 @@ def load_study_config(path: str | Path, *, storage: str | None = None, study_nam
     if storage:
         changes["storage"] = expand_env(storage, "--storage")
     if study_name:
+        try:
+            check_study_name(study_name)
+        except ValueError as err:
+            raise ConfigError(f"--study-name: {err}") from None
         changes["name"] = study_name
     return dataclasses.replace(config, **changes) if changes else config

@@ -95,6 +95,8 @@ def mutate(path_keys, value):
         (["distributed", "devices"], "0,gpu1", r"distributed: devices: 'gpu1' is not a GPU index"),
         (["training", "device"], "cuda:abc", r"training: device must be auto, cpu, cuda or cuda:N, got 'cuda:abc'"),
         (["name"], KeyError, r"name: required key is missing"),
+        (["name"], "../../escaped", r"name: '../../escaped' cannot be a study name: it names the study's run folders"),
+        (["name"], "", r"name: '' cannot be a study name"),
         (["storage"], "${FAIRFRONT_UNSET_STORAGE}", r"storage: environment variable \$\{FAIRFRONT_UNSET_STORAGE\} is not set"),
     ],
 )
@@ -130,6 +132,8 @@ def test_storage_comes_from_the_environment(tmp_path, monkeypatch):
     assert config.storage_url == "sqlite:////tmp/x.db"
     override = load_study_config(DEMO, storage="${FAIRFRONT_TEST_STORAGE}", study_name="other")
     assert override.storage_url == "sqlite:////tmp/x.db" and override.name == "other"
+    with pytest.raises(ConfigError, match=r"--study-name: name: '\.\./other' cannot be a study name"):
+        load_study_config(DEMO, study_name="../other")
 
 
 def test_an_overridden_or_unused_storage_needs_no_yaml_variable(tmp_path, monkeypatch, capsys):
