@@ -59,12 +59,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from model import load_train_config, train
+    from model.train import earlier_run_files
 
     import torch
 
     config = load_train_config(args.config)
     if args.output_dir:
         config = dataclasses.replace(config, output_dir=Path(args.output_dir).resolve())
+    if not args.overwrite and (earlier := earlier_run_files(config)):  # before any work, and a failed run would delete best.pt
+        raise ValueError(f"output_dir: {config.run_dir} holds an earlier run's outputs ({', '.join(earlier)}); "
+                         "give another --output-dir, or --overwrite to replace them")
     threads = torch.get_num_threads()
     if args.threads:  # a CPU run's rounding depends on it: an export's header gives its trial's
         torch.set_num_threads(args.threads)
@@ -281,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "one full training run of the Stage 2 model from a training-config YAML")
     p.add_argument("--config", type=Path, required=True, help="training-config YAML (studies/demo_train.yaml, or an exported trial)")
     p.add_argument("--output-dir", help="override the config's output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in the output folder (refused otherwise)")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's); the same as a trial's reproduces it bit for bit")
 
     p = add("optimize", cmd_optimize, "run (or continue) the multi-objective study until its trial budget is met")

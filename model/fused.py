@@ -56,7 +56,7 @@ from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_every
 from model.tokens import read_batches
 from model.train import (
     EpochCallback, TrainResult, close_epoch, epoch_record, eval_batches, groups_left_out, non_finite_scores_reason, rows_source,
-    training_source, validation_batch_size, write_run_outputs,
+    make_run_dir, training_source, validation_batch_size, write_run_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,9 @@ def train_fused(
     callbacks = list(callbacks) if callbacks is not None else [None] * len(configs)
     if len(callbacks) != len(configs):
         raise ValueError(f"train_fused: {len(callbacks)} callbacks for {len(configs)} configs")
+    if write_outputs:
+        for config in configs:
+            make_run_dir(config)
     first = configs[0]
     prepared = prepared or prepare(first, progress=progress, with_test_caches=False)
     shared = first.training

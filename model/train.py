@@ -195,6 +195,8 @@ def train(
     progress: bool = True,
     write_outputs: bool = True,
 ) -> TrainResult:
+    if write_outputs:
+        make_run_dir(config)
     prepared = prepared or prepare(config, progress=progress, with_test_caches=False)
     cfg = config.training
     device = resolve_device(cfg.device)
@@ -329,6 +331,25 @@ def predict_scores(detector: AdapterDetector, source: TokenSource, *, device: to
                    batch_size: int = SCORING_BATCH_SIZE) -> np.ndarray:
     """Public scoring entry point (cross-dataset evaluation)."""
     return _predict(detector, source, batch_size, device)[0]
+
+
+RUN_FILES = ("best.pt", "curve.csv", "metrics.json", "config.yaml")  # what write_run_outputs writes
+
+
+def make_run_dir(config: TrainRunConfig) -> Path:
+    """The run's output folder, made before any work: a path that cannot be a folder (a file,
+    no permission) fails before the caches and epochs, naming output_dir."""
+    out = config.run_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"output_dir: cannot create the run folder {out} ({err.strerror})") from None
+    return out
+
+
+def earlier_run_files(config: TrainRunConfig) -> list[str]:
+    """The files of an earlier run in this run's folder, which writing this run replaces."""
+    return [name for name in RUN_FILES if (config.run_dir / name).exists()]
 
 
 def write_run_outputs(config: TrainRunConfig, result: TrainResult, best_state: dict | None) -> Path:

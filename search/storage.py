@@ -285,7 +285,10 @@ def make_storage(url: str, options: DistributedConfig | None = None) -> Resilien
     except Exception:
         raise StorageError(f"storage: not a valid SQLAlchemy URL: {shown}") from None
     if database := sqlite_file(url):
-        database.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"storage: cannot create the folder of the SQLite file {database} ({err.strerror})") from None
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
             warnings.simplefilter("ignore", ExperimentalWarning)

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 import warnings
+from pathlib import Path
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -129,6 +130,13 @@ def _changes(stored: dict, wanted: dict) -> list[str]:
             for key in sorted(set(was) | set(now)) if was.get(key, "unset") != now.get(key, "unset")]
 
 
+def make_folder(path: Path, key: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{key}: cannot create the folder {path} ({err.strerror})") from None
+
+
 def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
     """The study named in ``config`` on its storage; created (with metric names) if absent.
 
@@ -148,7 +156,10 @@ def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
         check_read_definition(study, config)
         return study
     definition = study_definition(config)  # before the study exists: a missing manifest creates nothing
-    config.workdir.mkdir(parents=True, exist_ok=True)
+    # The folders every trial writes to, before the study exists and minutes of preparation: a
+    # path that cannot be a folder fails now, naming its key.
+    make_folder(config.workdir, "workdir")
+    make_folder(config.artifact_dir, "artifacts")
     storage = make_storage(config.storage_url, config.distributed)
     study = optuna.create_study(
         study_name=config.name, storage=storage, sampler=sampler,

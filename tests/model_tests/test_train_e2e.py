@@ -241,6 +241,36 @@ def test_train_cli_refuses_a_bad_config_before_any_compute(tmp_path, capsys):
     assert not (tmp_path / "work").exists()  # nothing generated, nothing written
 
 
+
+def test_train_cli_keeps_an_earlier_run_unless_told_to_overwrite_it(tmp_path, capsys):
+    """A second run into a folder that holds a run's outputs is refused before any work (a run
+    that then diverged deleted the earlier best.pt); --overwrite replaces them."""
+    path = tiny_config(tmp_path)
+    out = tmp_path / "run"
+    assert run_study.main(["-q", "train", "--config", str(path), "--output-dir", str(out)]) == 0
+    before = {name: (out / name).read_bytes() for name in ("best.pt", "metrics.json", "curve.csv", "config.yaml")}
+    data = yaml.safe_load(path.read_text())
+    data["training"]["lr"] = 1e30  # diverges in its first epoch
+    path.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    assert run_study.main(["-q", "train", "--config", str(path), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: output_dir: {out} holds an earlier run's outputs (best.pt, curve.csv, metrics.json, config.yaml)")
+    assert "--overwrite" in err and {name: (out / name).read_bytes() for name in before} == before
+    assert run_study.main(["-q", "train", "--config", str(path), "--output-dir", str(out), "--overwrite"]) == 1  # diverged
+    assert json.loads((out / "metrics.json").read_text())["status"] == "diverged" and not (out / "best.pt").exists()
+
+
+def test_an_output_dir_that_cannot_be_a_folder_fails_before_any_compute(tmp_path, capsys):
+    path = tiny_config(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert run_study.main(["-q", "train", "--config", str(path), "--output-dir", str(blocker / "run")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: output_dir: cannot create the run folder {blocker / 'run'} (")
+    assert not (tmp_path / "work").exists()  # no data generated, no cache built, no Stage 1 trained
+    assert blocker.read_text() == "not a folder"
+
+
 def test_train_cli_names_an_image_that_cannot_be_decoded_in_one_line(tmp_path, capsys):
     from model.prepare import data_paths
 

@@ -324,6 +324,24 @@ def test_a_model_that_does_not_fit_the_backbone_stops_before_the_cache_is_built(
     assert not (tmp_path / "work" / "features").exists()
 
 
+
+@pytest.mark.parametrize("key", ["workdir", "artifacts", "storage"])
+def test_a_folder_the_study_writes_to_that_cannot_be_one_is_named_before_anything_is_prepared(tmp_path, capsys, key):
+    """artifacts: pointing at a file failed after data, caches and Stage 1 (in the first trial's
+    set-up), with a bare 'File exists' that named no key."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="folders")
+    data = yaml.safe_load(path.read_text())
+    data[key] = {"workdir": str(blocker / "work"), "artifacts": str(blocker),
+                 "storage": f"sqlite:///{blocker / 'study.db'}"}[key]
+    path.write_text(yaml.safe_dump(data))
+    assert run_study.main(["-q", "optimize", "--study", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {key}: cannot create the folder") and err.count("\n") == 1, err
+    assert not (tmp_path / "work" / "features").exists() and not (tmp_path / "work" / "data").exists()
+    assert blocker.read_text() == "not a folder"
+
 @pytest.mark.parametrize("command", ["show", "export", "report"])
 @pytest.mark.parametrize("section, key, value, named", [
     ("model", "stage2_hidden_ratio", 2.0, "model.stage2_hidden_ratio"),
