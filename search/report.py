@@ -275,7 +275,10 @@ def trials_frame(view: StudyView, results: dict[int, dict]) -> pd.DataFrame:
 
 def build_report(study: optuna.Study, config: StudyConfig, out: str | Path) -> Report:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out: cannot create the report folder {out} ({err.strerror})") from None
     sections, images, view = build_sections(study, config, out)
     md = out / "report.md"
     md.write_text(_to_markdown(sections, out))

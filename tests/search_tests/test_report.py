@@ -114,6 +114,15 @@ def test_the_report_masks_the_storage_password(tiny, tmp_path, monkeypatch):
         assert "s3cretpw" not in text and "fairfront:***@db.internal" in text, name
 
 
+
+def test_a_report_folder_that_cannot_be_one_is_named_as_out(tiny, tmp_path, capsys):
+    path, _, _ = tiny
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert run_study.main(["-q", "report", "--study", str(path), "--out", str(blocker)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out: cannot create the report folder {blocker} (")
+    assert blocker.read_text() == "not a folder"
+
 def test_infeasible_trials_are_greyed_and_off_the_front(tiny, tmp_path):
     _, config, _ = tiny
     study = _synthetic_study()
