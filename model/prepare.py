@@ -7,7 +7,9 @@ already on disk and valid, so calling ``prepare`` again is cheap.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,11 +73,18 @@ def load_manifests(config: TrainRunConfig, *, progress: bool = True) -> tuple[Ma
     return main, tests
 
 
+def image_sizes_sha256(paths) -> str:
+    """The images' byte sizes in manifest order: another image set under the same names (data.image_root
+    pointed elsewhere, images replaced in place) almost always differs, while a copy on another
+    node does not (no paths or mtimes, which the cache key uses). One stat per image."""
+    return hashlib.sha256(",".join(str(os.stat(path).st_size) for path in paths).encode()).hexdigest()
+
+
 def inputs_identity(config: TrainRunConfig) -> dict:
     """What a run's numbers depend on besides its training and model settings, by content rather
     than location (paths differ between the nodes of one study): the train/val data and its
     attributes, the backbone that makes the features, the frozen Stage 1 adapter, the augmentation. Hashes the
-    manifest and the weight files; builds, generates and trains nothing. Test manifests are left
+    manifest, the images' sizes and the weight files; builds, generates and trains nothing. Test manifests are left
     out: they are scored after a search, and never change a trial."""
     data, backbone = config.data, config.backbone
     if data.synthetic is not None:  # generated deterministically from these settings
@@ -85,6 +94,8 @@ def inputs_identity(config: TrainRunConfig) -> dict:
             dataset = {"manifest_sha256": file_sha256(data.manifest)}
         except OSError as err:
             raise ManifestError(data.manifest, [f"cannot read file: {err.strerror or err}"]) from None
+        manifest = load_manifest(data.manifest, attributes=data.attributes, image_root=data.image_root)
+        dataset["image_sizes_sha256"] = image_sizes_sha256(manifest.frame["path"])
     if config.stage1.checkpoint is None:
         stage1 = {k: v for k, v in to_dict(config.stage1).items() if k != "checkpoint"}
     else:

@@ -44,6 +44,9 @@ _RUN_SETTINGS = ("device", "compile_sinkhorn", "feature_mode")
 # Definition keys that came after studies were stored without them, with the value those studies'
 # trials ran with: such a study adopts the key, and a YAML that keeps that value continues it.
 _ADDED_LATER = {"augment": {"views": 0}, "training": {"early_stop_patience": None}}
+# Identity keys that came later with no value to assume (added 2026-12-03): a study stored without
+# one cannot tell, and takes the YAML's; from then on a change is refused.
+_IDENTIFIED_LATER = {"data": ("image_sizes_sha256",)}
 
 
 def study_definition(config: StudyConfig) -> dict:
@@ -95,6 +98,9 @@ def check_definition(study: optuna.Study, config: StudyConfig, wanted: dict) -> 
         stored = {}
     else:
         stored = _with_added_later(stored)
+        for section, keys in _IDENTIFIED_LATER.items():
+            if section in stored and section in wanted:
+                stored[section] = {**{k: wanted[section][k] for k in keys if k in wanted[section]}, **stored[section]}
     adopted = {**wanted, **stored}
     if changes := _changes(adopted, wanted):
         raise ValueError(f"study {config.name!r} in {mask_url(config.storage_url)} was created with another definition ("

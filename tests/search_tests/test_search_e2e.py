@@ -247,6 +247,16 @@ def test_a_manifest_edited_in_place_is_refused_and_its_study_kept(study_run, tmp
     manifest = tmp_path / "data" / "manifest.csv"
     lines = manifest.read_text().splitlines()
     path_, label, rest = lines[1].split(",", 2)
+    # the same manifest on other images: another data.image_root where one image differs
+    shutil.copytree(tmp_path / "data", tmp_path / "other-images")
+    (tmp_path / "other-images" / path_).write_bytes((tmp_path / "data" / path_).read_bytes() + b"\0")
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text(yaml.safe_dump({**data, "data": {**data["data"], "image_root": str(tmp_path / "other-images")}}))
+    capsys.readouterr()
+    assert run_study.main(["-q", "optimize", "--study", str(elsewhere), "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "was created with another definition" in err and "data.image_sizes_sha256" in err and "manifest_sha256" not in err
+    assert [(t.number, t.state, t.values) for t in open_study(config, create=False).get_trials()] == before
     lines[1] = ",".join((path_, "1" if label == "0" else "0", rest))  # one label corrected
     manifest.write_text("\n".join(lines) + "\n")
     assert run_study.main(["-q", "optimize", "--study", str(study_path), "--n-trials", "2"]) == 2
@@ -299,6 +309,27 @@ def test_a_study_stored_under_the_earlier_early_stop_count_is_not_continued_unde
     finally:
         study.set_user_attr(DEFINITION_ATTR, definition)
 
+
+def test_a_manifest_study_stored_before_image_sizes_were_identified_adopts_them_then_refuses_other_images():
+    """data.image_sizes_sha256 came after studies were stored: such a study cannot tell which
+    images its trials saw and takes the YAML's; from then on other images are refused."""
+    import optuna
+
+    from search.study import check_definition
+
+    config = load_study_config(DEMO)  # names the study in messages
+    definition = {"objectives": [["auc", "maximize"]], "data": {"manifest_sha256": "m", "attributes": {"gender": ["male"]}},
+                  "training": {"early_stop_patience": None}, "augment": {"views": 0}}
+    wanted = {**definition, "data": {**definition["data"], "image_sizes_sha256": "sizes-1"}}
+    study = optuna.create_study(directions=["maximize"])
+    study.add_trial(optuna.trial.create_trial(values=[0.7]))
+    study.set_user_attr(DEFINITION_ATTR, definition)  # as stored before the key
+    check_definition(study, config, wanted)
+    assert study.user_attrs[DEFINITION_ATTR] == wanted
+    other = {**definition, "data": {**definition["data"], "image_sizes_sha256": "sizes-2"}}
+    with pytest.raises(ValueError, match=r'data.image_sizes_sha256: "sizes-1" in the study, "sizes-2" in the YAML'):
+        check_definition(study, config, other)
+    assert study.user_attrs[DEFINITION_ATTR] == wanted
 
 @pytest.mark.parametrize("failed_trials", [0, 2])
 def test_a_study_without_trials_or_with_failed_ones_only_takes_the_corrected_definition(tmp_path, failed_trials):
