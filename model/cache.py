@@ -43,6 +43,7 @@ from model.runtime import autocast
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+_BAD_IMAGES_SHOWN = 20  # named in the error; the count says how many more
 _BUILDING = ".building"  # the marker a build holds locked in its staging folder (remove_abandoned_staging)
 _ARRAYS = ("cls", "patches")
 _CHECK_BLOCKS = 64
@@ -223,11 +224,15 @@ def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backb
     start, offset = time.perf_counter(), 0
     what = manifest.path.name if views is None else f"{manifest.path.name} (augmented views)"
     bar = tqdm(total=len(paths), desc=f"caching {what}", unit="img", disable=not progress)
+    bad: list[str] = []
     for images, failures in loader:
         end = offset + images.shape[0]
-        if any(failures):
-            bad = [f"line {line} {path} ({reason})" for line, path, reason in zip(lines[offset:end], paths[offset:end], failures) if reason]
-            raise CacheError(f"{manifest.path}: image(s) that cannot be decoded: {'; '.join(bad)}; fix or remove those rows")
+        bad += [f"line {line} {path} ({reason})" for line, path, reason in zip(lines[offset:end], paths[offset:end], failures) if reason]
+        if bad:  # the rest is only decoded (no forward), so that one error names every bad image
+            offset = end
+            bar.update(images.shape[0])
+            bar.set_postfix(undecodable=len(bad))
+            continue
         with autocast(device, backbone.config.precision == "bf16"):
             tokens = module(images.to(device, non_blocking=True))
         # in the storage dtype on the device: half the copy for float16, and an overflow (a token
@@ -242,6 +247,9 @@ def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backb
         bar.update(images.shape[0])
         bar.set_postfix(img_per_s=f"{offset / (time.perf_counter() - start):.0f}")
     bar.close()
+    if bad:
+        shown = "; ".join(bad[:_BAD_IMAGES_SHOWN]) + (f"; and {len(bad) - _BAD_IMAGES_SHOWN} more" if len(bad) > _BAD_IMAGES_SHOWN else "")
+        raise CacheError(f"{manifest.path}: {len(bad)} image(s) that cannot be decoded: {shown}; fix or remove those rows")
     cls.flush()
     patches.flush()
     del cls, patches

@@ -230,15 +230,24 @@ def test_images_that_cannot_be_decoded_are_named_by_manifest_line_and_leave_noth
     data = tmp_path / "data"
     shutil.copytree(dataset.manifest.parent, data)
     manifest = load_manifest(data / dataset.manifest.name, attributes=ATTRIBUTES)
-    not_an_image, truncated = (Path(p) for p in manifest.frame["path"].iloc[[2, 5]])
+    not_an_image, truncated, last = (Path(p) for p in manifest.frame["path"].iloc[[2, 5, -1]])
     not_an_image.write_text("not a png\n")
     truncated.write_bytes(truncated.read_bytes()[:60])
+    last.write_bytes(b"")
+    assert len(manifest.frame) > 2 * backbone.config.batch_size  # the last one is batches later
     features = tmp_path / "features"
-    with pytest.raises(CacheError) as err:
-        open_or_build_cache(manifest, backbone, features, device=torch.device("cpu"), num_workers=workers, progress=False)
+    forward, forwards = backbone.module.forward, []
+    backbone.module.forward = lambda images: forwards.append(len(images)) or forward(images)
+    try:
+        with pytest.raises(CacheError) as err:
+            open_or_build_cache(manifest, backbone, features, device=torch.device("cpu"), num_workers=workers, progress=False)
+    finally:
+        backbone.module.forward = forward
     message = str(err.value)
-    assert message.startswith(f"{manifest.path}: image(s) that cannot be decoded: line 4 {not_an_image} (")
-    assert f"; line 7 {truncated} (" in message and "fix or remove those rows" in message
+    # every bad image in one error, and no backbone forward after the first bad batch (the first here)
+    assert message.startswith(f"{manifest.path}: 3 image(s) that cannot be decoded: line 4 {not_an_image} (")
+    assert f"; line 7 {truncated} (" in message and f"; line {len(manifest.frame) + 1} {last} (" in message
+    assert "fix or remove those rows" in message and forwards == []
     assert list(features.iterdir()) == []  # no partial cache left behind
 
 

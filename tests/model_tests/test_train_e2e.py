@@ -280,7 +280,7 @@ def test_train_cli_names_an_image_that_cannot_be_decoded_in_one_line(tmp_path, c
     broken.write_bytes(b"")
     assert run_study.main(["-q", "train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {manifest}: image(s) that cannot be decoded: line 2 {broken} (") and err.count("\n") == 1
+    assert err.startswith(f"error: {manifest}: 1 image(s) that cannot be decoded: line 2 {broken} (") and err.count("\n") == 1
 
 
 def test_the_best_epoch_is_the_best_auc_among_the_epochs_that_are_not_degenerate(tmp_path, monkeypatch):
