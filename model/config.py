@@ -45,6 +45,8 @@ class DataConfig:
         _check(len(self.attributes) > 0, "'attributes' must name at least one demographic column")
         for name, codes in self.attributes.items():
             _check(len(codes) > 0 and len(set(codes)) == len(codes), f"attributes.{name}: codes must be a non-empty list without duplicates")
+            _check(all(code and "/" not in code for code in codes), f"attributes.{name}: a code must be non-empty and without '/' "
+                   f"(it joins group names such as male/white), got {codes}")
         _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
 
 

@@ -52,6 +52,9 @@ class PreparedData:
         return self.views
 
 
+TRAIN_VAL = ("train", "val")  # the splits of data.manifest
+
+
 def data_paths(config: TrainRunConfig, *, progress: bool = True) -> tuple[Path, dict[str, Path]]:
     """The manifests of a config; for the synthetic demo, generated under the workdir if absent."""
     data = config.data
@@ -65,7 +68,8 @@ def load_manifests(config: TrainRunConfig, *, progress: bool = True) -> tuple[Ma
     """Validate every manifest (train/val and test sets) up front; raises ManifestError."""
     main_path, test_paths = data_paths(config, progress=progress)
     attributes = config.data.attributes
-    main = load_manifest(main_path, attributes=attributes, image_root=config.data.image_root)
+    # test rows here would be cached and never used: a test set is a manifest of its own
+    main = load_manifest(main_path, attributes=attributes, image_root=config.data.image_root, allowed_splits=TRAIN_VAL)
     tests = {
         name: load_manifest(path, attributes=attributes, required_splits=("test",), default_split="test", image_root=config.data.image_root)
         for name, path in test_paths.items()
@@ -94,7 +98,7 @@ def inputs_identity(config: TrainRunConfig) -> dict:
             dataset = {"manifest_sha256": file_sha256(data.manifest)}
         except OSError as err:
             raise ManifestError(data.manifest, [f"cannot read file: {err.strerror or err}"]) from None
-        manifest = load_manifest(data.manifest, attributes=data.attributes, image_root=data.image_root)
+        manifest = load_manifest(data.manifest, attributes=data.attributes, image_root=data.image_root, allowed_splits=TRAIN_VAL)
         dataset["image_sizes_sha256"] = image_sizes_sha256(manifest.frame["path"])
     if config.stage1.checkpoint is None:
         stage1 = {k: v for k, v in to_dict(config.stage1).items() if k != "checkpoint"}

@@ -70,6 +70,7 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
         ("backbone", "weights", None, r"backbone: weights: give a local checkpoint path"),
         ("backbone", "weights", "", r"backbone.weights: expected a path, got ''"),
         ("data", "manifest", "x.csv", r"data: give exactly one of 'manifest' or 'synthetic'"),
+        ("data", "attributes", {"gender": ["male", "fe/male"]}, r"data: attributes.gender: a code must be non-empty and without '/'"),
     ],
 )
 def test_bad_values_name_the_file_and_key(tmp_path, section, key, value, message):

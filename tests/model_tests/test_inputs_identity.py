@@ -99,3 +99,17 @@ def test_another_image_set_under_the_same_names_has_another_identity_and_a_copy_
     assert at(other)["manifest_sha256"] == base["manifest_sha256"]
     (tmp_path / "d.png").write_bytes(b"x" * 41)  # replaced in place
     assert inputs_identity(config)["data"]["image_sizes_sha256"] not in (base["image_sizes_sha256"], at(other)["image_sizes_sha256"])
+
+
+def test_test_rows_in_the_train_val_manifest_are_refused_with_where_they_go(tmp_path):
+    """They were cached (backbone time) and never used: a test set is a manifest of its own."""
+    from model.prepare import load_manifests
+
+    write_manifest(tmp_path)
+    (tmp_path / "e.png").write_bytes(b"x" * 50)
+    (tmp_path / "manifest.csv").write_text(MANIFEST + "e.png,1,test,male,white\n")
+    config = run_config(tmp_path, weights=Path("random"))
+    for call in (inputs_identity, lambda c: load_manifests(c, progress=False)):
+        with pytest.raises(ManifestError, match=r"split \(test sets go in manifests of their own: data.test_manifests\) "
+                                                r"has unknown value\(s\) 'test' at line 6 \(known: train, val\)"):
+            call(config)
