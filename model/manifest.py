@@ -237,8 +237,7 @@ def load_manifest(path: Path | str, *, attributes: Mapping[str, Sequence[str]],
                                    f"columns found: {', '.join(found) or '(none)'}"] + problems)
 
     label_ok = _check_codes(frame, line, "label", ("0", "1"), "label (0 = real, 1 = fake)", problems)
-    split_what = "split" if "test" in allowed_splits else "split (test sets go in manifests of their own: data.test_manifests)"
-    split_ok = _check_codes(frame, line, "split", tuple(allowed_splits), split_what, problems)
+    split_ok = _check_codes(frame, line, "split", tuple(allowed_splits), "split", problems)
     for col, codes in attributes.items():
         _check_codes(frame, line, col, tuple(codes), f"column {col!r}", problems,
                      skip=(frame[col] == "") if col in derived else None)

@@ -7,6 +7,7 @@ already on disk and valid, so calling ``prepare`` again is cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -19,7 +20,7 @@ from model.backbone import LazyBackbone, file_sha256, weights_identity
 from model.cache import FeatureCache, open_or_build_cache
 from model.config import TrainRunConfig
 from model.detector import AdapterDetector
-from model.manifest import Manifest, ManifestError, load_manifest
+from model.manifest import Manifest, load_manifest
 from model.runtime import resolve_device
 from model.stage1 import Stage1Error, load_stage1_state, save_stage1, stage1_key, train_stage1
 from model.synthetic import generate
@@ -52,9 +53,6 @@ class PreparedData:
         return self.views
 
 
-TRAIN_VAL = ("train", "val")  # the splits of data.manifest
-
-
 def data_paths(config: TrainRunConfig, *, progress: bool = True) -> tuple[Path, dict[str, Path]]:
     """The manifests of a config; for the synthetic demo, generated under the workdir if absent."""
     data = config.data
@@ -68,13 +66,24 @@ def load_manifests(config: TrainRunConfig, *, progress: bool = True) -> tuple[Ma
     """Validate every manifest (train/val and test sets) up front; raises ManifestError."""
     main_path, test_paths = data_paths(config, progress=progress)
     attributes = config.data.attributes
-    # test rows here would be cached and never used: a test set is a manifest of its own
-    main = load_manifest(main_path, attributes=attributes, image_root=config.data.image_root, allowed_splits=TRAIN_VAL)
+    main = train_val_manifest(load_manifest(main_path, attributes=attributes, image_root=config.data.image_root))
     tests = {
         name: load_manifest(path, attributes=attributes, required_splits=("test",), default_split="test", image_root=config.data.image_root)
         for name, path in test_paths.items()
     }
     return main, tests
+
+
+def train_val_manifest(manifest: Manifest) -> Manifest:
+    """The train and val rows of ``data.manifest``. Its test rows (FF++'s official split, say) are
+    left out with a warning: trials never use them, caching them would cost backbone time, and
+    test sets are scored from data.test_manifests. (The sha256 stays the file's.)"""
+    test = (manifest.frame["split"] == "test").to_numpy()
+    if not test.any():
+        return manifest
+    log.warning("%s: %d rows of split 'test' left out: trials train on 'train' and validate on 'val'; "
+                "give test sets as data.test_manifests to score them with `evaluate`", manifest.path, int(test.sum()))
+    return dataclasses.replace(manifest, frame=manifest.frame[~test].reset_index(drop=True))
 
 
 def image_sizes_sha256(paths) -> str:
@@ -94,12 +103,8 @@ def inputs_identity(config: TrainRunConfig) -> dict:
     if data.synthetic is not None:  # generated deterministically from these settings
         dataset = {"synthetic": to_dict(data.synthetic)}
     else:
-        try:
-            dataset = {"manifest_sha256": file_sha256(data.manifest)}
-        except OSError as err:
-            raise ManifestError(data.manifest, [f"cannot read file: {err.strerror or err}"]) from None
-        manifest = load_manifest(data.manifest, attributes=data.attributes, image_root=data.image_root, allowed_splits=TRAIN_VAL)
-        dataset["image_sizes_sha256"] = image_sizes_sha256(manifest.frame["path"])
+        manifest = train_val_manifest(load_manifest(data.manifest, attributes=data.attributes, image_root=data.image_root))
+        dataset = {"manifest_sha256": manifest.sha256, "image_sizes_sha256": image_sizes_sha256(manifest.frame["path"])}
     if config.stage1.checkpoint is None:
         stage1 = {k: v for k, v in to_dict(config.stage1).items() if k != "checkpoint"}
     else:

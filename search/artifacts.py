@@ -28,8 +28,8 @@ TRIAL_FILES = {
 def artifact_store(directory: Path) -> FileSystemArtifactStore:
     """The study's artifact store: the one place it is built, for trial uploads, the dashboard's
     server and attached files, and evaluate's checkpoint downloads (return an S3 store here to
-    move all of them to a bucket)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    move all of them to a bucket). No I/O: readers need no write access; `optimize` makes the
+    folder (search.study.open_study), and so does attaching a file."""
     return FileSystemArtifactStore(str(directory))
 
 

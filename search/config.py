@@ -311,10 +311,12 @@ def _check_range_ends(training: TrainingConfig, space: dict[str, ParamSpec]) -> 
 
 
 def check_study_name(name: str) -> None:
-    """A study's name is also a folder under <workdir>/trials and /retrain: one path component."""
-    if not name.strip() or name != name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise ValueError(f"name: {name!r} cannot be a study name: it names the study's run folders, so it must be "
-                         "non-empty, without '/', '\\', surrounding spaces, and not '.' or '..'")
+    """A study's name is also a path under <workdir>/trials and /retrain, which must stay there
+    ('ffpp/v2' is a subfolder, '../x' or '/x' would leave the workdir)."""
+    parts = re.split(r"[/\\]", name)
+    if not name.strip() or "\0" in name or name.startswith(("/", "\\")) or ".." in parts or all(p in ("", ".") for p in parts):
+        raise ValueError(f"name: {name!r} cannot be a study name: its trials' folders are <workdir>/trials/<name>, "
+                         "so it must be non-empty and stay inside the workdir (no leading '/', no '..')")
 
 
 def load_study_config(path: str | Path, *, storage: str | None = None, study_name: str | None = None) -> StudyConfig:

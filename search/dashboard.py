@@ -69,6 +69,7 @@ def trial_artifacts(study: optuna.Study, trial: FrozenTrial) -> dict[str, str]:
 def attach_trial_file(study: optuna.Study, artifact_dir: Path, trial: FrozenTrial, path: Path, *, mimetype: str | None = None,
                       replace: bool = True) -> str:
     """Attach a file to a (finished) trial's dashboard artifacts; a file of the same name is replaced."""
+    artifact_dir.mkdir(parents=True, exist_ok=True)
     store = artifact_store(artifact_dir)
     storage, prefix = study._storage, f"{TRIAL_ARTIFACT_PREFIX}{trial._trial_id}:"
     if replace:

@@ -125,6 +125,9 @@ def test_a_key_given_twice_is_refused_with_its_line_but_anchors_may_be_overridde
     path.write_text("training: {lr: 0.001, lr: 0.01}\n")
     with pytest.raises(ConfigError, match=r"duplicate key 'lr'"):
         load_train_config(path)
+    path.write_text("? [a, b]\n: 1\n")  # an unhashable key: PyYAML's own error, not a TypeError
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: while constructing a mapping"):
+        load_yaml(path)
     # a merge key's values are defaults that the mapping's own keys override, as YAML means them
     path.write_text("defaults: &d {lr: 0.001, num_epochs: 4}\ntraining:\n  <<: *d\n  num_epochs: 2\n")
     assert load_yaml(path)["training"] == {"lr": 0.001, "num_epochs": 2}

@@ -101,15 +101,19 @@ def test_another_image_set_under_the_same_names_has_another_identity_and_a_copy_
     assert inputs_identity(config)["data"]["image_sizes_sha256"] not in (base["image_sizes_sha256"], at(other)["image_sizes_sha256"])
 
 
-def test_test_rows_in_the_train_val_manifest_are_refused_with_where_they_go(tmp_path):
-    """They were cached (backbone time) and never used: a test set is a manifest of its own."""
+def test_test_rows_in_the_train_val_manifest_are_left_out_with_a_warning(tmp_path, caplog):
+    """FF++'s official test split in one CSV with train and val: trials never use those rows, so
+    they are neither cached nor part of the identity; the file's sha256 is still the identity's."""
     from model.prepare import load_manifests
 
     write_manifest(tmp_path)
+    config = run_config(tmp_path, weights=Path("random"))
+    without = inputs_identity(config)["data"]
     (tmp_path / "e.png").write_bytes(b"x" * 50)
     (tmp_path / "manifest.csv").write_text(MANIFEST + "e.png,1,test,male,white\n")
-    config = run_config(tmp_path, weights=Path("random"))
-    for call in (inputs_identity, lambda c: load_manifests(c, progress=False)):
-        with pytest.raises(ManifestError, match=r"split \(test sets go in manifests of their own: data.test_manifests\) "
-                                                r"has unknown value\(s\) 'test' at line 6 \(known: train, val\)"):
-            call(config)
+    with_test = inputs_identity(config)["data"]
+    assert with_test["image_sizes_sha256"] == without["image_sizes_sha256"]
+    assert with_test["manifest_sha256"] != without["manifest_sha256"]
+    main, _ = load_manifests(config, progress=False)
+    assert list(main.frame["split"]) == ["train", "train", "val", "val"] and list(main.frame["line"]) == [2, 3, 4, 5]
+    assert "1 rows of split 'test' left out" in caplog.text and "data.test_manifests" in caplog.text

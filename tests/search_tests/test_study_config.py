@@ -95,7 +95,7 @@ def mutate(path_keys, value):
         (["distributed", "devices"], "0,gpu1", r"distributed: devices: 'gpu1' is not a GPU index"),
         (["training", "device"], "cuda:abc", r"training: device must be auto, cpu, cuda or cuda:N, got 'cuda:abc'"),
         (["name"], KeyError, r"name: required key is missing"),
-        (["name"], "../../escaped", r"name: '../../escaped' cannot be a study name: it names the study's run folders"),
+        (["name"], "../../escaped", r"name: '../../escaped' cannot be a study name: its trials' folders are <workdir>/trials/<name>"),
         (["name"], "", r"name: '' cannot be a study name"),
         (["storage"], "${FAIRFRONT_UNSET_STORAGE}", r"storage: environment variable \$\{FAIRFRONT_UNSET_STORAGE\} is not set"),
     ],
@@ -134,6 +134,7 @@ def test_storage_comes_from_the_environment(tmp_path, monkeypatch):
     assert override.storage_url == "sqlite:////tmp/x.db" and override.name == "other"
     with pytest.raises(ConfigError, match=r"--study-name: name: '\.\./other' cannot be a study name"):
         load_study_config(DEMO, study_name="../other")
+    assert load_study_config(DEMO, study_name="ffpp/v2").name == "ffpp/v2"  # a subfolder of <workdir>/trials
 
 
 def test_an_overridden_or_unused_storage_needs_no_yaml_variable(tmp_path, monkeypatch, capsys):
