@@ -93,32 +93,44 @@ def image_sizes_sha256(paths) -> str:
     return hashlib.sha256(",".join(str(os.stat(path).st_size) for path in paths).encode()).hexdigest()
 
 
+def inputs_settings(config: TrainRunConfig) -> dict:
+    """The part of :func:`inputs_identity` that the YAML alone gives (no file is read): the
+    synthetic settings, the attributes, the backbone's name, layers, dtypes and random seed, the
+    Stage 1 training settings, the augmentation. The read commands compare it to a study's."""
+    data, backbone = config.data, config.backbone
+    features = {"name": backbone.name, "stage1_layer": backbone.stage1_layer, "stage2_layer": backbone.stage2_layer,
+                "precision": backbone.precision, "cache_dtype": backbone.cache_dtype}
+    if backbone.weights == "random":
+        features["weights"] = weights_identity(backbone)
+    return {
+        # synthetic data is generated deterministically from these settings
+        "data": ({"synthetic": to_dict(data.synthetic)} if data.synthetic is not None else {}) | {"attributes": to_dict(data.attributes)},
+        "backbone": features,
+        "stage1": {k: v for k, v in to_dict(config.stage1).items() if k != "checkpoint"} if config.stage1.checkpoint is None else {},
+        "augment": config.augment.identity(),
+    }
+
+
 def inputs_identity(config: TrainRunConfig) -> dict:
     """What a run's numbers depend on besides its training and model settings, by content rather
     than location (paths differ between the nodes of one study): the train/val data and its
-    attributes, the backbone that makes the features, the frozen Stage 1 adapter, the augmentation. Hashes the
-    manifest, the images' sizes and the weight files; builds, generates and trains nothing. Test manifests are left
-    out: they are scored after a search, and never change a trial."""
+    attributes, the backbone that makes the features, the frozen Stage 1 adapter, the augmentation.
+    :func:`inputs_settings` plus the hashes of the manifest, the images' sizes, the weight file and
+    a given Stage 1 checkpoint; builds, generates and trains nothing. Test manifests are left out:
+    they are scored after a search, and never change a trial."""
     data, backbone = config.data, config.backbone
-    if data.synthetic is not None:  # generated deterministically from these settings
-        dataset = {"synthetic": to_dict(data.synthetic)}
-    else:
+    identity = inputs_settings(config)
+    if data.synthetic is None:
         manifest = train_val_manifest(load_manifest(data.manifest, attributes=data.attributes, image_root=data.image_root))
-        dataset = {"manifest_sha256": manifest.sha256, "image_sizes_sha256": image_sizes_sha256(manifest.frame["path"])}
-    if config.stage1.checkpoint is None:
-        stage1 = {k: v for k, v in to_dict(config.stage1).items() if k != "checkpoint"}
-    else:
+        identity["data"] |= {"manifest_sha256": manifest.sha256, "image_sizes_sha256": image_sizes_sha256(manifest.frame["path"])}
+    if backbone.weights != "random":
+        identity["backbone"]["weights"] = weights_identity(backbone)
+    if config.stage1.checkpoint is not None:
         try:
-            stage1 = {"checkpoint_sha256": file_sha256(config.stage1.checkpoint)}
+            identity["stage1"] = {"checkpoint_sha256": file_sha256(config.stage1.checkpoint)}
         except OSError as err:
             raise Stage1Error(f"stage1.checkpoint: cannot read {config.stage1.checkpoint}: {err.strerror or err}") from None
-    return {
-        "data": dataset | {"attributes": to_dict(data.attributes)},
-        "backbone": {"name": backbone.name, "weights": weights_identity(backbone), "stage1_layer": backbone.stage1_layer,
-                     "stage2_layer": backbone.stage2_layer, "precision": backbone.precision, "cache_dtype": backbone.cache_dtype},
-        "stage1": stage1,
-        "augment": config.augment.identity(),
-    }
+    return identity
 
 
 def prepare(config: TrainRunConfig, *, progress: bool = True, with_test_caches: bool = True, with_views: bool = True) -> PreparedData:

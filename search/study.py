@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from model import prepare
-from model.prepare import inputs_identity
+from model.prepare import inputs_identity, inputs_settings
 from model.runtime import compile_sinkhorn, resolve_device
 from model.typed_config import to_dict
 from search.config import StudyConfig
@@ -114,13 +114,20 @@ def check_read_definition(study: optuna.Study, config: StudyConfig) -> None:
     """Refuse to read a study (show, export, report, evaluate) with a YAML whose settings differ
     from its stored definition: an export would carry the YAML's model or training values, not
     those its trial ran with, and a table would label values with the YAML's objectives. Only the
-    settings are compared (no data or weights are read here; `optimize` compares the inputs)."""
+    settings and the inputs' settings are compared (model.prepare.inputs_settings: no data or
+    weights are read here, `optimize` compares their hashes): an `evaluate` with another synthetic
+    seed regenerated the study's data and replaced its stored results with other data's."""
     stored = study.user_attrs.get(DEFINITION_ATTR)
     if stored is None or not study.get_trials(deepcopy=False, states=_COMPARED):
         return
     wanted = settings_definition(config)
     stored = _with_added_later(stored)
-    if changes := _changes({**wanted, **{k: v for k, v in stored.items() if k in wanted}}, wanted):
+    changes = _changes({**wanted, **{k: v for k, v in stored.items() if k in wanted}}, wanted)
+    # only the keys both hold: the stored identity also has hashes, which are not read here
+    was, now = _flat(stored), _flat(inputs_settings(config.base_run_config()))
+    changes += [f"{key}: {json.dumps(was[key])} in the study, {json.dumps(value)} in the YAML"
+                for key, value in sorted(json.loads(json.dumps(now)).items()) if key in was and was[key] != value]
+    if changes := list(dict.fromkeys(changes)):  # (augment is in both)
         raise ValueError(f"study {config.name!r} in {mask_url(config.storage_url)} was created with another definition ("
                          + "; ".join(changes) + "): its trials did not run with this YAML's settings; "
                          "restore the YAML the study ran with")

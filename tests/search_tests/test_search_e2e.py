@@ -373,11 +373,17 @@ def test_a_folder_the_study_writes_to_that_cannot_be_one_is_named_before_anythin
     assert not (tmp_path / "work" / "features").exists() and not (tmp_path / "work" / "data").exists()
     assert blocker.read_text() == "not a folder"
 
-@pytest.mark.parametrize("command", ["show", "export", "report"])
+
+@pytest.mark.parametrize("command", ["show", "export", "report", "evaluate"])
 @pytest.mark.parametrize("section, key, value, named", [
     ("model", "stage2_hidden_ratio", 2.0, "model.stage2_hidden_ratio"),
     ("objectives", None, [{"metric": "auc"}, {"metric": "f_dp"}, {"metric": "f_fpr"}], "objectives"),
     ("training", "num_epochs", 5, "training.num_epochs"),
+    # the inputs' settings: an export would train on other features, an evaluate regenerated the
+    # study's synthetic data with another seed and replaced its stored results
+    ("backbone", "stage2_layer", -3, "backbone.stage2_layer"),
+    ("stage1", "epochs", 3, "stage1.epochs"),
+    ("data", "synthetic.seed", 1, "data.synthetic.seed"),
 ])
 def test_reading_a_study_with_a_yaml_that_changed_its_settings_is_refused(study_run, tmp_path, capsys, command, section, key, value, named):
     """An export would carry the YAML's model, not the one its trial ran with; a table would label
@@ -387,15 +393,22 @@ def test_reading_a_study_with_a_yaml_that_changed_its_settings_is_refused(study_
     if key is None:
         data[section] = value
     else:
-        data.setdefault(section, {})[key] = value
+        *parents, leaf = key.split(".")
+        where = data.setdefault(section, {})
+        for parent in parents:
+            where = where[parent]
+        where[leaf] = value
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
-    extra = {"show": [], "export": ["--pick", "knee", "--out", str(out)], "report": ["--out", str(out)]}[command]
+    workdir = Path(data["workdir"])
+    stored_data = sorted(p.name for p in (workdir / "data").iterdir())
+    extra = {"show": [], "export": ["--pick", "knee", "--out", str(out)], "report": ["--out", str(out)],
+             "evaluate": ["--trials", "all"]}[command]
     assert run_study.main(["-q", command, "--study", str(changed), *extra]) == 2
     err = capsys.readouterr().err
     assert "was created with another definition" in err and named in err and "restore the YAML" in err
-    assert not out.exists()
+    assert not out.exists() and sorted(p.name for p in (workdir / "data").iterdir()) == stored_data
 
 
 def test_run_settings_may_differ_between_invocations_of_one_study(study_run, tmp_path):
