@@ -22,6 +22,14 @@ STALE = ("evaluated with a different frozen Stage 1 adapter than the trial train
          "settings changed since it ran, so these numbers are not comparable with its validation metrics.")
 
 
+def end_reason(trial: FrozenTrial) -> str:
+    """Why a trial ended as it did: a FAIL's own reason first (a trial that trained, stopped early
+    and then failed to upload keeps its stop_reason too, which is not why it failed)."""
+    attrs = trial.user_attrs
+    if trial.state == TrialState.FAIL:
+        return str(attrs.get("fail_reason") or attrs.get("stop_reason") or "")
+    return str(attrs.get("stop_reason") or attrs.get("fail_reason") or "")
+
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

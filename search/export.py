@@ -8,6 +8,7 @@ block, so the file stays a plain training config. Re-training it reproduces the 
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from pathlib import Path
 
 import optuna
@@ -76,5 +77,12 @@ def export_trial(study: optuna.Study, study_config: StudyConfig, trial: FrozenTr
     config = trial_train_config(study_config, trial)
     body = yaml.safe_dump(train_config_to_yaml_dict(config, relative_to=out.parent), sort_keys=False)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(header(study, study_config, trial, pick) + body)
+    # Whole or not at all: a cut-short export (a full disk) still loads, with defaults in place of
+    # the missing keys, and would have replaced the earlier export.
+    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex}")
+    try:
+        partial.write_text(header(study, study_config, trial, pick) + body)
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
     return out

@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 import objectives
 from search import _report_plots as plots
 from search._figures import StudyView, hypervolume_history, label
-from search._notes import DETECTION, FAIRNESS, STALE, degenerate_epochs, fmt_metric, fmt_value, gate_range, is_number, md_table, ranges
+from search._notes import DETECTION, FAIRNESS, STALE, degenerate_epochs, end_reason, fmt_metric, fmt_value, gate_range, is_number, md_table, ranges
 from search.config import StudyConfig
 from search.credentials import mask_url
 from search.evaluate import load_test_results, threshold_dependent
@@ -150,7 +150,7 @@ def _all_trials_section(view: StudyView, config: StudyConfig) -> Section:
     rows = []
     for t in view.trials:
         values = [fmt_metric(m, v) for m, v in zip(config.metric_names, t.values)] if t.values else ["–"] * len(config.metric_names)
-        reason = t.user_attrs.get("stop_reason") or t.user_attrs.get("fail_reason") or ""
+        reason = end_reason(t)
         rows.append([_row_head(t), t.state.name, view.kind(t) if t.state == TrialState.COMPLETE else "", *values,
                      t.user_attrs.get("epochs_run", "–"), reason[:80]])
     return Section("All trials", "", ["trial", "state", "kind", *(label(m) for m in config.metric_names), "epochs", "stopped / failed because"], rows)

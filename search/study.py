@@ -18,6 +18,7 @@ from model.prepare import inputs_identity, inputs_settings
 from model.runtime import compile_sinkhorn, resolve_device
 from model.typed_config import to_dict
 from search.config import StudyConfig
+from search._notes import end_reason
 from search.dashboard import TrialAnnotator
 from search.objective import TrialDiverged, TrialObjective
 from search.samplers import build_sampler
@@ -201,7 +202,7 @@ def describe_trial(trial: FrozenTrial, metric_names: list[str]) -> str:
         values = "  ".join(f"{m} {v:.4f}" for m, v in zip(metric_names, trial.values))
         note = "  INFEASIBLE (degenerate)" if trial.user_attrs.get("degenerate") else ""
     else:
-        values, note = trial.state.name, f"  ({trial.user_attrs.get('stop_reason') or trial.user_attrs.get('fail_reason', '')})"
+        values, note = trial.state.name, f"  ({end_reason(trial)})"
     params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
     return f"trial {trial.number:3d}: {values}{note}  epochs {trial.user_attrs.get('epochs_run', '?')}  [{params}]"
 

@@ -176,6 +176,18 @@ def test_importances_need_feasible_trials():
     assert all(isinstance(v, str) and "at least 2" in v for v in reasons.values())
 
 
+
+def test_a_failed_trial_is_described_by_its_failure_not_by_an_earlier_stop():
+    """A trial that stopped early, then failed to upload its outputs, failed because of the upload."""
+    from search._notes import end_reason
+    from search.study import describe_trial
+
+    attrs = {"stop_reason": "degenerate: every validation prediction was one class", "fail_reason": "PermissionError: artifacts"}
+    failed = create_trial(state=TrialState.FAIL, user_attrs=attrs)
+    pruned = create_trial(state=TrialState.PRUNED, user_attrs=attrs)
+    assert end_reason(failed) == "PermissionError: artifacts" and "(PermissionError: artifacts)" in describe_trial(failed, ["auc"])
+    assert end_reason(pruned).startswith("degenerate")
+
 def test_small_formatters():
     assert ranges([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8"
     assert ranges([]) == "none"

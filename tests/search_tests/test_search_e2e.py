@@ -135,6 +135,28 @@ def test_export_overwrites_an_earlier_export_but_never_the_study(study_run, tmp_
     assert "picked by --pick 'knee'" in out.read_text()
 
 
+
+def test_an_export_cut_short_leaves_the_earlier_one_whole(study_run, tmp_path, monkeypatch):
+    """A full disk mid-write left a truncated export that still loaded, with defaults in place of
+    the missing training keys, under the trial's header."""
+    from search import export as export_module
+
+    path, config, study = study_run
+    out = tmp_path / "best.yaml"
+    assert run_study.main(["-q", "export", "--study", str(path), "--pick", "max-auc", "--out", str(out)]) == 0
+    earlier = out.read_bytes()
+    real_write_text = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_module.export_trial(study, config, pick_trial(study, "knee"), out, pick="knee")
+    monkeypatch.undo()
+    assert out.read_bytes() == earlier and sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml"]
+
 def test_an_export_or_report_under_a_file_is_one_line_naming_the_path(study_run, tmp_path, capsys):
     path, _, _ = study_run
     a_file = tmp_path / "a_file"
