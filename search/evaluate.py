@@ -45,6 +45,8 @@ from search.pareto import pareto_trials
 log = logging.getLogger(__name__)
 
 TEST_ATTR_PREFIX = "test:"
+# What shows that two evaluations scored the same checkpoint on the same sets.
+_SAME_SCORING = ("threshold", "datasets", "val_auc_recomputed", "test_mean_auc")
 MEAN = "mean"
 
 
@@ -219,8 +221,19 @@ def evaluate_trial(trial: FrozenTrial, checkpoint: Path, prepared: PreparedData,
     return result
 
 
-def store_result(study: optuna.Study, result: dict) -> None:
-    study.set_user_attr(f"{TEST_ATTR_PREFIX}{result['trial']}", result)
+def store_result(study: optuna.Study, result: dict) -> dict:
+    """Store a trial's evaluation in place of an earlier one; returns what was stored. Run with
+    --no-tune-threshold, it keeps the earlier tuned-threshold results when they scored the same
+    checkpoint on the same sets (they would otherwise be lost)."""
+    key = f"{TEST_ATTR_PREFIX}{result['trial']}"
+    earlier = study.user_attrs.get(key)
+    if "tuned_threshold" not in result and isinstance(earlier, dict) and "tuned_threshold" in earlier:
+        if all(earlier.get(k) == result.get(k) for k in _SAME_SCORING):
+            result = {**result, **{k: v for k, v in earlier.items() if k.startswith("tuned_")}}
+        else:
+            log.info("trial %d: its earlier tuned-threshold results scored another checkpoint or sets; dropped", result["trial"])
+    study.set_user_attr(key, result)
+    return result
 
 
 def load_test_results(study: optuna.Study) -> dict[int, dict]:
@@ -252,7 +265,7 @@ def evaluate_study(config: StudyConfig, study: optuna.Study, trials: list[Frozen
                 log.error("%s", err)
                 skipped.append(str(err))
                 continue
-            store_result(study, result)
+            result = store_result(study, result)
             _annotate(study, config, trial, result, Path(scratch))
             results[trial.number] = result
     bar.close()

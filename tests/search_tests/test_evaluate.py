@@ -314,13 +314,16 @@ def test_the_tuned_threshold_maximises_validation_balanced_accuracy_and_the_test
     assert tuned_trials, "no Pareto trial moved its threshold: the comparisons above checked nothing"
 
 
-def test_no_tune_threshold_stores_and_prints_no_tuned_metrics_and_the_report_has_no_tuned_section(tiny, tmp_path, capsys):
-    """On a copy of the study's database (the shared study keeps its tuned results): evaluated with
-    tuning first, so the absence checks are checked against its presence, then with --no-tune-threshold."""
+def test_no_tune_threshold_stores_and_prints_no_tuned_metrics_and_keeps_earlier_tuned_ones(tiny, tmp_path, capsys):
+    """On a copy of the study's database without its stored results (the shared study keeps its
+    own): --no-tune-threshold stores and prints no tuned metrics and the report has no tuned
+    section; after a tuned run, a --no-tune-threshold run keeps the tuned results of the same
+    checkpoints instead of erasing them."""
     import sqlite3
 
     from search import open_study
     from search.config import load_study_config
+    from search.evaluate import TEST_ATTR_PREFIX
 
     path, config, study = tiny
     copy_db = tmp_path / "study.db"
@@ -333,12 +336,11 @@ def test_no_tune_threshold_stores_and_prints_no_tuned_metrics_and_the_report_has
     storage = f"sqlite:///{copy_db}"
     evaluate = ["-q", "evaluate", "--study", str(path), "--storage", storage, "--trials", "all"]
     copied = lambda: open_study(load_study_config(path, storage=storage), create=False)  # noqa: E731
+    for key in [k for k in copied().user_attrs if k.startswith(TEST_ATTR_PREFIX)]:
+        copied().set_user_attr(key, None)  # (Optuna cannot delete a user attr; load_test_results skips it)
+    assert load_test_results(copied()) == {}
     numbers = [t.number for t in select_trials(study, "all")]
     shared = load_test_results(study)
-
-    assert run_study.main(evaluate) == 0
-    assert "tuned thr" in capsys.readouterr().out
-    assert all("tuned_threshold" in load_test_results(copied())[n] for n in numbers)
 
     assert run_study.main([*evaluate, "--no-tune-threshold"]) == 0
     out = capsys.readouterr().out
@@ -348,10 +350,16 @@ def test_no_tune_threshold_stores_and_prints_no_tuned_metrics_and_the_report_has
     for number in numbers:
         assert np.isfinite(results[number]["test_mean_auc"]) and results[number]["datasets"]
         assert [k for k in results[number] if k.startswith("tuned")] == [], number
-    assert load_test_results(study) == shared  # the shared study is untouched
-
     out_dir = tmp_path / "report"
     assert run_study.main(["-q", "report", "--study", str(path), "--storage", storage, "--out", str(out_dir)]) == 0
     markdown = (out_dir / "report.md").read_text()
     assert "## Test sets: AUC per dataset" in markdown
     assert "Threshold tuned on validation" not in markdown and "(tuned)" not in markdown
+
+    assert run_study.main(evaluate) == 0
+    assert "tuned thr" in capsys.readouterr().out
+    tuned = load_test_results(copied())
+    assert all("tuned_threshold" in tuned[n] for n in numbers)
+    assert run_study.main([*evaluate, "--no-tune-threshold"]) == 0
+    assert load_test_results(copied()) == tuned  # the same checkpoints: their tuned results are kept
+    assert load_test_results(study) == shared  # the shared study is untouched
