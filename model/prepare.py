@@ -174,7 +174,7 @@ def _train_or_reuse_stage1(config: TrainRunConfig, manifest: Manifest, cache: Fe
     path = config.workdir / "stage1" / f"stage1-{key[:16]}.pt"
     if path.is_file():
         try:
-            state = load_stage1_state(path, width, config.model)
+            state = load_stage1_state(path, width, config.model, key=key)
             log.info("stage 1 adapter reused: %s", path)
             return path, state
         except ValueError as err:
@@ -187,4 +187,4 @@ def _train_or_reuse_stage1(config: TrainRunConfig, manifest: Manifest, cache: Fe
     )
     save_stage1(path, adapter, key=key, width=width, val_auc=auc)
     log.info("stage 1 adapter trained: val AUC %.4f -> %s", auc, path)
-    return path, load_stage1_state(path, width, config.model)
+    return path, load_stage1_state(path, width, config.model, key=key)

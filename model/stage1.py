@@ -62,20 +62,31 @@ def train_stage1(
     return adapter.eval(), auc
 
 
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A checksum of the weights: torch.load checks no CRC, so flipped bits would load as weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode() + b"\0" + state[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_stage1(path: Path, adapter: Stage1Adapter, *, key: str, width: int, val_auc: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.partial-{uuid.uuid4().hex}")  # writers on other nodes: see cache._build
+    state = adapter.state_dict()
     try:
-        torch.save({"state_dict": adapter.state_dict(), "key": key, "width": width, "val_auc": val_auc}, tmp)
+        torch.save({"state_dict": state, "key": key, "width": width, "val_auc": val_auc, "state_sha256": state_sha256(state)}, tmp)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def load_stage1_state(path: Path, width: int, model: ModelConfig) -> dict[str, torch.Tensor]:
+def load_stage1_state(path: Path, width: int, model: ModelConfig, *, key: str | None = None) -> dict[str, torch.Tensor]:
     """The Stage 1 weights from a checkpoint, checked against the backbone width and the adapter
-    shape that ``model.stage1_hidden_ratio`` gives (so a mismatch fails in prepare, not in every trial)."""
+    shape that ``model.stage1_hidden_ratio`` gives (so a mismatch fails in prepare, not in every trial),
+    against the checksum ``save_stage1`` stored with them, and (``key``) against the settings and
+    cache it was trained for."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load of a file that is no checkpoint raises KeyError, UnpicklingError, ...
@@ -83,6 +94,10 @@ def load_stage1_state(path: Path, width: int, model: ModelConfig) -> dict[str, t
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict) or "fc1.weight" not in state:
         raise Stage1Error(f"stage1.checkpoint: {path} holds no Stage 1 adapter state (keys norm.*, fc1.*, fc2.*)")
+    if "state_sha256" in blob and blob["state_sha256"] != state_sha256(state):
+        raise Stage1Error(f"stage1.checkpoint: {path} is damaged: its weights do not match the checksum saved with them")
+    if key is not None and blob.get("key") != key:
+        raise Stage1Error(f"stage 1: {path} was trained for other settings or data (key {str(blob.get('key'))[:16]}, wanted {key[:16]})")
     if state["fc1.weight"].shape[1] != width:
         raise Stage1Error(f"stage1.checkpoint: {path} is for width {state['fc1.weight'].shape[1]}, the backbone has {width}")
     try:

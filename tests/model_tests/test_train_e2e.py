@@ -330,6 +330,27 @@ def test_a_stage1_checkpoint_of_another_shape_is_refused_by_prepare_naming_both_
     assert prepare(same, progress=False, with_test_caches=False).stage1_checkpoint == checkpoint
 
 
+
+def test_a_stage1_checkpoint_with_flipped_bits_is_retrained_not_reused_and_a_given_one_is_refused(tmp_path, caplog):
+    """torch.load checks no CRC: weights with flipped bits loaded as weights, and every new trial
+    trained on another frozen Stage 1."""
+    from model.stage1 import Stage1Error
+
+    config = load_train_config(tiny_config(tmp_path))
+    first = prepare(config, progress=False, with_test_caches=False)
+    blob = torch.load(first.stage1_checkpoint, weights_only=True)
+    weight = blob["state_dict"]["fc1.weight"]
+    bits = weight.view(torch.int32)
+    bits ^= 1 << 10  # one mantissa bit of every weight
+    torch.save(blob, first.stage1_checkpoint)
+    given = dataclasses.replace(config, stage1=dataclasses.replace(config.stage1, checkpoint=first.stage1_checkpoint))
+    with pytest.raises(Stage1Error, match=r"stage1.checkpoint: .* is damaged: its weights do not match the checksum"):
+        prepare(given, progress=False, with_test_caches=False)
+    again = prepare(config, progress=False, with_test_caches=False)
+    assert "stage 1 checkpoint rebuilt" in caplog.text and "is damaged" in caplog.text
+    for name, tensor in first.stage1_state.items():
+        assert torch.equal(again.stage1_state[name], tensor), name  # retrained the same, on the CPU
+
 def test_a_stage1_checkpoint_that_is_no_torch_file_is_refused_before_any_feature_is_extracted(tmp_path):
     from model.stage1 import Stage1Error
 
