@@ -273,8 +273,30 @@ def trials_frame(view: StudyView, results: dict[int, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+_TITLE = "# Trade-off report: "  # report.md's first line: an earlier report, which a new one replaces
+_WRITTEN = ("report.md", "report.html", "trials.csv", "pareto_trials.csv",
+            *(f"{name}.png" for name in ("pareto_front", "hypervolume", "importances", "blur_lambda")))
+
+
+def check_report_target(out: Path) -> None:
+    """A report replaces an earlier report's files, never other files of those names (``--out``
+    pointed at a folder of one's own notes)."""
+    taken = sorted(name for name in _WRITTEN if (out / name).exists())
+    if not taken:
+        return
+    try:
+        earlier = (out / "report.md").read_text(errors="replace").startswith(_TITLE)
+    except OSError:
+        earlier = False
+    if not earlier:
+        raise ValueError(f"--out: {out} holds {', '.join(taken)}, not from an earlier fairfront report; "
+                         "they are left as they are (give another folder)")
+
+
 def build_report(study: optuna.Study, config: StudyConfig, out: str | Path) -> Report:
     out = Path(out)
+    if out.is_dir():
+        check_report_target(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -123,6 +123,22 @@ def test_a_report_folder_that_cannot_be_one_is_named_as_out(tiny, tmp_path, caps
     assert capsys.readouterr().err.startswith(f"error: --out: cannot create the report folder {blocker} (")
     assert blocker.read_text() == "not a folder"
 
+
+def test_a_report_replaces_an_earlier_report_but_not_other_files_of_its_names(tiny, tmp_path, capsys):
+    path, _, _ = tiny
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "report.md").write_text("my own notes\n")
+    (notes / "trials.csv").write_text("mine\n")
+    assert run_study.main(["-q", "report", "--study", str(path), "--out", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out: {notes} holds report.md, trials.csv, not from an earlier fairfront report")
+    assert (notes / "report.md").read_text() == "my own notes\n" and sorted(p.name for p in notes.iterdir()) == ["report.md", "trials.csv"]
+    out = tmp_path / "report"
+    for _ in range(2):  # the second replaces the first
+        assert run_study.main(["-q", "report", "--study", str(path), "--out", str(out)]) == 0
+    assert (out / "report.md").read_text().startswith("# Trade-off report: study ")
+
 def test_infeasible_trials_are_greyed_and_off_the_front(tiny, tmp_path):
     _, config, _ = tiny
     study = _synthetic_study()
