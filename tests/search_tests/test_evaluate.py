@@ -136,7 +136,7 @@ def test_test_sets_are_scored_at_the_trials_own_threshold(tiny, prepared, monkey
     _, config, study = tiny
     trial = copy.deepcopy(study.best_trials[0])
     trial.user_attrs = {**trial.user_attrs, "training": {**trial.user_attrs["training"], "threshold": 0.3}}  # searched
-    monkeypatch.setattr(evaluate, "store_result", lambda *args: None)  # the shared study keeps its real results
+    monkeypatch.setattr(evaluate, "store_result", lambda study, result: result)  # the shared study keeps its real results
     monkeypatch.setattr(evaluate, "_annotate", lambda *args: None)
     result = evaluate.evaluate_study(config, study, [trial], prepared=prepared, progress=False)[trial.number]
     assert result["threshold"] == 0.3 != config.training.threshold
