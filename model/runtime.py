@@ -1,4 +1,4 @@
-"""Device choice, seeding, autocast and compilation: the few lines every entry point needs the same way."""
+"""Device choice, seeding, autocast, compilation and output folders: the few lines every entry point needs the same way."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import logging
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +14,16 @@ import torch
 import objectives
 
 log = logging.getLogger(__name__)
+
+
+def make_folder(path: Path, key: str, what: str = "the folder") -> Path:
+    """An output folder, made before any work: a path that cannot be a folder (a file, no
+    permission) fails at once, naming the key that gave it, not after minutes of compute."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{key}: cannot create {what} {path} ({err.strerror})") from None
+    return path
 
 
 def resolve_device(name: str) -> torch.device:

@@ -30,7 +30,7 @@ from model.config import TrainingConfig, TrainRunConfig, train_config_to_yaml_di
 from model.detector import AdapterDetector
 from model.optim import build_optimizer, lr_factor, set_lr
 from model.prepare import PreparedData, prepare
-from model.runtime import autocast, compile_sinkhorn, resolve_device, seed_everything
+from model.runtime import autocast, compile_sinkhorn, make_folder, resolve_device, seed_everything
 from model.tokens import OnlineTokens, TokenSource, read_batches
 
 log = logging.getLogger(__name__)
@@ -337,14 +337,8 @@ RUN_FILES = ("best.pt", "curve.csv", "metrics.json", "config.yaml")  # what writ
 
 
 def make_run_dir(config: TrainRunConfig) -> Path:
-    """The run's output folder, made before any work: a path that cannot be a folder (a file,
-    no permission) fails before the caches and epochs, naming output_dir."""
-    out = config.run_dir
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"output_dir: cannot create the run folder {out} ({err.strerror})") from None
-    return out
+    """The run's output folder, made before the caches and epochs."""
+    return make_folder(config.run_dir, "output_dir", "the run folder")
 
 
 def earlier_run_files(config: TrainRunConfig) -> list[str]:

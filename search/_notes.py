@@ -30,6 +30,7 @@ def end_reason(trial: FrozenTrial) -> str:
         return str(attrs.get("fail_reason") or attrs.get("stop_reason") or "")
     return str(attrs.get("stop_reason") or attrs.get("fail_reason") or "")
 
+
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -26,6 +26,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 import objectives
+from model.runtime import make_folder
 from search import _report_plots as plots
 from search._figures import StudyView, hypervolume_history, label
 from search._notes import DETECTION, FAIRNESS, STALE, degenerate_epochs, end_reason, fmt_metric, fmt_value, gate_range, is_number, md_table, ranges
@@ -297,10 +298,7 @@ def build_report(study: optuna.Study, config: StudyConfig, out: str | Path) -> R
     out = Path(out)
     if out.is_dir():
         check_report_target(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out: cannot create the report folder {out} ({err.strerror})") from None
+    make_folder(out, "--out", "the report folder")
     sections, images, view = build_sections(study, config, out)
     md = out / "report.md"
     md.write_text(_to_markdown(sections, out))

@@ -6,7 +6,6 @@ import json
 import logging
 import time
 import warnings
-from pathlib import Path
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -15,7 +14,7 @@ from tqdm.auto import tqdm
 
 from model import prepare
 from model.prepare import inputs_identity, inputs_settings
-from model.runtime import compile_sinkhorn, resolve_device
+from model.runtime import compile_sinkhorn, make_folder, resolve_device
 from model.typed_config import to_dict
 from search.config import StudyConfig
 from search._notes import end_reason
@@ -123,12 +122,12 @@ def check_read_definition(study: optuna.Study, config: StudyConfig) -> None:
         return
     wanted = settings_definition(config)
     stored = _with_added_later(stored)
-    changes = _changes({**wanted, **{k: v for k, v in stored.items() if k in wanted}}, wanted)
-    # only the keys both hold: the stored identity also has hashes, which are not read here
-    was, now = _flat(stored), _flat(inputs_settings(config.base_run_config()))
-    changes += [f"{key}: {json.dumps(was[key])} in the study, {json.dumps(value)} in the YAML"
-                for key, value in sorted(json.loads(json.dumps(now)).items()) if key in was and was[key] != value]
-    if changes := list(dict.fromkeys(changes)):  # (augment is in both)
+    was = _flat({**wanted, **{k: v for k, v in stored.items() if k in wanted}})
+    now = _flat(wanted)
+    # the inputs' settings only where the study holds them: its identity also has hashes, not read here
+    stored_flat = _flat(stored)
+    inputs = {k: v for k, v in _flat(json.loads(json.dumps(inputs_settings(config.base_run_config())))).items() if k in stored_flat}
+    if changes := _flat_changes(was | {k: stored_flat[k] for k in inputs}, now | inputs):
         raise ValueError(f"study {config.name!r} in {mask_url(config.storage_url)} was created with another definition ("
                          + "; ".join(changes) + "): its trials did not run with this YAML's settings; "
                          "restore the YAML the study ran with")
@@ -139,16 +138,12 @@ def _with_added_later(stored: dict) -> dict:
 
 
 def _changes(stored: dict, wanted: dict) -> list[str]:
-    was, now = _flat(stored), _flat(wanted)
+    return _flat_changes(_flat(stored), _flat(wanted))
+
+
+def _flat_changes(was: dict, now: dict) -> list[str]:
     return [f"{key}: {json.dumps(was.get(key, 'unset'))} in the study, {json.dumps(now.get(key, 'unset'))} in the YAML"
             for key in sorted(set(was) | set(now)) if was.get(key, "unset") != now.get(key, "unset")]
-
-
-def make_folder(path: Path, key: str) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"{key}: cannot create the folder {path} ({err.strerror})") from None
 
 
 def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
