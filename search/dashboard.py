@@ -42,6 +42,7 @@ from search._chromium import DEFAULT_WINDOW, check_screenshot_path, chromium, fi
 from search._notes import trial_note
 from search.artifacts import artifact_store
 from search.config import StudyConfig
+from search.storage import StorageError
 from search.study_args import study_args
 
 log = logging.getLogger(__name__)
@@ -68,26 +69,36 @@ def trial_artifacts(study: optuna.Study, trial: FrozenTrial) -> dict[str, str]:
 
 def attach_trial_file(study: optuna.Study, artifact_dir: Path, trial: FrozenTrial, path: Path, *, mimetype: str | None = None,
                       replace: bool = True) -> str:
-    """Attach a file to a (finished) trial's dashboard artifacts; a file of the same name is replaced."""
+    """Attach a file to a (finished) trial's dashboard artifacts; a file of the same name is replaced.
+
+    The earlier file is let go only once the new one is recorded, and a new file the storage
+    refused (read-only, connection lost) is removed again: a failed attach changes nothing."""
     artifact_dir.mkdir(parents=True, exist_ok=True)
     store = artifact_store(artifact_dir)
     storage, prefix = study._storage, f"{TRIAL_ARTIFACT_PREFIX}{trial._trial_id}:"
-    if replace:
-        old = trial_artifacts(study, trial).get(path.name)
-        if old is not None:
-            storage.set_study_system_attr(study._study_id, prefix + old, json.dumps(None))  # what the dashboard's delete does
-            try:
-                store.remove(old)
-            except Exception:  # noqa: BLE001 - a missing old file is not worth failing over
-                pass
+    old = trial_artifacts(study, trial).get(path.name) if replace else None
     artifact_id = str(uuid.uuid4())
     with open(path, "rb") as handle:
         store.write(artifact_id, handle)
     guessed, encoding = mimetypes.guess_type(path.name)
     meta = {"artifact_id": artifact_id, "filename": path.name, "mimetype": mimetype or guessed or "application/octet-stream",
             "encoding": encoding}
-    storage.set_study_system_attr(study._study_id, prefix + artifact_id, json.dumps(meta))
+    try:
+        storage.set_study_system_attr(study._study_id, prefix + artifact_id, json.dumps(meta))
+    except BaseException:
+        _remove_quietly(store, artifact_id)
+        raise
+    if old is not None:
+        storage.set_study_system_attr(study._study_id, prefix + old, json.dumps(None))  # what the dashboard's delete does
+        _remove_quietly(store, old)
     return artifact_id
+
+
+def _remove_quietly(store, artifact_id: str) -> None:
+    try:
+        store.remove(artifact_id)
+    except Exception:  # noqa: BLE001 - a file already gone is not worth failing over
+        pass
 
 
 class _TrialRef:
@@ -185,6 +196,9 @@ def annotate_study(study: optuna.Study, config: StudyConfig, *, refresh: bool = 
         try:
             annotate_trial(study, config, trial)
             written += 1
+        except StorageError as err:  # read-only: every other note would fail the same way
+            log.warning("dashboard notes not written: %s", err)
+            return written
         except Exception:  # noqa: BLE001
             log.warning("dashboard note for trial %d failed", trial.number, exc_info=True)
     try:
@@ -198,6 +212,9 @@ def upload_export(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, 
     """Attach an exported training-config YAML to the trial's dashboard artifacts (logged, never raised)."""
     try:
         return attach_trial_file(study, config.artifact_dir, trial, Path(path), mimetype="text/yaml")
+    except StorageError as err:
+        log.warning("%s is not attached to trial %d's dashboard artifacts: %s", path, trial.number, err)
+        return None
     except Exception:  # noqa: BLE001 - the export itself succeeded; the dashboard copy is a convenience
         log.warning("could not attach %s to trial %d's dashboard artifacts", path, trial.number, exc_info=True)
         return None

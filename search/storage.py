@@ -25,6 +25,7 @@ import logging
 import re
 import threading
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +85,25 @@ def error_reason(err: BaseException) -> str:
     return redact(f"{type(root).__name__}: {text}")[:400]
 
 
+# SQLite: the file, its folder or the filesystem is read-only. PostgreSQL: a read-only
+# transaction (a hot standby, default_transaction_read_only) or a role without INSERT/UPDATE.
+_READ_ONLY_SQLITE = ("readonly database", "read-only file system")
+_READ_ONLY_SQLSTATES = ("25006", "42501")
+
+
+def refuses_writes(err: BaseException) -> bool:
+    """The database refused a write because it is read-only to us: no retry will help."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__module__.startswith("sqlite3") and any(m in str(err).lower() for m in _READ_ONLY_SQLITE):
+            return True
+        if getattr(err, "sqlstate", None) in _READ_ONLY_SQLSTATES or getattr(err, "pgcode", None) in _READ_ONLY_SQLSTATES:
+            return True
+        err = getattr(err, "orig", None) if isinstance(err, sqlalchemy.exc.DBAPIError) else (err.__cause__ or err.__context__)
+    return False
+
+
 _retrying = threading.local()
 
 
@@ -119,9 +139,25 @@ _RETRIED = (
 
 
 class ResilientRDBStorage(RDBStorage):
-    """``RDBStorage`` whose database calls survive transient errors (see :func:`call_with_retry`)."""
+    """``RDBStorage`` whose database calls survive transient errors (see :func:`call_with_retry`)
+    and whose writes to a read-only database fail in one line naming the storage."""
 
     retry_seconds: float = DistributedConfig.retry_seconds  # make_storage sets the study's
+
+    def _call(self, func: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -> Any:
+        try:
+            return call_with_retry(func, *args, retry_seconds=self.retry_seconds, what=what, **kwargs)
+        except StorageError:
+            raise
+        except Exception as err:
+            if not refuses_writes(err):
+                raise
+            # Optuna would chain three tracebacks ending in "invalid data in the commit, e.g.
+            # exceeding max length", which sends the user looking in the wrong place.
+            raise StorageError(
+                f"the study storage {mask_url(self.url)} refuses writes ({error_reason(err)}); optimize and evaluate "
+                "record in it and need write access (show, export and report only read it)"
+            ) from err
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         attempts = []
@@ -136,14 +172,14 @@ class ResilientRDBStorage(RDBStorage):
                     return True
                 raise
 
-        return call_with_retry(attempt, retry_seconds=self.retry_seconds, what="set_trial_state_values")
+        return self._call(attempt, what="set_trial_state_values")
 
 
 def _retrying_method(name: str) -> Callable[..., Any]:
     method = getattr(RDBStorage, name)
 
     def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        return call_with_retry(method, self, *args, retry_seconds=self.retry_seconds, what=name, **kwargs)
+        return self._call(method, self, *args, what=name, **kwargs)
 
     wrapper.__name__ = wrapper.__qualname__ = name
     wrapper.__doc__ = method.__doc__
@@ -251,7 +287,15 @@ def sqlite_file(url: str) -> Path | None:
         return None
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
-    return Path(parsed.database)
+    database = parsed.database
+    if str(parsed.query.get("uri", "")).lower() in ("true", "1") and database.startswith("file:"):
+        # SQLite's URI form (sqlite:///file:/path/study.db?mode=ro&uri=true), e.g. a read-only copy
+        if parsed.query.get("mode") == "memory":
+            return None
+        database = urllib.parse.urlsplit(database).path
+        if not database or database == ":memory:":
+            return None
+    return Path(database)
 
 
 # Errors of two processes creating the schema of a new database at once (workers starting together):
@@ -373,5 +417,5 @@ def _trials_without_heartbeat(storage: RDBStorage, study_id: int, grace: float) 
 
 __all__ = [
     "RequeueTrial", "ResilientRDBStorage", "StorageError", "call_with_retry", "error_reason", "fail_dead_trials", "requeue_interrupted",
-    "is_transient", "make_storage", "sqlite_file", "storage_of",
+    "is_transient", "make_storage", "refuses_writes", "sqlite_file", "storage_of",
 ]

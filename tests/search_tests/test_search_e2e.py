@@ -541,6 +541,33 @@ def test_reading_a_study_from_a_missing_sqlite_file_creates_nothing(study_run, t
     assert not (tmp_path / "typo").exists()
 
 
+def test_a_read_only_study_is_shown_exported_and_browsed_and_refuses_optimize_in_one_line(study_run, tmp_path, capsys, caplog):
+    """A study copied read-only (SQLite's mode=ro here): optimize fails in one line before any
+    work and stores nothing; export writes its file and says in one line why the dashboard copy
+    is missing, leaving no orphan artifact file; the dashboard's notes are skipped, not fatal."""
+    from search.dashboard import annotate_study
+
+    path, config, study = study_run
+    database = Path(yaml.safe_load(path.read_text())["workdir"]) / "study.db"
+    read_only = ["--storage", f"sqlite:///file:{database}?mode=ro&uri=true"]
+    stored, artifacts = database.read_bytes(), sorted(p.name for p in config.artifact_dir.iterdir())
+    assert run_study.main(["-q", "show", "--study", str(path), *read_only]) == 0
+    capsys.readouterr()
+    assert run_study.main(["-q", "optimize", "--study", str(path), *read_only, "--n-trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the study storage sqlite:///file:") and "refuses writes" in err and err.count("\n") == 1
+    out = tmp_path / "best.yaml"
+    assert run_study.main(["-q", "export", "--study", str(path), *read_only, "--pick", "knee", "--out", str(out)]) == 0
+    assert out.read_text().startswith("# fairfront export:")
+    warned = [r for r in caplog.records if "is not attached" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].exc_info is None and "refuses writes" in warned[0].getMessage()
+    caplog.clear()
+    read_only_config = dataclasses.replace(config, storage=read_only[1])
+    assert annotate_study(open_study(read_only_config, create=False), read_only_config, refresh=True) == 0
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelname == "WARNING"] == ["dashboard notes not written"]
+    assert database.read_bytes() == stored and sorted(p.name for p in config.artifact_dir.iterdir()) == artifacts
+
+
 def test_a_study_that_ends_short_of_its_budget_exits_1(tmp_path, monkeypatch, capsys):
     path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="short", n_trials=2)
     data = yaml.safe_load(path.read_text())

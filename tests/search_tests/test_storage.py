@@ -386,3 +386,33 @@ def test_stored_study_arguments_never_hold_a_literal_password():
     assert shlex.split(shown) == ["--study", "my studies/ff.yaml", "--storage", "postgresql://fair:***@${DB_HOST}/optuna",
                                   "--study-name", "ff 1"]
     assert shlex.split(format_study_args("s.yaml", storage="${FAIRFRONT_STORAGE}")) == ["--study", "s.yaml", "--storage", "${FAIRFRONT_STORAGE}"]
+
+
+def test_a_read_only_storage_is_read_and_a_write_to_it_fails_in_one_line_naming_it(storage_url, request):
+    """A shared read-only copy (SQLite's mode=ro, a PostgreSQL standby or read-only database):
+    reading works, and a write is one StorageError naming the storage (no password), not
+    Optuna's "invalid data in the commit, e.g. exceeding max length"."""
+    from sqlalchemy.engine import make_url
+
+    study = optuna.create_study(study_name="ro", storage=make_storage(storage_url, FAST), directions=["maximize"])
+    study.add_trial(optuna.trial.create_trial(params={"x": 0.5}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+                                              value=0.25))
+    if storage_url.startswith("sqlite"):
+        read_only = f"sqlite:///file:{make_url(storage_url).database}?mode=ro&uri=true"
+    else:
+        request.getfixturevalue("postgres")._admin(f'ALTER DATABASE "{make_url(storage_url).database}" SET default_transaction_read_only = on')
+        read_only = storage_url
+    storage = make_storage(read_only, FAST)
+    assert [t.value for t in optuna.load_study(study_name="ro", storage=storage).trials] == [0.25]
+    writes = {
+        "create a study": lambda: optuna.create_study(study_name="ro", storage=storage, load_if_exists=True, directions=["maximize"]),
+        "set an attribute": lambda: optuna.load_study(study_name="ro", storage=storage).set_user_attr("k", 1),
+        "ask a trial": lambda: optuna.load_study(study_name="ro", storage=storage).ask(),
+    }
+    for what, write in writes.items():
+        with pytest.raises(StorageError, match="refuses writes") as caught:
+            write()
+        assert mask_url(read_only) in str(caught.value), what
+        assert "exceeding max length" not in str(caught.value), what
+        assert not make_url(storage_url).password or make_url(storage_url).password not in str(caught.value), what
+    assert "read" in str(caught.value)
