@@ -11,7 +11,8 @@ Layout of one cache (one folder per manifest x backbone x weights x layers x dty
 
 A cache whose key differs (the manifest, an image, the weights, the layer choice, the open_clip
 model config or release changed), whose files are truncated, or whose checksums do not match is
-rebuilt, never used.
+rebuilt, never used. A cache this user may not read stops the command with a PermissionError
+naming it: it is not damaged, and deleting it would lose somebody's cache.
 """
 
 from __future__ import annotations
@@ -99,12 +100,26 @@ def cache_key(manifest: Manifest, backbone: LazyBackbone, weights_id: str, augme
 
 
 def open_cache(directory: Path, key: str) -> FeatureCache:
-    """Open a finished cache or raise CacheError saying what is wrong with it."""
+    """Open a finished cache or raise CacheError saying what is wrong with it. A cache this user
+    may not read is not damaged: that is a PermissionError naming the file, and the cache stays."""
+    try:
+        return _open_cache(directory, key)
+    except PermissionError as err:
+        # Rebuilding would delete a teammate's (or root's) cache, ~50 GB for ViT-L on FF++, and the
+        # new one would meet the same permissions; say what to fix instead.
+        raise PermissionError(
+            err.errno, f"the feature cache {directory} may not be read by this user ({err.strerror}); fix its "
+            "permissions or give this study another workdir", err.filename or str(directory)) from None
+
+
+def _open_cache(directory: Path, key: str) -> FeatureCache:
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
         raise CacheError(f"{directory}: no meta.json (never finished)")
     try:
         meta = json.loads(meta_path.read_text())
+    except PermissionError:
+        raise
     except (OSError, json.JSONDecodeError) as err:
         raise CacheError(f"{meta_path}: unreadable ({err})") from None
     if not all(isinstance(meta.get(part), dict) and set(_ARRAYS) <= set(meta[part]) for part in ("shapes", "checksums")):
@@ -116,6 +131,8 @@ def open_cache(directory: Path, key: str) -> FeatureCache:
         path = directory / f"{name}.npy"
         try:
             array = np.load(path, mmap_mode="r")
+        except PermissionError:
+            raise
         except (OSError, ValueError) as err:
             raise CacheError(f"{path}: unreadable or truncated ({err})") from None
         if list(array.shape) != meta["shapes"][name]:
@@ -275,6 +292,9 @@ def _publish(manifest: Manifest, n: int, backbone: LazyBackbone, staging: Path, 
         try:
             open_cache(directory, key)  # another worker (a node on the shared workdir) finished first:
             shutil.rmtree(staging, ignore_errors=True)  # keep theirs, which its readers may hold open
+        except PermissionError:  # someone else's, which we may not read: theirs stays, and ours goes
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         except CacheError:  # a stale or broken cache in the way: replace it
             shutil.rmtree(directory, ignore_errors=True)
             try:

@@ -1,5 +1,8 @@
 """The feature cache: reused when valid, rebuilt when its inputs change, never used when damaged."""
 
+import builtins
+import errno
+import io
 import logging
 import os
 import shutil
@@ -171,6 +174,29 @@ def test_truncated_cache_is_rejected_and_rebuilt(manifest, backbone, tmp_path, c
     assert "rebuilt" in caplog.text
     assert path.stat().st_size == size
     np.testing.assert_array_equal(rebuilt.patches, original)
+
+
+@pytest.mark.parametrize("unreadable", ["meta.json", "patches.npy"])
+def test_a_cache_this_user_may_not_read_is_named_and_kept_not_deleted_and_rebuilt(manifest, backbone, tmp_path, monkeypatch, unreadable):
+    """Permissions are not damage: a teammate's cache (root runs the tests, so a refused open is
+    simulated) stops the command naming the file, and every byte of it stays."""
+    cache = build(manifest, backbone, tmp_path)
+    before = {p.name: p.read_bytes() for p in cache.directory.iterdir()}
+    denied, real_open = cache.directory / unreadable, io.open
+
+    def refusing_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(denied))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", refusing_open)
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(PermissionError, match=f"feature cache {cache.directory} may not be read by this user") as raised:
+        build(manifest, backbone, tmp_path)
+    monkeypatch.undo()
+    assert raised.value.filename == str(denied)
+    assert {p.name: p.read_bytes() for p in cache.directory.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == [cache.directory.name]  # nothing staged for a rebuild
 
 
 def test_corrupted_bytes_are_detected(manifest, backbone, tmp_path):
