@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from torch import nn
 
 from model.config import ModelConfig, Stage1Config
 from model.detector import Stage1Adapter
+from model.files import replace_whole
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,9 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 
 def save_stage1(path: Path, adapter: Stage1Adapter, *, key: str, width: int, val_auc: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.partial-{uuid.uuid4().hex}")  # writers on other nodes: see cache._build
     state = adapter.state_dict()
-    try:
-        torch.save({"state_dict": state, "key": key, "width": width, "val_auc": val_auc, "state_sha256": state_sha256(state)}, tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    blob = {"state_dict": state, "key": key, "width": width, "val_auc": val_auc, "state_sha256": state_sha256(state)}
+    replace_whole(path, lambda partial: torch.save(blob, partial))
 
 
 def load_stage1_state(path: Path, width: int, model: ModelConfig, *, key: str | None = None) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
+from model.files import replace_whole
 from search._figures import StudyView, hypervolume_history, label, reference_point
 from search.pareto import is_feasible
 from search._notes import FAIRNESS
@@ -34,8 +35,7 @@ def _figure(width: float, height: float, rows: int = 1, cols: int = 1, *, layout
 def _save(figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return replace_whole(path, figure.savefig)
 
 
 def _scale(metric: str) -> float:

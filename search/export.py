@@ -8,7 +8,6 @@ block, so the file stays a plain training config. Re-training it reproduces the 
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from pathlib import Path
 
 import optuna
@@ -17,6 +16,7 @@ from optuna.trial import FrozenTrial
 
 import objectives
 from model.config import TrainingConfig, TrainRunConfig, train_config_to_yaml_dict
+from model.files import replace_whole
 from model.typed_config import from_dict
 from search.config import StudyConfig
 
@@ -77,12 +77,5 @@ def export_trial(study: optuna.Study, study_config: StudyConfig, trial: FrozenTr
     config = trial_train_config(study_config, trial)
     body = yaml.safe_dump(train_config_to_yaml_dict(config, relative_to=out.parent), sort_keys=False)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Whole or not at all: a cut-short export (a full disk) still loads, with defaults in place of
-    # the missing keys, and would have replaced the earlier export.
-    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex}")
-    try:
-        partial.write_text(header(study, study_config, trial, pick) + body)
-        partial.replace(out)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out
+    text = header(study, study_config, trial, pick) + body
+    return replace_whole(out, lambda partial: partial.write_text(text))

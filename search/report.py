@@ -26,6 +26,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 import objectives
+from model.files import replace_whole
 from model.runtime import make_folder
 from search import _report_plots as plots
 from search._figures import StudyView, hypervolume_history, label
@@ -275,8 +276,8 @@ def trials_frame(view: StudyView, results: dict[int, dict]) -> pd.DataFrame:
 
 
 _TITLE = "# Trade-off report: "  # report.md's first line: an earlier report, which a new one replaces
-_WRITTEN = ("report.md", "report.html", "trials.csv", "pareto_trials.csv",
-            *(f"{name}.png" for name in ("pareto_front", "hypervolume", "importances", "blur_lambda")))
+_PLOTS = ("pareto_front", "hypervolume", "importances", "blur_lambda")
+_WRITTEN = ("report.md", "report.html", "trials.csv", "pareto_trials.csv", *(f"{name}.png" for name in _PLOTS))
 
 
 def check_report_target(out: Path) -> None:
@@ -300,15 +301,19 @@ def build_report(study: optuna.Study, config: StudyConfig, out: str | Path) -> R
         check_report_target(out)
     make_folder(out, "--out", "the report folder")
     sections, images, view = build_sections(study, config, out)
-    md = out / "report.md"
-    md.write_text(_to_markdown(sections, out))
-    page = out / "report.html"
-    page.write_text(_to_html(sections))
+    markdown, page = _to_markdown(sections, out), _to_html(sections)
     frame = trials_frame(view, load_test_results(study))
+    pareto_frame = frame[frame["kind"] == "pareto"] if not frame.empty else frame
+    # Each file whole (a full disk or Ctrl-C leaves the earlier one), report.md last: it is what
+    # marks the folder as a fairfront report's.
     tables = {"trials": out / "trials.csv", "pareto_trials": out / "pareto_trials.csv"}
-    frame.to_csv(tables["trials"], index=False)
-    (frame[frame["kind"] == "pareto"] if not frame.empty else frame).to_csv(tables["pareto_trials"], index=False)
-    return Report(md, page, images, tables, sorted(view.pareto))
+    replace_whole(tables["trials"], lambda partial: frame.to_csv(partial, index=False))
+    replace_whole(tables["pareto_trials"], lambda partial: pareto_frame.to_csv(partial, index=False))
+    for stale in set(_PLOTS) - set(images):  # an earlier report's plot this study cannot draw (yet) would pass for this one's
+        (out / f"{stale}.png").unlink(missing_ok=True)
+    html_path = replace_whole(out / "report.html", lambda partial: partial.write_text(page))
+    md_path = replace_whole(out / "report.md", lambda partial: partial.write_text(markdown))
+    return Report(md_path, html_path, images, tables, sorted(view.pareto))
 
 
 __all__ = ["Report", "build_report", "trials_frame"]

@@ -139,6 +139,38 @@ def test_a_report_replaces_an_earlier_report_but_not_other_files_of_its_names(ti
         assert run_study.main(["-q", "report", "--study", str(path), "--out", str(out)]) == 0
     assert (out / "report.md").read_text().startswith("# Trade-off report: study ")
 
+def test_a_report_cut_short_leaves_the_earlier_reports_files_whole_and_no_partial_file(tiny, tmp_path, monkeypatch):
+    """A full disk while writing trials.csv: every file is the earlier report's, whole."""
+    import errno
+
+    _, config, study = tiny
+    out = tmp_path / "report"
+    build_report(study, config, out)
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_to_csv = pd.DataFrame.to_csv
+
+    def disk_full(frame, path, **kwargs):
+        real_to_csv(frame.head(1), path, **kwargs)  # part of it is on disk when the space runs out
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        build_report(study, config, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+
+
+def test_an_earlier_reports_plot_that_this_report_cannot_draw_is_removed(tiny, tmp_path, monkeypatch):
+    from search import _report_plots
+
+    _, config, study = tiny
+    out = tmp_path / "report"
+    assert "blur_lambda" in build_report(study, config, out).images
+    monkeypatch.setattr(_report_plots, "blur_lambda_png", lambda view, path: None)  # e.g. lambda_fair fixed in this study
+    report = build_report(study, config, out)
+    assert "blur_lambda" not in report.images and not (out / "blur_lambda.png").exists()
+    assert "blur_lambda.png" not in report.markdown.read_text() and (out / "pareto_front.png").exists()
+
+
 def test_infeasible_trials_are_greyed_and_off_the_front(tiny, tmp_path):
     _, config, _ = tiny
     study = _synthetic_study()
