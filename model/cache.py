@@ -17,15 +17,12 @@ naming it: it is not damaged, and deleting it would lose somebody's cache.
 
 from __future__ import annotations
 
-import fcntl
-import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +37,12 @@ from model.config import AugmentConfig
 from model.images import ImageDataset
 from model.manifest import Manifest
 from model.runtime import autocast
+from model.staging import ready, staging_folder
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 _BAD_IMAGES_SHOWN = 20  # named in the error; the count says how many more
-_BUILDING = ".building"  # the marker a build holds locked in its staging folder (remove_abandoned_staging)
 _ARRAYS = ("cls", "patches")
 _CHECK_BLOCKS = 64
 _BLOCK = 1 << 20
@@ -175,48 +172,10 @@ def open_or_build_cache(
 
 def _build(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbone: LazyBackbone, directory: Path, key: str, *,
            device, num_workers, progress) -> None:
-    remove_abandoned_staging(directory)
-    # A name no other writer has: nodes sharing a workdir may run containers whose processes all
-    # have the same pid (1 in a Kubernetes pod), and a pid-named folder was shared and deleted.
-    name = uuid.uuid4().hex
-    # The folder gets its held marker before it takes a name remove_abandoned_staging looks at.
-    starting = directory.with_name(f"{directory.name}.starting-{name}")
-    starting.mkdir(parents=True)
-    marker = open(starting / _BUILDING, "w")
-    try:
-        fcntl.flock(marker, fcntl.LOCK_EX)
-        staging = starting.rename(directory.with_name(f"{directory.name}.partial-{name}"))
-        try:
-            seconds = _extract(manifest, rows, views, backbone, staging, device=device, num_workers=num_workers, progress=progress)
-            (staging / _BUILDING).unlink()  # not part of the cache; the lock stays with the open handle
-            _publish(manifest, len(rows), backbone, staging, directory, key, seconds)
-        except BaseException:  # a bad image, a CUDA error, Ctrl-C: no cache-sized memmaps left behind
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    finally:
-        marker.close()
-        shutil.rmtree(starting, ignore_errors=True)  # (gone unless the rename failed)
-
-
-def remove_abandoned_staging(directory: Path) -> None:
-    """Remove the staging folders of ``directory``'s builds whose process died (SIGKILL, OOM, a
-    preempted node), which no ``except`` could clean up: ~50 GB each for ViT-L on FF++. A build
-    holds a lock on its folder's marker file until it publishes; the kernel (or the NFS server:
-    not with the local_lock=flock mount option, under which a running build on another node would
-    look dead) releases it when the process dies. Folders without a marker are left as they are: one being
-    published this instant, or one from a fairfront before markers."""
-    for staging in directory.parent.glob(f"{glob.escape(directory.name)}.partial-*"):
-        try:
-            handle = open(staging / _BUILDING)
-        except OSError:
-            continue
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # its build is running
-            log.warning("feature cache: removing %s, left by a build whose process died", staging)
-            shutil.rmtree(staging, ignore_errors=True)
+    with staging_folder(directory, what="a feature cache build") as staging:
+        seconds = _extract(manifest, rows, views, backbone, staging, device=device, num_workers=num_workers, progress=progress)
+        ready(staging)
+        _publish(manifest, len(rows), backbone, staging, directory, key, seconds)
 
 
 def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbone: LazyBackbone, staging: Path, *,

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter
+
+from model.staging import ready, staging_folder
 
 __all__ = ["SyntheticConfig", "SyntheticDataset", "generate", "GENDERS", "RACES", "TEST_SETS"]
 
@@ -287,8 +288,8 @@ def generate(out_dir: Path, config: SyntheticConfig, *, progress: bool = True) -
             raise ValueError(f"{out_dir} exists and holds files generate() did not write: "
                              f"{foreign[:5]}; choose another out_dir")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    # (a run killed mid-way leaves its folder; the next generate removes it)
+    with staging_folder(out_dir, hidden=True, what="a synthetic-data generation") as tmp:
         total = config.n_train + config.n_val + config.n_test * len(TEST_SETS)
         with tqdm(total=total, desc="synthetic faces", disable=not progress) as bar:
             train_domain = dict(colour=1.0, seam=1.0, texture=1.0, lowq=1.0, noise=1.0,
@@ -305,10 +306,8 @@ def generate(out_dir: Path, config: SyntheticConfig, *, progress: bool = True) -
         if _is_complete(out_dir, digest):  # another process finished first: keep theirs
             shutil.rmtree(tmp)
             return _result(out_dir)
+        ready(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return _result(out_dir)

@@ -161,3 +161,24 @@ def test_fakes_carry_the_planted_texture(tmp_path):
 def test_bad_config_is_rejected(overrides):
     with pytest.raises(ValueError):
         SyntheticConfig(**overrides)
+
+
+def test_a_generation_removes_the_folder_a_killed_one_left_and_keeps_one_still_running(tmp_path):
+    """SIGKILL mid-generation leaves its staging folder; its lock died with it. A running
+    generation (its marker locked) and a folder without a marker are not touched."""
+    import fcntl
+
+    from model.staging import MARKER
+
+    out = tmp_path / "d"
+    dead, running, unmarked = (tmp_path / f".d.partial-{name}" for name in ("dead", "running", "unmarked"))
+    for folder in (dead, running, unmarked):
+        (folder / "images").mkdir(parents=True)
+    (dead / MARKER).touch()
+    (running / MARKER).touch()
+    with open(running / MARKER) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a second open file description conflicts, as another process's would
+        generate(out, SyntheticConfig(**SMALL), progress=False)
+        assert not dead.exists() and running.is_dir() and unmarked.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.partial-running", ".d.partial-unmarked", "d"]
+    assert MARKER not in os.listdir(out)
