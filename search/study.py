@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from model import prepare
+from model.manifest import reuse_loaded
 from model.prepare import inputs_identity, inputs_settings
 from model.runtime import compile_sinkhorn, make_folder, resolve_device
 from model.typed_config import to_dict
@@ -243,12 +244,13 @@ def start_worker(config: StudyConfig, *, n_trials: int | None, timeout: float | 
     ``study_args``: the command-line arguments that named the study (search/study_args.py).
     Returns (study, prepared data, budget); the budget is None when the study already has its trials."""
     target = n_trials or config.budget.n_trials
-    study = open_study(config)  # first: an unreachable storage fails before minutes of preparation
-    if study_args:
-        remember_study_args(study, study_args)
-    base = config.base_run_config()
-    compile_sinkhorn(base.training.compile_sinkhorn, resolve_device(base.training.device))  # and a machine that cannot compile
-    prepared = prepared or prepare(base, progress=progress, with_test_caches=False)
+    with reuse_loaded():  # the study's identity and prepare read the same manifest
+        study = open_study(config)  # first: an unreachable storage fails before minutes of preparation
+        if study_args:
+            remember_study_args(study, study_args)
+        base = config.base_run_config()
+        compile_sinkhorn(base.training.compile_sinkhorn, resolve_device(base.training.device))  # and a machine that cannot compile
+        prepared = prepared or prepare(base, progress=progress, with_test_caches=False)
     warm_start(study, config)
     done = finished_count(study)
     if done >= target:

@@ -300,3 +300,43 @@ def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError) as info:
         load_manifest(write(tmp_path, VALID), **kwargs)
     assert not isinstance(info.value, ManifestError)
+
+
+# ---- reuse within a worker's start ---------------------------------------------------------
+
+
+def _counting_reads(monkeypatch) -> list[Path]:
+    import model.manifest as manifest_module
+
+    reads, real_read = [], manifest_module._read
+
+    def read(path):
+        reads.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(manifest_module, "_read", read)
+    return reads
+
+
+def test_inside_reuse_loaded_an_unchanged_manifest_is_read_once_and_each_caller_gets_its_own_frame(tmp_path, monkeypatch):
+    from model.manifest import reuse_loaded
+
+    csv, reads = write(tmp_path, VALID), _counting_reads(monkeypatch)
+    with reuse_loaded():
+        first = load(csv)
+        first.frame.loc[0, "label"] = 1  # a caller's change stays its own
+        second = load(csv)
+        assert len(reads) == 1 and second.frame.loc[0, "label"] == 0 and second.sha256 == first.sha256
+        load(csv, required_splits=("train",))  # other arguments: checked again
+        assert len(reads) == 2
+        csv.write_text("\n".join([HEADER, *VALID[:1], "b.png,1,train,female,others", *VALID[2:]]) + "\n")  # edited meanwhile
+        assert load(csv).frame.loc[1, "group_name"] == "female/others" and len(reads) == 3
+    load(csv)
+    assert len(reads) == 4  # outside the block every load reads the file as it is now
+
+
+def test_outside_reuse_loaded_a_removed_image_is_found_by_the_next_load(tmp_path):
+    csv = write(tmp_path, VALID)
+    load(csv)
+    (tmp_path / "a.png").unlink()
+    assert "a.png" in error(csv)

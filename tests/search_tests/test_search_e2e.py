@@ -14,7 +14,7 @@ import objectives
 import run_study
 from search import load_study_config, open_study, pick_trial
 from search.pareto import PickError
-from search.study import DEFINITION_ATTR, study_definition
+from search.study import DEFINITION_ATTR, start_worker, study_definition
 
 DEMO = Path(__file__).parents[2] / "studies" / "demo.yaml"
 
@@ -252,6 +252,23 @@ def test_continuing_with_a_changed_definition_is_refused_and_stores_nothing(stud
     err = capsys.readouterr().err
     assert "was created with another definition" in err and named in err and "another --study-name" in err
     assert [(t.number, t.state, t.values) for t in open_study(config, create=False).get_trials()] == before
+
+
+def test_a_worker_start_reads_the_train_val_manifest_once(study_run, tmp_path, monkeypatch):
+    """The study's identity and prepare need the same manifest: one read and one check of its images."""
+    import model.manifest as manifest_module
+
+    path, _, _ = study_run
+    shutil.copytree(Path(yaml.safe_load(path.read_text())["workdir"]) / "data", tmp_path / "data")
+    data = yaml.safe_load(path.read_text())
+    data.update(name="reads-once", workdir=str(tmp_path / "work"))
+    data["data"] = {"manifest": str(tmp_path / "data" / "manifest.csv")}
+    study_path = tmp_path / "study.yaml"
+    study_path.write_text(yaml.safe_dump(data))
+    reads, real_read = [], manifest_module._read
+    monkeypatch.setattr(manifest_module, "_read", lambda p: reads.append(p) or real_read(p))
+    start_worker(load_study_config(study_path), n_trials=None, timeout=None, progress=False)
+    assert reads == [tmp_path / "data" / "manifest.csv"]
 
 
 def test_a_manifest_edited_in_place_is_refused_and_its_study_kept(study_run, tmp_path, capsys):
