@@ -254,17 +254,23 @@ def test_continuing_with_a_changed_definition_is_refused_and_stores_nothing(stud
     assert [(t.number, t.state, t.values) for t in open_study(config, create=False).get_trials()] == before
 
 
+def _study_on_a_manifest(study_run, tmp_path: Path, name: str) -> tuple[Path, dict]:
+    """The tiny study on a copy of its synthetic data given as data.manifest (YAML path, its dict)."""
+    path, _, _ = study_run
+    shutil.copytree(Path(yaml.safe_load(path.read_text())["workdir"]) / "data", tmp_path / "data")
+    data = yaml.safe_load(path.read_text())
+    data.update(name=name, workdir=str(tmp_path / "work"))
+    data["data"] = {"manifest": str(tmp_path / "data" / "manifest.csv")}
+    study_path = tmp_path / "study.yaml"
+    study_path.write_text(yaml.safe_dump(data))
+    return study_path, data
+
+
 def test_a_worker_start_reads_the_train_val_manifest_once(study_run, tmp_path, monkeypatch):
     """The study's identity and prepare need the same manifest: one read and one check of its images."""
     import model.manifest as manifest_module
 
-    path, _, _ = study_run
-    shutil.copytree(Path(yaml.safe_load(path.read_text())["workdir"]) / "data", tmp_path / "data")
-    data = yaml.safe_load(path.read_text())
-    data.update(name="reads-once", workdir=str(tmp_path / "work"))
-    data["data"] = {"manifest": str(tmp_path / "data" / "manifest.csv")}
-    study_path = tmp_path / "study.yaml"
-    study_path.write_text(yaml.safe_dump(data))
+    study_path, _ = _study_on_a_manifest(study_run, tmp_path, "reads-once")
     reads, real_read = [], manifest_module._read
     monkeypatch.setattr(manifest_module, "_read", lambda p: reads.append(p) or real_read(p))
     start_worker(load_study_config(study_path), n_trials=None, timeout=None, progress=False)
@@ -273,13 +279,7 @@ def test_a_worker_start_reads_the_train_val_manifest_once(study_run, tmp_path, m
 
 def test_a_manifest_edited_in_place_is_refused_and_its_study_kept(study_run, tmp_path, capsys):
     """The YAML is unchanged, the data is not: new trials would score on other labels."""
-    path, _, _ = study_run
-    shutil.copytree(Path(yaml.safe_load(path.read_text())["workdir"]) / "data", tmp_path / "data")
-    data = yaml.safe_load(path.read_text())
-    data.update(name="from-manifest", workdir=str(tmp_path / "work"))
-    data["data"] = {"manifest": str(tmp_path / "data" / "manifest.csv")}
-    study_path = tmp_path / "study.yaml"
-    study_path.write_text(yaml.safe_dump(data))
+    study_path, data = _study_on_a_manifest(study_run, tmp_path, "from-manifest")
     assert run_study.main(["-q", "optimize", "--study", str(study_path), "--n-trials", "1"]) == 0
     config = load_study_config(study_path)
     before = [(t.number, t.state, t.values) for t in open_study(config, create=False).get_trials()]
