@@ -232,9 +232,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from search.evaluate import evaluate_study, results_frame, select_trials
     from search.study_args import remember_study_args
     from search.pareto import is_feasible
+    from search.storage import require_write_access
 
     config = _load_study(args)
     study = open_study(config, create=False)
+    require_write_access(study)  # the results are stored in the study: a read-only one stops here, before any scoring
     remember_study_args(study, _study_args(args))
     trials = select_trials(study, args.trials)
     results = evaluate_study(config, study, trials, tune_threshold=not args.no_tune_threshold, batch_size=args.batch_size,

@@ -174,6 +174,19 @@ class ResilientRDBStorage(RDBStorage):
 
         return self._call(attempt, what="set_trial_state_values")
 
+    def check_writable(self, study_id: int) -> None:
+        """Raise :class:`StorageError` now if the database refuses writes. The probe rewrites the
+        study's row to its own value and rolls back: SQLite takes its write lock for it (and says
+        "readonly database"), PostgreSQL checks the transaction mode and the role's UPDATE right."""
+
+        def probe() -> None:
+            with self.engine.connect() as connection, connection.begin() as transaction:
+                connection.execute(sqlalchemy.text("UPDATE studies SET study_name = study_name WHERE study_id = :id"),
+                                   {"id": study_id})
+                transaction.rollback()
+
+        self._call(probe, what="check_writable")
+
 
 def _retrying_method(name: str) -> Callable[..., Any]:
     method = getattr(RDBStorage, name)
@@ -360,6 +373,15 @@ def storage_of(study: optuna.Study) -> RDBStorage | None:
     return backend if isinstance(backend, RDBStorage) else None
 
 
+def require_write_access(study: optuna.Study) -> None:
+    """Stop now, in one line, if ``study``'s database refuses writes. ``optimize`` and ``evaluate``
+    would otherwise find out at their first write, which can come after minutes of preparation
+    and scoring: a study whose remembered arguments are unchanged writes nothing before then."""
+    storage = storage_of(study)
+    if isinstance(storage, ResilientRDBStorage):
+        storage.check_writable(storage.get_study_id_from_name(study.study_name))
+
+
 # --- dead workers ----------------------------------------------------------------------------
 
 
@@ -417,5 +439,5 @@ def _trials_without_heartbeat(storage: RDBStorage, study_id: int, grace: float) 
 
 __all__ = [
     "RequeueTrial", "ResilientRDBStorage", "StorageError", "call_with_retry", "error_reason", "fail_dead_trials", "requeue_interrupted",
-    "is_transient", "make_storage", "refuses_writes", "sqlite_file", "storage_of",
+    "is_transient", "make_storage", "refuses_writes", "require_write_access", "sqlite_file", "storage_of",
 ]

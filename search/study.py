@@ -24,7 +24,7 @@ from search.objective import TrialDiverged, TrialObjective
 from search.samplers import build_sampler
 from search.space import enqueue_reference_configs
 from search.credentials import mask_url
-from search.storage import make_storage, sqlite_file, storage_of
+from search.storage import make_storage, require_write_access, sqlite_file, storage_of
 from search.study_lock import study_lock
 from search.study_args import remember_study_args
 from search.workers import TrialBudget
@@ -246,6 +246,7 @@ def start_worker(config: StudyConfig, *, n_trials: int | None, timeout: float | 
     target = n_trials or config.budget.n_trials
     with reuse_loaded():  # the study's identity and prepare read the same manifest
         study = open_study(config)  # first: an unreachable storage fails before minutes of preparation
+        require_write_access(study)  # and so does a read-only one
         if study_args:
             remember_study_args(study, study_args)
         base = config.base_run_config()

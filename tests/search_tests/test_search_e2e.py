@@ -585,6 +585,31 @@ def test_a_read_only_study_is_shown_exported_and_browsed_and_refuses_optimize_in
     assert database.read_bytes() == stored and sorted(p.name for p in config.artifact_dir.iterdir()) == artifacts
 
 
+def test_a_study_gone_read_only_stops_optimize_and_evaluate_before_preparing(study_run, monkeypatch, capsys):
+    """The same command line as the last run, so the remembered arguments need no write: the
+    first write would come after preparation (optimize) or scoring (evaluate); a probe stops both first."""
+    import search.evaluate
+    import search.study
+    from search.study_args import format_study_args, remember_study_args
+
+    path, config, study = study_run
+    database = Path(yaml.safe_load(path.read_text())["workdir"]) / "study.db"
+    read_only = f"sqlite:///file:{database}?mode=ro&uri=true"
+    remember_study_args(study, format_study_args(str(path), storage=read_only))
+    stored = database.read_bytes()
+
+    def no_preparation(*args, **kwargs):
+        raise AssertionError("prepared data for a study whose results cannot be stored")
+
+    monkeypatch.setattr(search.study, "prepare", no_preparation)
+    monkeypatch.setattr(search.evaluate, "prepare", no_preparation)
+    for command in (["optimize", "--n-trials", "1"], ["evaluate"]):
+        assert run_study.main(["-q", command[0], "--study", str(path), "--storage", read_only, *command[1:]]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("error: the study storage sqlite:///file:") and "refuses writes" in err and err.count("\n") == 1
+    assert database.read_bytes() == stored
+
+
 def test_a_study_that_ends_short_of_its_budget_exits_1(tmp_path, monkeypatch, capsys):
     path = tiny_study_yaml(tmp_path / "work", tmp_path / "study.yaml", name="short", n_trials=2)
     data = yaml.safe_load(path.read_text())

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from search.config import DistributedConfig
 from search.credentials import RedactingFilter, mask_url, redact, register_secret
-from search.storage import StorageError, fail_dead_trials, make_storage, requeue_interrupted, storage_of
+from search.storage import StorageError, fail_dead_trials, make_storage, require_write_access, requeue_interrupted, storage_of
 from search.study_lock import study_lock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -397,6 +397,9 @@ def test_a_read_only_storage_is_read_and_a_write_to_it_fails_in_one_line_naming_
     study = optuna.create_study(study_name="ro", storage=make_storage(storage_url, FAST), directions=["maximize"])
     study.add_trial(optuna.trial.create_trial(params={"x": 0.5}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
                                               value=0.25))
+    require_write_access(study)  # passes on the writable storage, changing nothing
+    reloaded = optuna.load_study(study_name="ro", storage=make_storage(storage_url, FAST))
+    assert (reloaded.user_attrs, [t.value for t in reloaded.trials]) == ({}, [0.25])
     if storage_url.startswith("sqlite"):
         read_only = f"sqlite:///file:{make_url(storage_url).database}?mode=ro&uri=true"
     else:
@@ -405,6 +408,7 @@ def test_a_read_only_storage_is_read_and_a_write_to_it_fails_in_one_line_naming_
     storage = make_storage(read_only, FAST)
     assert [t.value for t in optuna.load_study(study_name="ro", storage=storage).trials] == [0.25]
     writes = {
+        "probe for write access": lambda: require_write_access(optuna.load_study(study_name="ro", storage=storage)),
         "create a study": lambda: optuna.create_study(study_name="ro", storage=storage, load_if_exists=True, directions=["maximize"]),
         "set an attribute": lambda: optuna.load_study(study_name="ro", storage=storage).set_user_attr("k", 1),
         "ask a trial": lambda: optuna.load_study(study_name="ro", storage=storage).ask(),
