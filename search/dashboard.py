@@ -72,7 +72,9 @@ def attach_trial_file(study: optuna.Study, artifact_dir: Path, trial: FrozenTria
     """Attach a file to a (finished) trial's dashboard artifacts; a file of the same name is replaced.
 
     The earlier file is let go only once the new one is recorded, and a new file the storage
-    refused (read-only, connection lost) is removed again: a failed attach changes nothing."""
+    refused (read-only) is removed again. A write cut short (a lost connection, Ctrl-C) keeps the
+    new file: its record may have been committed, and a record of a removed file is a broken link
+    in the dashboard, where an unrecorded file only takes disk space."""
     artifact_dir.mkdir(parents=True, exist_ok=True)
     store = artifact_store(artifact_dir)
     storage, prefix = study._storage, f"{TRIAL_ARTIFACT_PREFIX}{trial._trial_id}:"
@@ -85,7 +87,7 @@ def attach_trial_file(study: optuna.Study, artifact_dir: Path, trial: FrozenTria
             "encoding": encoding}
     try:
         storage.set_study_system_attr(study._study_id, prefix + artifact_id, json.dumps(meta))
-    except BaseException:
+    except StorageError:
         _remove_quietly(store, artifact_id)
         raise
     if old is not None:

@@ -270,3 +270,26 @@ def test_every_reader_and_writer_of_trial_files_uses_the_one_artifact_store(tiny
     checkpoint = evaluate.trial_checkpoint(trial, config.artifact_dir, tmp_path)
     assert len(built) == 3 and checkpoint.parent == tmp_path and checkpoint.stat().st_size > 0
     assert set(built) == {str(config.artifact_dir)}
+
+
+def test_a_refused_attach_leaves_no_file_and_one_cut_short_keeps_its_file(tmp_path, monkeypatch):
+    """Refused (read-only storage): nothing was recorded, so the new file goes. Cut short (a lost
+    connection, Ctrl-C): the record may have been committed, and a record of a removed file would
+    be a broken link in the dashboard, so the file stays."""
+    import optuna
+
+    from search.storage import StorageError, make_storage
+
+    study = optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path / 'study.db'}"), directions=["maximize"])
+    study.add_trial(optuna.trial.create_trial(value=0.5))
+    trial, note, artifacts = study.trials[0], tmp_path / "note.md", tmp_path / "artifacts"
+    note.write_text("# trial 0\n")
+    for error, files_left in ((StorageError("refuses writes"), 0), (ConnectionError("server closed the connection"), 1),
+                              (KeyboardInterrupt(), 2)):
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(study._storage, "set_study_system_attr", fail)
+        with pytest.raises(type(error)):
+            dashboard.attach_trial_file(study, artifacts, trial, note)
+        assert len(list(artifacts.iterdir())) == files_left, error
