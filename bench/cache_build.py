@@ -8,12 +8,13 @@ ViT-L-14 (random weights, real FLOPs) on a few of them resized to 224 px.
     python -m bench.cache_build [--workers 0,2] [--vitl-images 8] [--threads N]
 On a GPU (target >= 1500 img/s for ~100k images with ViT-L-14 in bf16; the ViT-L rows cycle the
 demo's 1600 training images at 224 px, so a few thousand show the steady rate):
-    python -m bench.cache_build --vitl-images 6400 --vitl-workers 8 --vitl-batch 128
+    python -m bench.cache_build --vitl-images 6400 --vitl-workers 8,16 --vitl-batch 128,256
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 
 import torch
@@ -25,10 +26,11 @@ from bench._common import WORK, demo_prepared, gpu_note, machine, markdown_table
 AUGMENT = dict(views=2, hflip=0.5, crop_scale=0.8, color_jitter=0.2, blur=0.3, jpeg=0.5, jpeg_quality=60)
 
 
-def build_rate(manifest, backbone_config, workers: int, root, augment=None, warm_up=None) -> tuple[int, float, float]:
-    """(images, img/s, seconds) of one build from scratch; with ``augment``: the views cache.
-    ``warm_up``: a small manifest built first, untimed (the backbone's move to the device and its
-    first forward are fixed costs, not the rate; the timed build starts its own loader workers)."""
+def build_rate(manifest, backbone_config, workers: int, root, augment=None, warm_up=None) -> dict:
+    """One build from scratch: images, seconds, img/s, and where the seconds went (meta.json's
+    phases, model.cache.BuildPhases); with ``augment``: the views cache. ``warm_up``: a small
+    manifest built first, untimed (the backbone's move to the device and its first forward are
+    fixed costs, not the rate; the timed build starts its own loader workers)."""
     from model.backbone import LazyBackbone
     from model.cache import open_or_build_cache
     from model.runtime import resolve_device
@@ -42,7 +44,34 @@ def build_rate(manifest, backbone_config, workers: int, root, augment=None, warm
     with timer() as t:
         cache = open_or_build_cache(manifest, backbone, root, device=resolve_device("auto"), num_workers=workers, progress=False,
                                     augment=augment)
-    return len(cache), len(cache) / t(), t()
+    phases = json.loads((cache.directory / "meta.json").read_text())["phases"]
+    return {"images": len(cache), "workers": workers, "batch": backbone_config.batch_size, "seconds": t(), "img/s": len(cache) / t(),
+            "waiting for images s": phases["waiting_for_images"], "backbone s": phases["backbone"],
+            "waiting for disk s": phases["waiting_for_disk"], "writes s (beside the forward)": phases["writing"]}
+
+
+def forward_rate(backbone_config, batch: int, repeats: int) -> float:
+    """img/s of the backbone's forward alone (random 224 px images already on the device, tokens
+    left there): the device's ceiling for a build, against which the build's rate is read."""
+    from model.backbone import LazyBackbone
+    from model.runtime import autocast, resolve_device
+
+    device = resolve_device("auto")
+    module = LazyBackbone(backbone_config).module.to(device)
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    with torch.inference_mode():
+        for _ in range(2):
+            with autocast(device, backbone_config.precision == "bf16"):
+                module(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with timer() as t:
+            for _ in range(repeats):
+                with autocast(device, backbone_config.precision == "bf16"):
+                    module(images)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    return batch * repeats / t()
 
 
 def image_side(manifest) -> str:
@@ -72,8 +101,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="0,2")
     parser.add_argument("--vitl-images", type=int, default=8)
-    parser.add_argument("--vitl-batch", type=int, default=8)
-    parser.add_argument("--vitl-workers", type=int, default=0, help="loader workers for the ViT-L-14 row")
+    parser.add_argument("--vitl-batch", default="8", help="batch sizes for the ViT-L-14 rows, comma-separated")
+    parser.add_argument("--vitl-workers", default="0", help="loader worker counts for the ViT-L-14 rows, comma-separated")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -87,20 +116,19 @@ def main(argv=None) -> int:
 
     augment = AugmentConfig(**AUGMENT)
     for workers in [int(w) for w in args.workers.split(",")]:
-        images, rate, seconds = build_rate(prepared.manifest, config.backbone, workers, WORK / "cache-build" / f"tiny-{workers}")
-        rows.append({"backbone": "fairfront-tiny-vit (64 px, fp32)", "images": images, "workers": workers,
-                     "batch": config.backbone.batch_size, "seconds": seconds, "img/s": rate})
-        images, rate, seconds = build_rate(prepared.manifest, config.backbone, workers, WORK / "cache-build" / f"views-{workers}", augment)
-        rows.append({"backbone": "fairfront-tiny-vit, augmented views (2 per training image, every augmentation on)", "images": images,
-                     "workers": workers, "batch": config.backbone.batch_size, "seconds": seconds, "img/s": rate})
-    vitl = BackboneConfig(name="ViT-L-14-quickgelu", weights="random", precision="bf16", cache_dtype="float16", batch_size=args.vitl_batch)
+        row = build_rate(prepared.manifest, config.backbone, workers, WORK / "cache-build" / f"tiny-{workers}")
+        rows.append({"backbone": "fairfront-tiny-vit (64 px, fp32)", **row})
+        row = build_rate(prepared.manifest, config.backbone, workers, WORK / "cache-build" / f"views-{workers}", augment)
+        rows.append({"backbone": "fairfront-tiny-vit, augmented views (2 per training image, every augmentation on)", **row})
     manifest = subset_manifest(prepared.manifest, args.vitl_images, 0) if args.vitl_images else None
-    if manifest is not None:
-        warm_up = subset_manifest(prepared.manifest, min(args.vitl_images, 2 * args.vitl_batch), 0)
-        images, rate, seconds = build_rate(manifest, vitl, args.vitl_workers, WORK / "cache-build" / "vitl", warm_up=warm_up)
-        rows.append({"backbone": f"ViT-L-14-quickgelu (224 px, {'bf16' if cuda else 'fp32'}; after a warm-up build)", "images": images,
-                     "workers": args.vitl_workers,
-                     "batch": args.vitl_batch, "seconds": seconds, "img/s": rate})
+    forward = []
+    for batch in ([int(b) for b in args.vitl_batch.split(",")] if manifest is not None else []):
+        vitl = BackboneConfig(name="ViT-L-14-quickgelu", weights="random", precision="bf16", cache_dtype="float16", batch_size=batch)
+        forward.append({"backbone": "ViT-L-14-quickgelu", "batch": batch, "forward alone img/s": forward_rate(vitl, batch, 10 if cuda else 1)})
+        warm_up = subset_manifest(prepared.manifest, min(args.vitl_images, 2 * batch), 0)
+        for workers in [int(w) for w in args.vitl_workers.split(",")]:
+            row = build_rate(manifest, vitl, workers, WORK / "cache-build" / "vitl", warm_up=warm_up)
+            rows.append({"backbone": f"ViT-L-14-quickgelu (224 px, {'bf16' if cuda else 'fp32'}; after a warm-up build)", **row})
     notes = [
         "Target: >= 1500 img/s building the ViT-L-14 cache of ~100k images on one H100 (bf16, multi-worker loader). "
         + gpu_note(),
@@ -109,7 +137,10 @@ def main(argv=None) -> int:
         "and writing 1500 x 0.5 MB = 0.75 GB/s of float16 tokens to the memory-mapped cache needs a local NVMe disk.",
         "On this CPU the rate is the backbone's FLOPs on 2 shared cores; worker processes only add decode parallelism "
         "and compete with the forward for the same 2 cores.",
-        "model/cache.py shows the running img/s in its tqdm bar (run_study.py prepare).",
+        "model/cache.py shows the running img/s in its tqdm bar (run_study.py prepare), and logs where a build's time went "
+        "(also in the cache's meta.json): 'waiting for images' = the loader's workers fell behind (decode + preprocess); "
+        "'backbone' = copy in, forward, copy out; 'waiting for disk' = the previous batch's write to the memory map was not "
+        "done when this batch's tokens were; the writes themselves run in a thread beside the next forward.",
         f"The images are the demo's synthetic {image_side(prepared.manifest)} px PNGs (repeated when --vitl-images exceeds "
         "the demo's 1600 training images), resized to the backbone's 224 px: cheaper to decode than FF++ frames, so the "
         "ViT-L-14 row is an upper bound on the loader's share.",
@@ -117,7 +148,11 @@ def main(argv=None) -> int:
         f"{augment_ms(list(prepared.manifest.frame['path']), augment):.2f} ms per 256 px image on one core of this CPU, on top of "
         "decoding and preprocessing; at 1500 img/s that is the work of this many ms x 1.5 loader cores.",
     ]
-    write_result("cache_build", "Target 4: feature-cache build rate", markdown_table(rows), info=info, notes=notes)
+    tables = markdown_table(rows)
+    if forward:
+        tables += "\n\nThe backbone's forward alone (random images on the device, bf16 on CUDA), the ceiling of a build's rate:\n\n"
+        tables += markdown_table(forward)
+    write_result("cache_build", "Target 4: feature-cache build rate", tables, info=info, notes=notes)
     return 0
 
 

@@ -104,25 +104,32 @@ class StepOps:
     syncs: float  # host syncs: item(), nonzero(), boolean-mask indexing
     compiled_calls: float  # calls into torch.compile'd code (each runs a few fused kernels)
     device_kernels: float | None  # kernels and copies the GPU ran (CUDA only): the ground truth
+    device_ms: float | None  # the sum of their durations: the step's time if the host never made the GPU wait
 
     def __sub__(self, other: "StepOps") -> "StepOps":
         device = None if self.device_kernels is None else self.device_kernels - other.device_kernels
-        return StepOps(self.launches - other.launches, self.syncs - other.syncs, self.compiled_calls - other.compiled_calls, device)
+        busy = None if self.device_ms is None else self.device_ms - other.device_ms
+        return StepOps(self.launches - other.launches, self.syncs - other.syncs, self.compiled_calls - other.compiled_calls, device, busy)
 
     def __truediv__(self, n: float) -> "StepOps":
-        return StepOps(self.launches / n, self.syncs / n, self.compiled_calls / n, None if self.device_kernels is None else self.device_kernels / n)
+        return StepOps(self.launches / n, self.syncs / n, self.compiled_calls / n, None if self.device_kernels is None else self.device_kernels / n,
+                       None if self.device_ms is None else self.device_ms / n)
 
     def row(self) -> dict:
         return {"kernel launches/step": self.launches, "compiled calls/step": self.compiled_calls,
                 "CUDA kernels/step (measured)": "n/a (no CUDA)" if self.device_kernels is None else self.device_kernels,
+                "GPU kernel ms/step (measured)": "n/a (no CUDA)" if self.device_ms is None else self.device_ms,
                 "host syncs/step": self.syncs}
 
 
-def _device_kernels(events) -> int:
-    """Kernels (and memcpy/memset) the CUDA device ran, from the profiler's device-side events."""
+def _device_kernels(events) -> tuple[int, float]:
+    """(count, milliseconds) of the kernels (and memcpy/memset) the CUDA device ran, from the
+    profiler's device-side events; the milliseconds add their durations (one stream: no overlap)."""
     cuda = torch.autograd.DeviceType.CUDA
-    on_device = sum(1 for e in events if getattr(e, "device_type", None) == cuda)
-    return on_device or sum(len(getattr(e, "kernels", [])) for e in events)  # older layouts attach them to CPU ops
+    on_device = [e for e in events if getattr(e, "device_type", None) == cuda]
+    if not on_device:  # older layouts attach them to CPU ops
+        on_device = [k for e in events for k in getattr(e, "kernels", [])]
+    return len(on_device), sum(e.time_range.elapsed_us() for e in on_device if hasattr(e, "time_range")) / 1e3
 
 
 def count_step_ops(train_fn) -> StepOps:
@@ -140,7 +147,8 @@ def count_step_ops(train_fn) -> StepOps:
     events = prof.events()
     totals = [_launches(event) for event in events if event.cpu_parent is None and getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA]
     compiled = sum(1 for e in events if e.name.startswith("Torch-Compiled Region"))
-    ops = StepOps(sum(k for k, _ in totals), sum(s for _, s in totals), compiled, _device_kernels(events) if cuda else None)
+    kernels, busy_ms = _device_kernels(events) if cuda else (None, None)
+    ops = StepOps(sum(k for k, _ in totals), sum(s for _, s in totals), compiled, kernels, busy_ms)
     return ops / steps
 
 
@@ -349,6 +357,9 @@ def main(argv=None) -> int:
         f"~{k_serial * 5e-3:.1f} ms, i.e. ~{k_serial * 5e-6 * 3125 * 30 / 60:.0f} min for 3125 steps x 30 epochs; "
         "fusing K trials divides it by ~K. sinkhorn_scaling 0.7 instead of 0.9 cuts the Sinkhorn iterations 3.2x "
         "(bench/results/demo_walltime.md has its accuracy against exact transport); the GPU study keeps 0.9.",
+        "GPU kernel ms/step: the summed durations of the kernels and copies the device ran per training step "
+        "(profiler, the same differencing); the step's wall time ('s/step' in the first table, validation included) "
+        "minus this is time the GPU sat waiting for the host: Python, dispatch, autograd, launches and syncs.",
         "Both counts include the fairness loss's pair bookkeeping, which runs on CPU tensors (labels and groups are "
         "kept on the host on purpose): on a GPU those ops launch no kernel and wait for nothing, so the GPU figures "
         "are at most these.",

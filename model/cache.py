@@ -23,7 +23,8 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -173,15 +174,35 @@ def open_or_build_cache(
 def _build(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbone: LazyBackbone, directory: Path, key: str, *,
            device, num_workers, progress) -> None:
     with staging_folder(directory, what="a feature cache build") as staging:
-        seconds = _extract(manifest, rows, views, backbone, staging, device=device, num_workers=num_workers, progress=progress)
+        phases = _extract(manifest, rows, views, backbone, staging, device=device, num_workers=num_workers, progress=progress)
         ready(staging)
-        _publish(manifest, len(rows), backbone, staging, directory, key, seconds)
+        _publish(manifest, len(rows), backbone, staging, directory, key, phases)
+
+
+@dataclass
+class BuildPhases:
+    """Where a cache build's seconds went, as the main thread saw them. ``writing`` runs in a
+    thread beside the next batch's forward; only ``waiting_for_disk`` is the part it did not hide."""
+
+    seconds: float = 0.0  # the whole build
+    waiting_for_images: float = 0.0  # the loader's workers (decode + preprocess) fell behind
+    backbone: float = 0.0  # copy in, forward, copy out, on the device
+    waiting_for_disk: float = 0.0  # the previous batch's write to the memory map was not done yet
+    writing: float = 0.0  # the writer thread's own time
+
+    def summary(self) -> str:
+        return (f"{self.waiting_for_images:.1f} s waiting for images, {self.backbone:.1f} s in the backbone, "
+                f"{self.waiting_for_disk:.1f} s waiting for the disk ({self.writing:.1f} s of writes beside the forward)")
 
 
 def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbone: LazyBackbone, staging: Path, *,
-             device, num_workers, progress) -> float:
+             device, num_workers, progress) -> BuildPhases:
     """The backbone's tokens of manifest rows ``rows``, each in its view (None: as it is), written
-    to ``staging`` (without meta.json); returns the seconds it took."""
+    to ``staging`` (without meta.json); returns where the time went.
+
+    Batch i's tokens are written to the memory map by a thread while batch i+1 runs on the device
+    (a 128-image ViT-L-14 batch is 66 MB to write, as long as its forward on an H100): one write
+    in flight, so host memory stays at one batch and a write error stops the build."""
     paths = list(manifest.frame["path"].iloc[rows])
     lines = manifest.frame["line"].to_numpy()[rows]
     length, width = backbone.shape.token_shapes()
@@ -197,31 +218,51 @@ def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backb
         pin_memory=device.type == "cuda",
         shuffle=False,
     )
-    start, offset = time.perf_counter(), 0
+    phases, offset = BuildPhases(), 0
     what = manifest.path.name if views is None else f"{manifest.path.name} (augmented views)"
     bar = tqdm(total=len(paths), desc=f"caching {what}", unit="img", disable=not progress)
     bad: list[str] = []
-    for images, failures in loader:
-        end = offset + images.shape[0]
-        bad += [f"line {line} {path} ({reason})" for line, path, reason in zip(lines[offset:end], paths[offset:end], failures) if reason]
-        if bad:  # the rest is only decoded (no forward), so that one error names every bad image
+
+    def write(start: int, stop: int, batch_cls: np.ndarray, batch_patches: np.ndarray) -> None:
+        began = time.perf_counter()
+        _write_rows(cls, start, batch_cls)
+        _write_rows(patches, start, batch_patches)
+        phases.writing += time.perf_counter() - began
+
+    start = clock = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as writer:  # (its exit waits for the last write)
+        pending = None
+        for images, failures in loader:
+            clock = _lap(phases, "waiting_for_images", clock)
+            end = offset + images.shape[0]
+            bad += [f"line {line} {path} ({reason})" for line, path, reason in zip(lines[offset:end], paths[offset:end], failures) if reason]
+            if bad:  # the rest is only decoded (no forward), so that one error names every bad image
+                offset = end
+                bar.update(images.shape[0])
+                bar.set_postfix(undecodable=len(bad))
+                continue
+            with autocast(device, backbone.config.precision == "bf16"):
+                tokens = module(images.to(device, non_blocking=True))
+            # in the storage dtype on the device: half the copy for float16, and an overflow (a token
+            # beyond float16's 65504 becomes inf) is caught here, not as a NaN loss in every trial
+            batch_cls, batch_patches = (t.to(getattr(torch, dtype.name)) for t in (tokens.cls, tokens.patches))
+            finite = torch.isfinite(batch_cls).all() & torch.isfinite(batch_patches).all()
+            batch_cls, batch_patches = batch_cls.cpu().numpy(), batch_patches.cpu().numpy()
+            clock = _lap(phases, "backbone", clock)
+            if not bool(finite):
+                raise CacheError(f"{manifest.path}: the images at lines {lines[offset]}-{lines[end - 1]} give tokens that are "
+                                 f"not finite in {dtype.name} (nan, or beyond its range); try backbone.cache_dtype: float32")
+            if pending is not None:
+                pending.result()  # (raises the write's error)
+            clock = _lap(phases, "waiting_for_disk", clock)
+            pending = writer.submit(write, offset, end, batch_cls, batch_patches)
             offset = end
             bar.update(images.shape[0])
-            bar.set_postfix(undecodable=len(bad))
-            continue
-        with autocast(device, backbone.config.precision == "bf16"):
-            tokens = module(images.to(device, non_blocking=True))
-        # in the storage dtype on the device: half the copy for float16, and an overflow (a token
-        # beyond float16's 65504 becomes inf) is caught here, not as a NaN loss in every trial
-        batch_cls, batch_patches = (t.to(getattr(torch, dtype.name)) for t in (tokens.cls, tokens.patches))
-        if not bool(torch.isfinite(batch_cls).all() & torch.isfinite(batch_patches).all()):
-            raise CacheError(f"{manifest.path}: the images at lines {lines[offset]}-{lines[end - 1]} give tokens that are "
-                             f"not finite in {dtype.name} (nan, or beyond its range); try backbone.cache_dtype: float32")
-        cls[offset:end] = batch_cls.cpu().numpy()
-        patches[offset:end] = batch_patches.cpu().numpy()
-        offset = end
-        bar.update(images.shape[0])
-        bar.set_postfix(img_per_s=f"{offset / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(img_per_s=f"{offset / (time.perf_counter() - start):.0f}")
+            clock = time.perf_counter()
+        if pending is not None:
+            pending.result()
+            clock = _lap(phases, "waiting_for_disk", clock)
     bar.close()
     if bad:
         shown = "; ".join(bad[:_BAD_IMAGES_SHOWN]) + (f"; and {len(bad) - _BAD_IMAGES_SHOWN} more" if len(bad) > _BAD_IMAGES_SHOWN else "")
@@ -229,10 +270,21 @@ def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backb
     cls.flush()
     patches.flush()
     del cls, patches
-    return time.perf_counter() - start
+    phases.seconds = time.perf_counter() - start
+    return phases
 
 
-def _publish(manifest: Manifest, n: int, backbone: LazyBackbone, staging: Path, directory: Path, key: str, seconds: float) -> None:
+def _write_rows(array: np.ndarray, start: int, rows: np.ndarray) -> None:
+    array[start:start + len(rows)] = rows
+
+
+def _lap(phases: BuildPhases, phase: str, since: float) -> float:
+    now = time.perf_counter()
+    setattr(phases, phase, getattr(phases, phase) + now - since)
+    return now
+
+
+def _publish(manifest: Manifest, n: int, backbone: LazyBackbone, staging: Path, directory: Path, key: str, phases: BuildPhases) -> None:
     """meta.json last, then the finished folder renamed into place (unless another worker's is there)."""
     length, width = backbone.shape.token_shapes()
     meta = {
@@ -242,7 +294,8 @@ def _publish(manifest: Manifest, n: int, backbone: LazyBackbone, staging: Path, 
         "shapes": {"cls": [n, width], "patches": [n, length, width]},
         "dtype": backbone.config.cache_dtype,
         "checksums": {name: _file_checksum(staging / f"{name}.npy") for name in _ARRAYS},
-        "seconds": round(seconds, 2),
+        "seconds": round(phases.seconds, 2),
+        "phases": {name: round(value, 2) for name, value in asdict(phases).items() if name != "seconds"},
     }
     (staging / "meta.json").write_text(json.dumps(meta, indent=2))
     try:
@@ -260,7 +313,7 @@ def _publish(manifest: Manifest, n: int, backbone: LazyBackbone, staging: Path, 
                 staging.rename(directory)
             except OSError:  # and lost the race to replace it
                 shutil.rmtree(staging, ignore_errors=True)
-    log.info("feature cache built: %s (%d images, %.1f s)", directory, n, seconds)
+    log.info("feature cache built: %s (%d images, %.1f s: %s)", directory, n, phases.seconds, phases.summary())
 
 
 def _file_checksum(path: Path) -> str:

@@ -251,6 +251,37 @@ def test_tokens_beyond_float16_are_refused_naming_the_manifest_rows_and_the_fix(
     assert np.isfinite(build(manifest, backbone, tmp_path).patches).all()
 
 
+def test_a_failed_write_stops_the_build_with_its_error_and_leaves_nothing(manifest, backbone, tmp_path, monkeypatch):
+    """The writes run in a thread beside the next forward: its error must still stop the build."""
+    import model.cache
+
+    written = []
+
+    def disk_full_at_the_third_batch(array, start, rows):
+        written.append(start)
+        if len(written) == 5:  # (two arrays a batch)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        array[start:start + len(rows)] = rows
+
+    monkeypatch.setattr(model.cache, "_write_rows", disk_full_at_the_third_batch)
+    with pytest.raises(OSError, match="No space left on device"):
+        build(manifest, backbone, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_build_logs_and_records_where_its_time_went(manifest, backbone, tmp_path, caplog):
+    import json
+
+    with caplog.at_level(logging.INFO, logger="model.cache"):
+        cache = build(manifest, backbone, tmp_path)
+    meta = json.loads((cache.directory / "meta.json").read_text())
+    phases = meta["phases"]
+    assert set(phases) == {"waiting_for_images", "backbone", "waiting_for_disk", "writing"} and min(phases.values()) >= 0
+    assert phases["backbone"] > 0 and phases["waiting_for_images"] + phases["backbone"] + phases["waiting_for_disk"] <= meta["seconds"] + 0.02
+    built = [r.getMessage() for r in caplog.records if r.getMessage().startswith("feature cache built")]
+    assert len(built) == 1 and "in the backbone" in built[0] and "waiting for images" in built[0]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_images_that_cannot_be_decoded_are_named_by_manifest_line_and_leave_nothing(dataset, backbone, tmp_path, workers):
     data = tmp_path / "data"
