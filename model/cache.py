@@ -223,10 +223,10 @@ def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backb
     bar = tqdm(total=len(paths), desc=f"caching {what}", unit="img", disable=not progress)
     bad: list[str] = []
 
-    def write(start: int, stop: int, batch_cls: np.ndarray, batch_patches: np.ndarray) -> None:
+    def write(targets: tuple[np.ndarray, ...], start: int, batches: tuple[np.ndarray, ...]) -> None:
         began = time.perf_counter()
-        _write_rows(cls, start, batch_cls)
-        _write_rows(patches, start, batch_patches)
+        for target, rows in zip(targets, batches):
+            _write_rows(target, start, rows)
         phases.writing += time.perf_counter() - began
 
     start = clock = time.perf_counter()
@@ -255,7 +255,7 @@ def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backb
             if pending is not None:
                 pending.result()  # (raises the write's error)
             clock = _lap(phases, "waiting_for_disk", clock)
-            pending = writer.submit(write, offset, end, batch_cls, batch_patches)
+            pending = writer.submit(write, (cls, patches), offset, (batch_cls, batch_patches))
             offset = end
             bar.update(images.shape[0])
             bar.set_postfix(img_per_s=f"{offset / (time.perf_counter() - start):.0f}")
