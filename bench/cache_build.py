@@ -8,7 +8,7 @@ ViT-L-14 (random weights, real FLOPs) on a few of them resized to 224 px.
     python -m bench.cache_build [--workers 0,2] [--vitl-images 8] [--threads N]
 On a GPU (target >= 1500 img/s for ~100k images with ViT-L-14 in bf16; the ViT-L rows cycle the
 demo's 1600 training images at 224 px, so a few thousand show the steady rate):
-    python -m bench.cache_build --vitl-images 6400 --vitl-workers 8,16 --vitl-batch 128,256
+    python -m bench.cache_build --vitl-images 6400,25600 --vitl-workers 16 --vitl-batch 128,256
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def build_rate(manifest, backbone_config, workers: int, root, augment=None, warm
     phases = json.loads((cache.directory / "meta.json").read_text())["phases"]
     return {"images": len(cache), "workers": workers, "batch": backbone_config.batch_size, "seconds": t(), "img/s": len(cache) / t(),
             "waiting for images s": phases["waiting_for_images"], "backbone s": phases["backbone"],
-            "waiting for disk s": phases["waiting_for_disk"], "writes s (beside the forward)": phases["writing"]}
+            "waiting for disk s": phases["waiting_for_disk"], "writes s (beside the forwards)": phases["writing"],
+            "flushing s": phases["flushing"]}
 
 
 def forward_rate(backbone_config, batch: int, repeats: int) -> float:
@@ -100,7 +101,7 @@ def augment_ms(paths, augment, side: int = 256, repeats: int = 200) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="0,2")
-    parser.add_argument("--vitl-images", type=int, default=8)
+    parser.add_argument("--vitl-images", default="8", help="image counts for the ViT-L-14 rows, comma-separated (0: none)")
     parser.add_argument("--vitl-batch", default="8", help="batch sizes for the ViT-L-14 rows, comma-separated")
     parser.add_argument("--vitl-workers", default="0", help="loader worker counts for the ViT-L-14 rows, comma-separated")
     parser.add_argument("--threads", type=int)
@@ -120,15 +121,16 @@ def main(argv=None) -> int:
         rows.append({"backbone": "fairfront-tiny-vit (64 px, fp32)", **row})
         row = build_rate(prepared.manifest, config.backbone, workers, WORK / "cache-build" / f"views-{workers}", augment)
         rows.append({"backbone": "fairfront-tiny-vit, augmented views (2 per training image, every augmentation on)", **row})
-    manifest = subset_manifest(prepared.manifest, args.vitl_images, 0) if args.vitl_images else None
+    sizes = [int(n) for n in args.vitl_images.split(",") if int(n)]
     forward = []
-    for batch in ([int(b) for b in args.vitl_batch.split(",")] if manifest is not None else []):
+    for batch in ([int(b) for b in args.vitl_batch.split(",")] if sizes else []):
         vitl = BackboneConfig(name="ViT-L-14-quickgelu", weights="random", precision="bf16", cache_dtype="float16", batch_size=batch)
         forward.append({"backbone": "ViT-L-14-quickgelu", "batch": batch, "forward alone img/s": forward_rate(vitl, batch, 10 if cuda else 1)})
-        warm_up = subset_manifest(prepared.manifest, min(args.vitl_images, 2 * batch), 0)
+        warm_up = subset_manifest(prepared.manifest, min(sizes[0], 2 * batch), 0)
         for workers in [int(w) for w in args.vitl_workers.split(",")]:
-            row = build_rate(manifest, vitl, workers, WORK / "cache-build" / "vitl", warm_up=warm_up)
-            rows.append({"backbone": f"ViT-L-14-quickgelu (224 px, {'bf16' if cuda else 'fp32'}; after a warm-up build)", **row})
+            for size in sizes:
+                row = build_rate(subset_manifest(prepared.manifest, size, 0), vitl, workers, WORK / "cache-build" / "vitl", warm_up=warm_up)
+                rows.append({"backbone": f"ViT-L-14-quickgelu (224 px, {'bf16' if cuda else 'fp32'}; after a warm-up build)", **row})
     notes = [
         "Target: >= 1500 img/s building the ViT-L-14 cache of ~100k images on one H100 (bf16, multi-worker loader). "
         + gpu_note(),
@@ -139,8 +141,10 @@ def main(argv=None) -> int:
         "and compete with the forward for the same 2 cores.",
         "model/cache.py shows the running img/s in its tqdm bar (run_study.py prepare), and logs where a build's time went "
         "(also in the cache's meta.json): 'waiting for images' = the loader's workers fell behind (decode + preprocess); "
-        "'backbone' = copy in, forward, copy out; 'waiting for disk' = the previous batch's write to the memory map was not "
-        "done when this batch's tokens were; the writes themselves run in a thread beside the next forward.",
+        "'backbone' = launching the forwards and waiting for the device (copies in and out included); 'waiting for disk' = "
+        "the previous batch's write to the memory map was not done when the next batch was ready; the writes themselves run "
+        "in a thread beside the forwards (model/cache_writer.py); 'flushing' = the memory maps' last dirty pages to disk. "
+        "The rest of 'seconds' is the loader's and the tqdm bar's host time.",
         f"The images are the demo's synthetic {image_side(prepared.manifest)} px PNGs (repeated when --vitl-images exceeds "
         "the demo's 1600 training images), resized to the backbone's 224 px: cheaper to decode than FF++ frames, so the "
         "ViT-L-14 row is an upper bound on the loader's share.",

@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from model.config import AugmentConfig
 from model.images import ImageDataset
 from model.manifest import Manifest
 from model.runtime import autocast
+from model.cache_writer import BuildPhases, TokenWriter
 from model.staging import ready, staging_folder
 
 log = logging.getLogger(__name__)
@@ -179,30 +179,10 @@ def _build(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbon
         _publish(manifest, len(rows), backbone, staging, directory, key, phases)
 
 
-@dataclass
-class BuildPhases:
-    """Where a cache build's seconds went, as the main thread saw them. ``writing`` runs in a
-    thread beside the next batch's forward; only ``waiting_for_disk`` is the part it did not hide."""
-
-    seconds: float = 0.0  # the whole build
-    waiting_for_images: float = 0.0  # the loader's workers (decode + preprocess) fell behind
-    backbone: float = 0.0  # copy in, forward, copy out, on the device
-    waiting_for_disk: float = 0.0  # the previous batch's write to the memory map was not done yet
-    writing: float = 0.0  # the writer thread's own time
-
-    def summary(self) -> str:
-        return (f"{self.waiting_for_images:.1f} s waiting for images, {self.backbone:.1f} s in the backbone, "
-                f"{self.waiting_for_disk:.1f} s waiting for the disk ({self.writing:.1f} s of writes beside the forward)")
-
-
 def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backbone: LazyBackbone, staging: Path, *,
              device, num_workers, progress) -> BuildPhases:
     """The backbone's tokens of manifest rows ``rows``, each in its view (None: as it is), written
-    to ``staging`` (without meta.json); returns where the time went.
-
-    Batch i's tokens are written to the memory map by a thread while batch i+1 runs on the device
-    (a 128-image ViT-L-14 batch is 66 MB to write, as long as its forward on an H100): one write
-    in flight, so host memory stays at one batch and a write error stops the build."""
+    to ``staging`` (without meta.json); returns where the time went."""
     paths = list(manifest.frame["path"].iloc[rows])
     lines = manifest.frame["line"].to_numpy()[rows]
     length, width = backbone.shape.token_shapes()
@@ -223,15 +203,12 @@ def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backb
     bar = tqdm(total=len(paths), desc=f"caching {what}", unit="img", disable=not progress)
     bad: list[str] = []
 
-    def write(targets: tuple[np.ndarray, ...], start: int, batches: tuple[np.ndarray, ...]) -> None:
-        began = time.perf_counter()
-        for target, rows in zip(targets, batches):
-            _write_rows(target, start, rows)
-        phases.writing += time.perf_counter() - began
+    def not_finite(start: int, stop: int) -> CacheError:
+        return CacheError(f"{manifest.path}: the images at lines {lines[start]}-{lines[stop - 1]} give tokens that are "
+                          f"not finite in {dtype.name} (nan, or beyond its range); try backbone.cache_dtype: float32")
 
     start = clock = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as writer:  # (its exit waits for the last write)
-        pending = None
+    with TokenWriter((cls, patches), backbone.config.batch_size, device, phases, not_finite) as tokens_out:
         for images, failures in loader:
             clock = _lap(phases, "waiting_for_images", clock)
             end = offset + images.shape[0]
@@ -247,35 +224,25 @@ def _extract(manifest: Manifest, rows: np.ndarray, views: ViewPlan | None, backb
             # beyond float16's 65504 becomes inf) is caught here, not as a NaN loss in every trial
             batch_cls, batch_patches = (t.to(getattr(torch, dtype.name)) for t in (tokens.cls, tokens.patches))
             finite = torch.isfinite(batch_cls).all() & torch.isfinite(batch_patches).all()
-            batch_cls, batch_patches = batch_cls.cpu().numpy(), batch_patches.cpu().numpy()
             clock = _lap(phases, "backbone", clock)
-            if not bool(finite):
-                raise CacheError(f"{manifest.path}: the images at lines {lines[offset]}-{lines[end - 1]} give tokens that are "
-                                 f"not finite in {dtype.name} (nan, or beyond its range); try backbone.cache_dtype: float32")
-            if pending is not None:
-                pending.result()  # (raises the write's error)
-            clock = _lap(phases, "waiting_for_disk", clock)
-            pending = writer.submit(write, (cls, patches), offset, (batch_cls, batch_patches))
+            tokens_out.push(offset, (batch_cls, batch_patches), finite)  # (its waits are phases of their own)
             offset = end
             bar.update(images.shape[0])
             bar.set_postfix(img_per_s=f"{offset / (time.perf_counter() - start):.0f}")
             clock = time.perf_counter()
-        if pending is not None:
-            pending.result()
-            clock = _lap(phases, "waiting_for_disk", clock)
+        if not bad:
+            tokens_out.close()
     bar.close()
     if bad:
         shown = "; ".join(bad[:_BAD_IMAGES_SHOWN]) + (f"; and {len(bad) - _BAD_IMAGES_SHOWN} more" if len(bad) > _BAD_IMAGES_SHOWN else "")
         raise CacheError(f"{manifest.path}: {len(bad)} image(s) that cannot be decoded: {shown}; fix or remove those rows")
+    clock = time.perf_counter()
     cls.flush()
     patches.flush()
     del cls, patches
+    _lap(phases, "flushing", clock)
     phases.seconds = time.perf_counter() - start
     return phases
-
-
-def _write_rows(array: np.ndarray, start: int, rows: np.ndarray) -> None:
-    array[start:start + len(rows)] = rows
 
 
 def _lap(phases: BuildPhases, phase: str, since: float) -> float:

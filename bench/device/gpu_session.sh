@@ -43,7 +43,7 @@ step 30 python3 -c "import torch, optuna, open_clip, geomloss; print(torch.__ver
 if [ "$SMOKE" = 1 ]; then  # ViT-L-14 on 2 CPU cores: ~1 s an image, so a few images and no online ViT-L epoch
   n_train=64 n_val=32 fused=2 vitl_images=4 vitl_batch=2,4 workers=0 online=(--skip-vitl) mapped=(--n-train 64 --n-val 32 --epochs 1 --repeats 2)
 else
-  n_train=8192 n_val=1024 fused=8 vitl_images=6400 vitl_batch=128,256 workers=8,16  # batch 128: studies/ffpp_clip_vitl14.yaml's backbone.batch_size
+  n_train=8192 n_val=1024 fused=8 vitl_images=6400,25600 vitl_batch=128,256 workers=16  # batch 128: studies/ffpp_clip_vitl14.yaml's backbone.batch_size
   online=(--vitl-train 512 --vitl-val 64 --vitl-batch 32 --vitl-epochs 3) mapped=(--n-train 2048 --n-val 256 --epochs 2)
   # 16 loader workers keep up to 32 batches of 256 images (~4.9 GB) in /dev/shm; a container's 64 MB default gives a Bus error
   shm_kb=$(df -k --output=avail /dev/shm 2>/dev/null | tail -1)
@@ -56,12 +56,12 @@ fi
 # loop on CUDA (Triton), tokens held on the GPU, fused vs serial trials in bf16.
 wanted tests && step 120 python3 -m pytest -q -p no:cacheprovider -rs -k cuda tests/objectives_tests/test_fairness_loss.py \
   tests/objectives_tests/test_compiled_sinkhorn.py tests/objectives_tests/test_sinkhorn.py tests/model_tests/test_tokens.py \
-  tests/model_tests/test_fused.py
+  tests/model_tests/test_fused.py tests/model_tests/test_cache.py
 # Targets 2 and 3: serial and 8-fused trials on ViT-L-14 token shapes, each also with compile_sinkhorn,
 # plus launches per step (and the CUDA kernels the profiler saw).
 wanted trial_scale && step 200 python3 -m bench.trial_scale --n-train "$n_train" --n-val "$n_val" --epochs 2 --fused "$fused"
 # Target 4: cache build with ViT-L-14 in bf16 and a multi-worker loader.
-wanted cache_build && step 150 python3 -m bench.cache_build --workers 0 --vitl-images "$vitl_images" --vitl-batch "$vitl_batch" --vitl-workers "$workers"
+wanted cache_build && step 200 python3 -m bench.cache_build --workers 0 --vitl-images "$vitl_images" --vitl-batch "$vitl_batch" --vitl-workers "$workers"
 # Target 1: cache vs online epoch with ViT-L-14.
 wanted cache_vs_online && step 70 python3 -m bench.cache_vs_online --tiny-epochs 2 "${online[@]}"
 # Target 2 when the tokens are not held on the GPU: pinned read-ahead vs reading in the step (last:
