@@ -44,6 +44,10 @@ def load_average() -> str:
 
 
 def git_commit() -> str:
+    """HEAD (+dirty), or FAIRFRONT_CODE_VERSION where set: the device machine's copy of the
+    checkout can carry git metadata older than its files."""
+    if os.environ.get("FAIRFRONT_CODE_VERSION"):
+        return os.environ["FAIRFRONT_CODE_VERSION"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()

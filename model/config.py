@@ -142,7 +142,8 @@ class TrainingConfig:
     feature_mode: Literal["cache", "online"] = "cache"
     # torch.compile the fairness loss's Sinkhorn iterations (objectives/_sinkhorn_packed.py): a few
     # fused kernels per 8 iterations instead of ~12 ops each; each process compiles once, before
-    # its first run (~20 s on 2 CPU cores). Off by default until a GPU has measured it (bench/results/trial_scale.md).
+    # its first run (~20 s on 2 CPU cores). Off by default (it needs a compiler, and gains ~10% on a
+    # CPU); 1.7-1.9x faster trials on an H200, so the GPU study turns it on (bench/results/trial_scale.md).
     compile_sinkhorn: bool = False
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     seed: int = 0

@@ -2,7 +2,11 @@
 # Run ON THE GPU MACHINE, in one device call (a task's lease is ~15 minutes, start-up included):
 #
 #   bash bench/device/fetch_wheels.sh                      # here first: the wheels the image lacks
-#   run(command="bash bench/device/gpu_session.sh", carry=[".whl"], timeout_s=600)
+#   run(command="FAIRFRONT_CODE_VERSION=<git rev-parse --short HEAD, here> bash bench/device/gpu_session.sh",
+#       carry=[".whl"], timeout_s=600)
+#
+# (The copy on the device machine carried the session's first commit in its git metadata, not the
+# files' commit: the tables' 'code' line would name the wrong one without FAIRFRONT_CODE_VERSION.)
 #
 # Installs the carried wheels, runs the CUDA-only tests, then issue 5's GPU rows at sizes that
 # fit the lease (each step has its own time limit, so one slow step cannot eat the others), and
