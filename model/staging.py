@@ -31,9 +31,11 @@ def _name(target: Path, kind: str, hidden: bool) -> str:
 @contextlib.contextmanager
 def staging_folder(target: Path, *, hidden: bool = False, what: str = "a build") -> Iterator[Path]:
     """A new folder beside ``target`` (``<target>.partial-<random>``, with a leading dot when
-    ``hidden``), held by this process while the block runs, removed if the block raises. Earlier
-    staging folders of ``target`` whose process died are removed first. The block calls ``ready``
-    and renames the folder to ``target`` (or removes it) when its contents are whole."""
+    ``hidden``), held by this process while the block runs. Earlier staging folders of ``target``
+    whose process died are removed first. The block calls ``ready`` and renames the folder to
+    ``target`` when its contents are whole; a folder still here when the block ends (it raised, or
+    another process published first) is removed once the marker is closed: on NFS an open file
+    that is deleted lingers as a ``.nfsXXXX`` file and the folder cannot be removed around it."""
     remove_abandoned(target, hidden=hidden, what=what)
     # A name no other writer has: nodes sharing a workdir may run containers whose processes all
     # have the same pid (1 in a Kubernetes pod), and a pid-named folder was shared and deleted.
@@ -45,14 +47,13 @@ def staging_folder(target: Path, *, hidden: bool = False, what: str = "a build")
     try:
         fcntl.flock(marker, fcntl.LOCK_EX)
         staging = starting.rename(target.with_name(_name(target, "partial", hidden) + name))
-        try:
-            yield staging
-        except BaseException:  # a bad image, a CUDA error, Ctrl-C: nothing half-built left behind
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        yield staging
     finally:
         marker.close()
-        shutil.rmtree(starting, ignore_errors=True)  # (gone unless the rename failed)
+        # a bad image, a CUDA error, Ctrl-C, a lost race: nothing half-built left behind
+        # (``starting`` is gone unless the rename failed; ``staging`` unless it was published)
+        for folder in (starting, target.with_name(_name(target, "partial", hidden) + name)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def ready(staging: Path) -> None:

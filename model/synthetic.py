@@ -303,8 +303,7 @@ def generate(out_dir: Path, config: SyntheticConfig, *, progress: bool = True) -
                 frame.to_csv(tmp / f"{name}.csv", index=False)
         stamp = {"config_sha256": digest, "config": dataclasses.asdict(config)}
         (tmp / _STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True))
-        if _is_complete(out_dir, digest):  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
+        if _is_complete(out_dir, digest):  # another process finished first: keep theirs (ours goes with the block)
             return _result(out_dir)
         ready(tmp)
         if out_dir.exists():

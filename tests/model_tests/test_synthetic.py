@@ -182,3 +182,40 @@ def test_a_generation_removes_the_folder_a_killed_one_left_and_keeps_one_still_r
         assert not dead.exists() and running.is_dir() and unmarked.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".d.partial-running", ".d.partial-unmarked", "d"]
     assert MARKER not in os.listdir(out)
+
+
+def test_a_generation_another_finished_first_is_removed_after_its_marker_is_let_go(tmp_path, monkeypatch):
+    """On NFS a deleted file that is still open lingers as .nfsXXXX, and the folder around it cannot
+    be removed: the losing generation's folder must go after its marker is closed, the winner's stay."""
+    import fcntl
+    import shutil
+
+    import model.synthetic as synthetic
+    from model.staging import MARKER
+
+    out = tmp_path / "d"
+    generate(out, SyntheticConfig(**SMALL), progress=False)  # the winner's dataset
+    winner = (out / "manifest.csv").read_bytes()
+    real_is_complete, checks = synthetic._is_complete, []
+
+    def finished_while_we_ran(*args):  # not yet at the start, done by the time ours is whole
+        checks.append(1)
+        return len(checks) > 1 and real_is_complete(*args)
+
+    held_at_removal, real_rmtree = [], shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if (Path(path) / MARKER).exists():
+            with open(Path(path) / MARKER) as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held_at_removal.append(False)
+                except OSError:
+                    held_at_removal.append(True)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "_is_complete", finished_while_we_ran)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    generate(out, SyntheticConfig(**SMALL), progress=False)
+    assert held_at_removal == [False]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"] and (out / "manifest.csv").read_bytes() == winner
