@@ -86,22 +86,41 @@ def error_reason(err: BaseException) -> str:
 
 
 # SQLite: the file, its folder or the filesystem is read-only. PostgreSQL: a read-only
-# transaction (a hot standby, default_transaction_read_only) or a role without INSERT/UPDATE.
+# transaction (a hot standby, default_transaction_read_only) or a role without INSERT/UPDATE
+# (42501, insufficient privilege, which a role without SELECT also gets for its reads).
 _READ_ONLY_SQLITE = ("readonly database", "read-only file system")
 _READ_ONLY_SQLSTATES = ("25006", "42501")
+_NO_PRIVILEGE = "42501"
+
+
+def _database_errors(err: BaseException):
+    """(error, SQLSTATE, the statement it failed on) along ``err``'s chain of causes."""
+    seen: set[int] = set()
+    statement = ""
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        statement = getattr(err, "statement", None) or statement
+        yield err, getattr(err, "sqlstate", None) or getattr(err, "pgcode", None), statement
+        err = getattr(err, "orig", None) if isinstance(err, sqlalchemy.exc.DBAPIError) else (err.__cause__ or err.__context__)
+
+
+def _is_read(statement: str) -> bool:
+    return statement.lstrip().upper().startswith("SELECT")
 
 
 def refuses_writes(err: BaseException) -> bool:
     """The database refused a write because it is read-only to us: no retry will help."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if type(err).__module__.startswith("sqlite3") and any(m in str(err).lower() for m in _READ_ONLY_SQLITE):
+    for cause, sqlstate, statement in _database_errors(err):
+        if type(cause).__module__.startswith("sqlite3") and any(m in str(cause).lower() for m in _READ_ONLY_SQLITE):
             return True
-        if getattr(err, "sqlstate", None) in _READ_ONLY_SQLSTATES or getattr(err, "pgcode", None) in _READ_ONLY_SQLSTATES:
+        if sqlstate in _READ_ONLY_SQLSTATES and not (sqlstate == _NO_PRIVILEGE and _is_read(statement)):
             return True
-        err = getattr(err, "orig", None) if isinstance(err, sqlalchemy.exc.DBAPIError) else (err.__cause__ or err.__context__)
     return False
+
+
+def refuses_reads(err: BaseException) -> bool:
+    """The database refused a read: this role may not SELECT from the study's tables."""
+    return any(sqlstate == _NO_PRIVILEGE and _is_read(statement) for _, sqlstate, statement in _database_errors(err))
 
 
 _retrying = threading.local()
@@ -150,14 +169,19 @@ class ResilientRDBStorage(RDBStorage):
         except StorageError:
             raise
         except Exception as err:
-            if not refuses_writes(err):
-                raise
             # Optuna would chain three tracebacks ending in "invalid data in the commit, e.g.
             # exceeding max length", which sends the user looking in the wrong place.
-            raise StorageError(
-                f"the study storage {mask_url(self.url)} refuses writes ({error_reason(err)}); optimize and evaluate "
-                "record in it and need write access (show, export and report only read it)"
-            ) from err
+            if refuses_writes(err):
+                raise StorageError(
+                    f"the study storage {mask_url(self.url)} refuses writes ({error_reason(err)}); optimize and evaluate "
+                    "record in it and need write access (show, export and report only read it)"
+                ) from err
+            if refuses_reads(err):
+                raise StorageError(
+                    f"the study storage {mask_url(self.url)} refuses this role's reads ({error_reason(err)}); every command "
+                    "needs SELECT on the study's tables, and optimize and evaluate also INSERT, UPDATE and DELETE"
+                ) from err
+            raise
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         attempts = []
@@ -439,5 +463,5 @@ def _trials_without_heartbeat(storage: RDBStorage, study_id: int, grace: float) 
 
 __all__ = [
     "RequeueTrial", "ResilientRDBStorage", "StorageError", "call_with_retry", "error_reason", "fail_dead_trials", "requeue_interrupted",
-    "is_transient", "make_storage", "refuses_writes", "require_write_access", "sqlite_file", "storage_of",
+    "is_transient", "make_storage", "refuses_reads", "refuses_writes", "require_write_access", "sqlite_file", "storage_of",
 ]

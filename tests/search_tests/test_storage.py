@@ -420,3 +420,34 @@ def test_a_read_only_storage_is_read_and_a_write_to_it_fails_in_one_line_naming_
         assert "exceeding max length" not in str(caught.value), what
         assert not make_url(storage_url).password or make_url(storage_url).password not in str(caught.value), what
     assert "read" in str(caught.value)
+
+
+def test_a_role_without_select_is_told_it_may_not_read_and_one_with_select_only_that_it_may_not_write(postgres, postgres_url):
+    """PostgreSQL answers both with SQLSTATE 42501 (insufficient privilege): a denied SELECT must not
+    be reported as a read-only storage whose reads would work."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    study = optuna.create_study(study_name="grants", storage=make_storage(postgres_url, FAST), directions=["maximize"])
+    study.add_trial(optuna.trial.create_trial(params={"x": 0.5}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+                                              value=0.25))
+    role = f"reader_{make_url(postgres_url).database[-20:]}".lower()
+    postgres._admin(f"CREATE ROLE {role} LOGIN PASSWORD 'reader-pw'")
+    reader = postgres.url(make_url(postgres_url).database, user=role, password="reader-pw")
+    owner = sqlalchemy.create_engine(postgres_url)
+    with pytest.raises(StorageError, match="permission denied for table version_info"):  # (caught at the open)
+        make_storage(reader, FAST)
+
+    with owner.begin() as connection:  # enough to open the storage, not to read a study
+        connection.execute(sqlalchemy.text(f"GRANT SELECT ON version_info, alembic_version TO {role}"))
+    with pytest.raises(StorageError, match="refuses this role's reads") as caught:
+        optuna.load_study(study_name="grants", storage=make_storage(reader, FAST))
+    assert "refuses writes" not in str(caught.value) and "reader-pw" not in str(caught.value)
+
+    with owner.begin() as connection:
+        connection.execute(sqlalchemy.text(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"))
+    owner.dispose()
+    readable = optuna.load_study(study_name="grants", storage=make_storage(reader, FAST))
+    assert [t.value for t in readable.trials] == [0.25]
+    with pytest.raises(StorageError, match="refuses writes"):
+        require_write_access(readable)
