@@ -140,7 +140,10 @@ def test_a_report_replaces_an_earlier_report_but_not_other_files_of_its_names(ti
     assert (out / "report.md").read_text().startswith("# Trade-off report: study ")
 
 def test_a_report_cut_short_leaves_the_earlier_reports_files_whole_and_no_partial_file(tiny, tmp_path, monkeypatch):
-    """A full disk while writing trials.csv: every file is the earlier report's, whole."""
+    """A full disk while writing trials.csv: no file is half-written and no partial file is left.
+    The tables, the page and report.md are the earlier report's; the plots, drawn before the
+    tables, are replaced whole by this report's (the same study here, so the same bytes: a study
+    that had moved on would leave new plots beside the earlier report.md)."""
     import errno
 
     _, config, study = tiny
