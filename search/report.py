@@ -18,6 +18,7 @@ import base64
 import datetime
 import html
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,8 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 import objectives
-from model.files import replace_whole
 from model.runtime import make_folder
+from model.staging import staging_folder
 from search import _report_plots as plots
 from search._figures import StudyView, hypervolume_history, label
 from search._notes import DETECTION, FAIRNESS, STALE, degenerate_epochs, end_reason, fmt_metric, fmt_value, gate_range, is_number, md_table, ranges
@@ -296,24 +297,29 @@ def check_report_target(out: Path) -> None:
 
 
 def build_report(study: optuna.Study, config: StudyConfig, out: str | Path) -> Report:
+    """Write the report into ``out``. It is drawn and written whole in a hidden staging folder
+    inside ``out`` first, then moved into place file by file (renames: a full disk or Ctrl-C
+    before them leaves the earlier report as it was, plots included), report.md last: it is
+    what marks the folder as a fairfront report's."""
     out = Path(out)
     if out.is_dir():
         check_report_target(out)
     make_folder(out, "--out", "the report folder")
-    sections, images, view = build_sections(study, config, out)
-    markdown, page = _to_markdown(sections, out), _to_html(sections)
-    frame = trials_frame(view, load_test_results(study))
-    pareto_frame = frame[frame["kind"] == "pareto"] if not frame.empty else frame
-    # Each file whole (a full disk or Ctrl-C leaves the earlier one), report.md last: it is what
-    # marks the folder as a fairfront report's.
+    with staging_folder(out / "report", hidden=True, what="a report") as staging:
+        sections, drawn, view = build_sections(study, config, staging)
+        # (image links relative to the staging folder are the same relative to ``out``)
+        (staging / "report.md").write_text(_to_markdown(sections, staging))
+        (staging / "report.html").write_text(_to_html(sections))
+        frame = trials_frame(view, load_test_results(study))
+        frame.to_csv(staging / "trials.csv", index=False)
+        (frame[frame["kind"] == "pareto"] if not frame.empty else frame).to_csv(staging / "pareto_trials.csv", index=False)
+        for stale in set(_PLOTS) - set(drawn):  # an earlier report's plot this study cannot draw (yet) would pass for this one's
+            (out / f"{stale}.png").unlink(missing_ok=True)
+        for name in [*(path.name for path in drawn.values()), "trials.csv", "pareto_trials.csv", "report.html", "report.md"]:
+            os.replace(staging / name, out / name)
     tables = {"trials": out / "trials.csv", "pareto_trials": out / "pareto_trials.csv"}
-    replace_whole(tables["trials"], lambda partial: frame.to_csv(partial, index=False))
-    replace_whole(tables["pareto_trials"], lambda partial: pareto_frame.to_csv(partial, index=False))
-    for stale in set(_PLOTS) - set(images):  # an earlier report's plot this study cannot draw (yet) would pass for this one's
-        (out / f"{stale}.png").unlink(missing_ok=True)
-    html_path = replace_whole(out / "report.html", lambda partial: partial.write_text(page))
-    md_path = replace_whole(out / "report.md", lambda partial: partial.write_text(markdown))
-    return Report(md_path, html_path, images, tables, sorted(view.pareto))
+    images = {name: out / path.name for name, path in drawn.items()}
+    return Report(out / "report.md", out / "report.html", images, tables, sorted(view.pareto))
 
 
 __all__ = ["Report", "build_report", "trials_frame"]

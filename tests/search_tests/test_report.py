@@ -139,12 +139,12 @@ def test_a_report_replaces_an_earlier_report_but_not_other_files_of_its_names(ti
         assert run_study.main(["-q", "report", "--study", str(path), "--out", str(out)]) == 0
     assert (out / "report.md").read_text().startswith("# Trade-off report: study ")
 
-def test_a_report_cut_short_leaves_the_earlier_reports_files_whole_and_no_partial_file(tiny, tmp_path, monkeypatch):
-    """A full disk while writing trials.csv: no file is half-written and no partial file is left.
-    The tables, the page and report.md are the earlier report's; the plots, drawn before the
-    tables, are replaced whole by this report's (the same study here, so the same bytes: a study
-    that had moved on would leave new plots beside the earlier report.md)."""
+def test_a_report_cut_short_leaves_the_earlier_report_as_it_was_and_no_partial_file(tiny, tmp_path, monkeypatch):
+    """A full disk while writing trials.csv, after this report's plots were drawn (and differ from
+    the earlier ones, as a study that moved on draws them): every file is the earlier report's."""
     import errno
+
+    from search import _report_plots
 
     _, config, study = tiny
     out = tmp_path / "report"
@@ -152,14 +152,24 @@ def test_a_report_cut_short_leaves_the_earlier_reports_files_whole_and_no_partia
     earlier = {p.name: p.read_bytes() for p in out.iterdir()}
     real_to_csv = pd.DataFrame.to_csv
 
+    def moved_on(view, path):
+        path.write_bytes(b"a newer hypervolume plot")
+        return path
+
     def disk_full(frame, path, **kwargs):
         real_to_csv(frame.head(1), path, **kwargs)  # part of it is on disk when the space runs out
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
+    monkeypatch.setattr(_report_plots, "hypervolume_png", moved_on)
     monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
     with pytest.raises(OSError, match="No space left"):
         build_report(study, config, out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # (no staging folder left either)
+    monkeypatch.undo()
+    monkeypatch.setattr(_report_plots, "hypervolume_png", moved_on)
+    report = build_report(study, config, out)
+    assert report.images["hypervolume"] == out / "hypervolume.png" and report.images["hypervolume"].read_bytes() == b"a newer hypervolume plot"
+    assert "](hypervolume.png)" in report.markdown.read_text() and sorted(p.name for p in out.iterdir()) == sorted(earlier)
 
 
 def test_an_earlier_reports_plot_that_this_report_cannot_draw_is_removed(tiny, tmp_path, monkeypatch):
