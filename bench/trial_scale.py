@@ -374,7 +374,7 @@ def main(argv=None) -> int:
     ]
     loss_rows = fairness_loss_rows(compiled=can_compile)
     notes.append(
-        "compile_sinkhorn (training.compile_sinkhorn, off by default): the Sinkhorn iterations through torch.compile, "
+        "compile_sinkhorn (training.compile_sinkhorn, off by default, on in studies/ffpp_clip_vitl14.yaml): the Sinkhorn iterations through torch.compile, "
         + (f"8 per compiled call, each call a few fused kernels. Compiling took {compile_seconds:.1f} s in this process "
            "(once per process and device; ~20 s on 2 CPU cores with an empty inductor cache, a few s with a warm one), "
            "outside the timed epochs. On the CPU the 'kernel launches' of compiled rows count only the aten ops left "
