@@ -136,16 +136,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     code = 0
     workers = config.distributed.workers if args.workers is None else args.workers
     devices = args.devices or config.distributed.devices
+    fuse = args.fuse or config.distributed.fuse  # (1: one trial at a time)
     if workers > 1 or devices:
         from search.local_workers import run_workers
 
         run = run_workers(config, workers=workers, devices=devices, n_trials=args.n_trials, timeout=args.timeout,
-                          progress=not args.quiet, verbose=args.verbose, fuse=args.fuse, study_args=given)
+                          progress=not args.quiet, verbose=args.verbose, fuse=fuse if fuse > 1 else None, study_args=given)
         study, code = run.study, run.exit_code
-    elif args.fuse:
+    elif fuse > 1:
         from search.fused_batch import optimize_fused
 
-        study = optimize_fused(config, group_size=args.fuse, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet,
+        study = optimize_fused(config, group_size=fuse, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet,
                                study_args=given)
     else:
         study = optimize(config, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet, study_args=given)
@@ -300,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", help="devices for the workers, round-robin: GPU indices (0,1,...), cuda:N or cpu "
                                      "(default: the study's distributed.devices, else every visible GPU, the CPU when none)")
     p.add_argument("--fuse", type=_positive_int, metavar="K", help="each worker trains K trials at a time in one fused pass over the "
-                                                         "cached batches (see search/fused_batch.py)")
+                                                         "cached batches (see search/fused_batch.py; default: distributed.fuse; "
+                                                         "1: one at a time)")
 
     p = add("show", cmd_show, "print the study's feasible Pareto front as a table")
     study_args(p)

@@ -140,6 +140,10 @@ class DistributedConfig:
     # "cpu", or null for every visible GPU (the CPU when none).
     workers: int = 1
     devices: str | None = None
+    # Trials each worker trains at a time, in one fused pass over the same cached batches
+    # (search/fused_batch.py; --fuse overrides; 1: one at a time). 8 on an H200 gave 6.2x the
+    # trials/hour of one (bench/results/trial_scale.md); on a CPU it gains nothing.
+    fuse: int = 1
     # A running trial writes a heartbeat this often (seconds); null turns dead-worker recovery off.
     heartbeat_interval: int | None = 30
     # A RUNNING trial whose last heartbeat is older than this is failed by the next worker that
@@ -154,6 +158,8 @@ class DistributedConfig:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.fuse < 1:
+            raise ValueError(f"fuse must be >= 1, got {self.fuse}")
         if self.heartbeat_interval is not None and self.heartbeat_interval < 1:
             raise ValueError(f"heartbeat_interval must be >= 1 second or null, got {self.heartbeat_interval}")
         if self.grace_period is not None:

@@ -61,6 +61,24 @@ def test_fused_batches_finish_the_budget_and_record_each_trial(tmp_path):
     assert f"run_study.py export --study {path} --pick trial:6" in read_trial_note(study, after[6])  # as optimize named it
 
 
+def test_the_study_yaml_sets_how_many_trials_a_worker_fuses_and_the_command_line_overrides_it(tmp_path):
+    """distributed.fuse: the FF++ study fuses 8 on every GPU worker without anyone passing --fuse."""
+    torch.set_num_threads(1)
+    path = _tiny_study_module().write_tiny_study_yaml(tmp_path, name="fuse-from-yaml", n_trials=2)
+    data = yaml.safe_load(path.read_text())
+    data["distributed"] = {**data.get("distributed", {}), "fuse": 2}
+    path.write_text(yaml.safe_dump(data))
+
+    def fused_logs(study):
+        return ["fused epoch" in (Path(t.user_attrs["output_dir"]) / "train.log").read_text() for t in study.get_trials()]
+
+    assert run_study.main(["-q", "optimize", "--study", str(path)]) == 0
+    study = optuna.load_study(study_name="fuse-from-yaml", storage=make_storage(load_study_config(path).storage_url))
+    assert fused_logs(study) == [True, True]
+    assert run_study.main(["-q", "optimize", "--study", str(path), "--fuse", "1", "--n-trials", "3"]) == 0
+    assert fused_logs(study) == [True, True, False]
+
+
 def test_a_batch_longer_than_the_grace_period_keeps_its_trials_alive(tmp_path, monkeypatch):
     """Optuna writes no heartbeat for ask/tell trials: without ours, another worker would fail a
     fused batch's trials as dead while they are claimed (K samples, seconds each with the GP) or

@@ -73,6 +73,7 @@ def mutate(path_keys, value):
         (["stopping", "degenerate_after_epochs"], 0, r"stopping: degenerate_after_epochs must be >= 1"),
         (["training", "stop_if_degenerate_after"], 2, r"training.stop_if_degenerate_after: a study stops degenerate trials by stopping.degenerate_after_epochs"),
         (["distributed", "workers"], 0, r"distributed: workers must be >= 1"),
+        (["distributed", "fuse"], 0, r"distributed: fuse must be >= 1"),
         (["search_space", "optimizer"], {"choices": ["adamw", "lion"]}, r"search_space.optimizer.choices\[1\]: 'lion' is not one of"),
         (["search_space", "batch_size"], {"choices": [16, "big"]}, r"search_space.batch_size.choices\[1\]: expected an integer, got 'big'"),
         (["search_space", "T_0"], {"low": 1.5, "high": 4}, r"search_space.T_0.low: T_0 is an integer, got 1.5"),
