@@ -17,6 +17,7 @@ naming it: it is not damaged, and deleting it would lose somebody's cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -268,18 +269,15 @@ def _publish(manifest: Manifest, n: int, backbone: LazyBackbone, staging: Path, 
     try:
         staging.rename(directory)  # fails while `directory` exists (and is not empty)
     except OSError:
+        # (an unpublished ``staging`` is removed by model.staging.staging_folder as the build ends)
         try:
             open_cache(directory, key)  # another worker (a node on the shared workdir) finished first:
-            shutil.rmtree(staging, ignore_errors=True)  # keep theirs, which its readers may hold open
-        except PermissionError:  # someone else's, which we may not read: theirs stays, and ours goes
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            # keep theirs, which its readers may hold open; and a PermissionError (someone else's
+            # cache, which we may not read) goes up with theirs left as it is
         except CacheError:  # a stale or broken cache in the way: replace it
             shutil.rmtree(directory, ignore_errors=True)
-            try:
+            with contextlib.suppress(OSError):  # (an OSError: lost the race to replace it)
                 staging.rename(directory)
-            except OSError:  # and lost the race to replace it
-                shutil.rmtree(staging, ignore_errors=True)
     log.info("feature cache built: %s (%d images, %.1f s: %s)", directory, n, phases.seconds, phases.summary())
 
 

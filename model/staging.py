@@ -42,17 +42,17 @@ def staging_folder(target: Path, *, hidden: bool = False, what: str = "a build")
     name = uuid.uuid4().hex
     # The folder gets its held marker before it takes a name remove_abandoned looks at.
     starting = target.with_name(_name(target, "starting", hidden) + name)
+    staging = target.with_name(_name(target, "partial", hidden) + name)
     starting.mkdir(parents=True)
     marker = open(starting / MARKER, "w")
     try:
         fcntl.flock(marker, fcntl.LOCK_EX)
-        staging = starting.rename(target.with_name(_name(target, "partial", hidden) + name))
-        yield staging
+        yield starting.rename(staging)
     finally:
         marker.close()
         # a bad image, a CUDA error, Ctrl-C, a lost race: nothing half-built left behind
         # (``starting`` is gone unless the rename failed; ``staging`` unless it was published)
-        for folder in (starting, target.with_name(_name(target, "partial", hidden) + name)):
+        for folder in (starting, staging):
             shutil.rmtree(folder, ignore_errors=True)
 
 
